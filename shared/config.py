@@ -1,0 +1,314 @@
+"""The one typed config schema of the stack, its YAML loader and its CLI overrides.
+
+A config file (configs/*.yaml) has one section per dataclass below; every key is documented
+next to its field. Unknown keys and ill-typed values are errors that name the key. Any key
+can be overridden on a service's command line as ``--section.key value`` (lists as
+``--student.layers 0,2,4`` or YAML ``[0, 2, 4]``), so one file serves many runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class TeacherConfig:
+    model_path: str = ""
+    """Local Hugging Face causal-LM directory (config.json, weights, tokenizer)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Teacher weights dtype; auto = bfloat16 on GPU, float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the teacher runs; auto = cuda when available."""
+    device_id: int = 0
+    """GPU index the teacher uses. Every process sees all GPUs (NCCL needs that for P2P)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained (sdpa, flash_attention_2, eager)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint. Off: a checkpoint can't run code here."""
+    max_tokens_per_request: int = 65536
+    """Largest batch×length one trainer may send; larger requests are refused trainer-side."""
+    max_batch_tokens: int = 16384
+    """Rows×length per forward chunk: bounds teacher memory when the group batch is large."""
+    gather_window_seconds: float = 1.0
+    """After the first request of a round, how long to wait for the rest of the group."""
+    metrics_port: int = 9400
+    """Base port of the metrics + /healthz server; the teacher of group G uses base + G."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics server binds to; 0.0.0.0 exposes it beyond this host."""
+
+
+@dataclass
+class LinkConfig:
+    rendezvous_dir: str = "runs/rendezvous"
+    """Directory on a volume shared by teachers and trainers (one sub-directory per group)."""
+    trainers_per_group: int = 1
+    """Trainer ranks served by one teacher: global rank r belongs to group r // this."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Transport; auto = NCCL when the teacher and trainers use CUDA, Gloo otherwise."""
+    timeout_seconds: float = 120.0
+    """Bound on every wait for a peer: join, a request's answer, a silent peer's heartbeat."""
+    heartbeat_seconds: float = 2.0
+    """How often each side touches its heartbeat file in the rendezvous directory."""
+    mode: Literal["service", "in_process"] = "service"
+    """service: a teacher process per group; in_process: the teacher model in the trainer."""
+    logits: Literal["bf16", "topk", "fp32", "none"] = "bf16"
+    """Teacher logits returned: full bf16, top-k log-probs, full fp32 (old protocol), none."""
+    top_k: int = 128
+    """k for logits = topk."""
+    prefetch: bool = True
+    """Ask for step k+1 before training on step k, so teacher and student overlap."""
+
+
+@dataclass
+class StudentConfig:
+    init_from: str = ""
+    """Exported student to start from (a previous stage); empty: convert the teacher."""
+    layers: list[int] | Literal["all"] = "all"
+    """Decoder layers that become RWKV: a list of indices or 'all'."""
+    mixer: Literal["rwkv6", "rwkv7"] = "rwkv6"
+    """RWKV time-mixing formulas: rwkv6 (x060, the reference) or rwkv7 (x070)."""
+    mode: Literal["block", "attention_only"] = "attention_only"
+    """block: the whole layer becomes an RWKV block; attention_only: swap self_attn only."""
+    ffn: Literal["mlp", "rwkv_cmix"] = "mlp"
+    """Block mode's FFN: keep the Llama MLP, or an RWKV channel-mix from up/down_proj."""
+    grad_checkpointing: bool = False
+    """Recompute converted layers in the backward pass (saves activation memory)."""
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = ""
+    """Dataset prepared by `python -m services.trainer.data` (train split)."""
+    val_dir: str = ""
+    """Held-out dataset directory; empty = the validation split inside train_dir if any."""
+    micro_batch_size: int = 2
+    """Sequences per rank per micro step."""
+    max_len: int = 2048
+    """Longest sequence fed to the model; longer samples are cut."""
+    seed: int = 1234
+    """Seed of the sampler's shuffling (and of the run)."""
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["align", "kd", "sft"] = "kd"
+    """align: hidden-state alignment; kd: KL + CE against teacher logits; sft: CE only."""
+    align_mode: Literal["teacher_forced", "free"] = "teacher_forced"
+    """align: each layer fed the teacher's input (MOHAWK), or a full forward (reference)."""
+    trainable: Literal["mixers", "rwkv_layers", "all"] = "all"
+    """kd/sft: which parameters train. align always trains the mixers only."""
+    kl_weight: float = 1.0
+    """Weight of KL(teacher || student) in kd."""
+    ce_weight: float = 0.0
+    """Weight of cross-entropy on the labels in kd."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL (the loss is multiplied by T² as usual)."""
+    steps: int = 100
+    """Optimizer steps to train."""
+    grad_accum: int = 1
+    """Micro batches per optimizer step."""
+    lr_init: float = 1e-4
+    """Peak learning rate (reached after warm-up)."""
+    lr_final: float = 1e-5
+    """Learning rate at the last step (cosine decay)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases, norms, decay and bonus parameters)."""
+    time_decay_lr_scale: float = 1.0
+    """Learning-rate multiplier for time-decay parameters (the reference uses 2x)."""
+    grad_clip: float = 1.0
+    """Gradient clipping norm."""
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    """DeepSpeed JSON (ZeRO stage, offload); batch sizes and optimizer are filled in here."""
+    output_dir: str = "runs/train"
+    """Checkpoints, logs and the exported student go here."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept."""
+    val_every: int = 50
+    """Validate every N steps (0 = only at the end)."""
+    val_batches: int = 8
+    """Batches per validation."""
+    log_every: int = 1
+    """Progress line every N steps on rank 0."""
+    device_offset: int = 0
+    """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
+    metrics_port: int = 9500
+    """Base port of the metrics server; global rank r uses base + r (0 disables)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics server binds to."""
+    export_dir: str = ""
+    """Where the final student is exported in HF format; empty = output_dir/student."""
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return ``value`` converted to ``hint`` or raise ConfigError naming ``key``."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(hint):
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} fits none of {hint} ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(hint))}")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str) and item is int:
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"{key}: expected a list of integers, got {value!r}") from None
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _section_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def apply(config: Config, updates: dict[str, Any], source: str) -> Config:
+    """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` to ``config``."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    flat: dict[str, Any] = {}
+    for name, value in updates.items():
+        if "." in name:
+            flat[name] = value
+        elif name in sections and isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items()})
+        elif name in sections:
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys")
+        else:
+            raise ConfigError(f"{source}: unknown section '{name}' "
+                              f"(known: {', '.join(sections)})")
+    for dotted, value in flat.items():
+        section_name, _, key = dotted.partition(".")
+        if section_name not in sections:
+            raise ConfigError(f"{source}: unknown key '{dotted}' "
+                              f"(sections: {', '.join(sections)})")
+        section = getattr(config, section_name)
+        hints = _section_hints(type(section))
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (keys of '{section_name}': "
+                              f"{', '.join(hints)})")
+        setattr(section, key, _check_type(value, hints[key], f"{source}: {dotted}"))
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``--section.key value`` overrides."""
+    config = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        apply(config, data, str(p))
+    if overrides:
+        apply(config, parse_overrides(overrides), "command line")
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Parse ``--section.key value`` / ``--section.key=value`` pairs."""
+    result: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"command line: unexpected argument {arg!r}; config keys are "
+                              "given as --section.key value")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {arg} needs a value")
+            i += 1
+            value = args[i]
+        parsed = yaml.safe_load(value) if value not in ("",) else ""
+        result[name.replace("-", "_")] = value if isinstance(parsed, dict) else parsed
+        i += 1
+    return result
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def documented_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every key: the README's config table is made from it."""
+    import ast
+    import inspect
+
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        tree = ast.parse(inspect.getsource(cls))
+        docs: dict[str, str] = {}
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section.name}.{f.name}", str(f.type), getattr(defaults, f.name),
+                         docs.get(f.name, "")))
+    return rows
