@@ -1,0 +1,77 @@
+"""Teacher service: load a causal LM on one GPU and serve a group of trainers.
+
+    python -m services.teacher --config configs/demo.yaml --group 0 [--device-id 6]
+                               [--section.key value ...]
+
+SIGTERM/SIGINT: the batch in flight is finished and answered, then the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from shared.config import ConfigError, load_config
+from shared.link import LinkError, TeacherModel, TeacherServer
+from shared.metrics import MetricsServer, TeacherMetrics
+
+log = logging.getLogger("teacher")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("--group", type=int, default=0, help="teacher group served")
+    parser.add_argument("--device-id", type=int, default=None,
+                        help="GPU index (overrides teacher.device_id)")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s teacher[{args.group}] %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    if args.device_id is not None:
+        cfg.teacher.device_id = args.device_id
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the batch in flight, then exiting", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    metrics = TeacherMetrics(args.group)
+    state = {"server": None}
+    http = None
+    if cfg.teacher.metrics_port:
+        http = MetricsServer(metrics.registry, cfg.teacher.metrics_port + args.group,
+                             cfg.teacher.metrics_host,
+                             is_ready=lambda: bool(state["server"] and state["server"].ready))
+        log.info("metrics on http://%s:%d/metrics", cfg.teacher.metrics_host, http.port)
+    try:
+        teacher = TeacherModel.load(cfg.teacher)
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        log.error("cannot load the teacher: %s", err)
+        return 2
+    server = TeacherServer(teacher, cfg.link, cfg.teacher, args.group, metrics)
+    state["server"] = server
+    try:
+        server.serve(stop)
+    except LinkError as err:
+        log.error("%s", err)
+        return 1
+    finally:
+        if http is not None:
+            http.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

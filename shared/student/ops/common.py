@@ -1,0 +1,98 @@
+"""Helpers shared by the RWKV-6 and RWKV-7 operators: dtypes, chunking, fla import guard."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+# "auto": fla on CUDA for bf16/fp16 when importable, else the chunked PyTorch path;
+# single-token steps always take the recurrent path (a chunk kernel would pad 1 token to 16+).
+BACKENDS = ("auto", "fla", "chunk", "recurrent")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and accumulation dtype: float64 stays float64 (tests), everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_ops() -> dict[str, Callable[..., Any]] | None:
+    # Imported lazily and guarded: fla needs triton and a GPU, and is an optional extra.
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception:  # noqa: BLE001 - any import failure simply means "no fla"
+        return None
+    return {"chunk_rwkv6": chunk_rwkv6, "chunk_rwkv7": chunk_rwkv7}
+
+
+def fla_available() -> bool:
+    """True when flash-linear-attention's RWKV chunk kernels can be imported."""
+    return _fla_ops() is not None
+
+
+def fla_op(name: str) -> Callable[..., Any]:
+    ops = _fla_ops()
+    if ops is None:
+        raise RuntimeError(
+            "backend 'fla' needs flash-linear-attention (pip install 'flash-linear-attention==0.6.0' "
+            "'fla-core==0.6.0') and a CUDA device; use backend='chunk' for the pure-PyTorch path"
+        )
+    return ops[name]
+
+
+def supported_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """Keep only the keyword arguments ``fn`` accepts (fla's signatures grew between releases)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown RWKV backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if x.shape[1] == 1:
+        return "recurrent"
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fla_available():
+        return "fla"
+    return "chunk"
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, L, D], zero-padding T up to a multiple of L.
+
+    Zero padding is harmless for both operators: a padded step has log-decay 0 (decay 1) and zero
+    key/value/a/b, so it leaves the state untouched, and its outputs are sliced away.
+    """
+    b, t, h, d = x.shape
+    pad = (-t) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    return x.view(b, (t + pad) // chunk_size, chunk_size, h, d).permute(0, 3, 1, 2, 4)
+
+
+def from_chunks(x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, H, N, L, D] -> [B, T, H, D] (drops the padding added by ``to_chunks``)."""
+    b, h, n, chunk, d = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, d)[:, :seq_len]
+
+
+def pairwise_decay(g_row: torch.Tensor, g_col: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """exp(g_row[t] - g_col[s]) per key channel for s < t (or s <= t), zero elsewhere.
+
+    Shapes [..., L, K] -> [..., L, L, K]. Computing every pair explicitly (instead of factorising
+    exp(g_t) * exp(-g_s)) keeps every exponent <= 0, so RWKV-6's unbounded decays cannot overflow.
+    The exponent is masked *before* exp so masked pairs give exactly 0 and no inf/NaN gradients.
+    """
+    chunk = g_row.shape[-2]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=g_row.device)
+    causal = torch.tril(causal, diagonal=0 if inclusive else -1)
+    diff = g_row.unsqueeze(-2) - g_col.unsqueeze(-3)
+    diff = diff.masked_fill(~causal.unsqueeze(-1), float("-inf"))
+    return diff.exp()

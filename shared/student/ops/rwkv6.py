@@ -1,0 +1,103 @@
+"""RWKV-6 ("Finch", RWKV-LM x060) WKV operator.
+
+Conventions (those of flash-linear-attention's ``chunk_rwkv6``):
+
+* ``r, k, w``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; ``u`` (RWKV-LM ``time_faaaa``): ``[H, K]``;
+* ``w`` is the **log** decay, ``w = -exp(time_decay + lora) <= 0``; the per-step decay is ``exp(w)``;
+* state ``S``: ``[B, H, K, V]`` (key channel -> value channel), kept in float32 (float64 for tests).
+
+Recurrence (scale 1, as in RWKV-LM)::
+
+    o_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T)
+    S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+"""
+from __future__ import annotations
+
+import torch
+
+from shared.student.ops.common import (
+    compute_dtype,
+    fla_op,
+    from_chunks,
+    pairwise_decay,
+    resolve_backend,
+    supported_kwargs,
+    to_chunks,
+)
+
+State = torch.Tensor | None
+
+
+def rwkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                    initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token reference. Returns ``(o [B,T,H,V] in r's dtype, final state)``."""
+    b, t, h, dk = r.shape
+    cd = compute_dtype(r.dtype)
+    r_, k_, v_, w_, u_ = (x.to(cd) for x in (r, k, v, w, u))
+    state = r_.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.to(cd)
+    outs = []
+    for i in range(t):
+        kv = k_[:, i, :, :, None] * v_[:, i, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", r_[:, i], state + u_[None, :, :, None] * kv))
+        state = w_[:, i].exp()[..., None] * state + kv
+    return torch.stack(outs, dim=1).to(r.dtype), state
+
+
+def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                  initial_state: State = None, chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked pure-PyTorch path: exact (up to rounding) equal of ``rwkv6_recurrent``.
+
+    Inside a chunk the causal scores are computed pairwise (see ``pairwise_decay``); across chunks
+    the state is carried by a short scan whose per-chunk terms are all computed in parallel.
+    """
+    b, t, h, dk = r.shape
+    cd = compute_dtype(r.dtype)
+    r_, k_, v_, w_ = (to_chunks(x.to(cd), chunk_size) for x in (r, k, v, w))  # [B,H,N,L,*]
+    u_ = u.to(cd)[None, :, None, None, :]
+    g = w_.cumsum(-2)          # log decay accumulated up to and including step t (within the chunk)
+    g_excl = g - w_            # ... up to step t-1: what the state read at step t has seen
+
+    # intra-chunk: o_t += sum_{s<t} (sum_i r_ti k_si exp(g_excl_ti - g_si)) v_s  +  (r_t . u k_t) v_t
+    decay = pairwise_decay(g_excl, g, inclusive=False)                     # [B,H,N,L,L,K]
+    scores = torch.einsum("bhntsk,bhnsk->bhnts", decay * r_.unsqueeze(-2), k_)
+    out = scores @ v_ + (r_ * u_ * k_).sum(-1, keepdim=True) * v_
+
+    # chunk transitions: S_end = diag(exp(g_last)) S_start + sum_s diag(exp(g_last - g_s)) k_s v_s^T
+    g_last = g[..., -1:, :]
+    local = torch.einsum("bhnsk,bhnsv->bhnkv", k_ * (g_last - g).exp(), v_)
+    carry = g_last.squeeze(-2).exp().unsqueeze(-1)                         # [B,H,N,K,1]
+    state = r_.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.to(cd)
+    starts = []
+    for n in range(r_.shape[2]):
+        starts.append(state)
+        state = carry[:, :, n] * state + local[:, :, n]
+    start = torch.stack(starts, dim=2)                                     # [B,H,N,K,V]
+
+    out = out + (r_ * g_excl.exp()) @ start
+    return from_chunks(out, t).to(r.dtype), state
+
+
+def rwkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+              initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's Triton chunk kernel (CUDA). All inputs are cast to r's dtype,
+    as fla's own RWKV6 layer does; the state stays float32."""
+    chunk_rwkv6 = fla_op("chunk_rwkv6")
+    dt = r.dtype
+    state = None if initial_state is None else initial_state.float().contiguous()
+    o, final = chunk_rwkv6(
+        r.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), w.to(dt).contiguous(), u.to(dt),
+        **supported_kwargs(chunk_rwkv6, scale=1.0, initial_state=state, output_final_state=True),
+    )
+    return o, final
+
+
+def rwkv6_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+             initial_state: State = None, backend: str = "auto",
+             chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to one of the paths above. ``backend`` is one of ``BACKENDS``."""
+    path = resolve_backend(backend, r)
+    if path == "fla":
+        return rwkv6_fla(r, k, v, w, u, initial_state)
+    if path == "recurrent":
+        return rwkv6_recurrent(r, k, v, w, u, initial_state)
+    return rwkv6_chunked(r, k, v, w, u, initial_state, chunk_size=chunk_size)

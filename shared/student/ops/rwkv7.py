@@ -1,0 +1,128 @@
+"""RWKV-7 ("Goose", RWKV-LM x070) WKV operator: a diagonal-plus-low-rank delta rule.
+
+Conventions (those of flash-linear-attention's ``chunk_rwkv7``):
+
+* ``r, w, k, a, b``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; state ``S``: ``[B, H, K, V]``;
+* ``w`` is the **log** decay. In x070, ``w = -exp(-0.5) * sigmoid(w0 + lora)``, so it lies in
+  ``[RWKV7_LOG_DECAY_MIN, 0)``;
+* the layer passes ``a = -kk`` and ``b = kk * a_gate`` (``kk``: the L2-normalised "removal" key).
+
+Recurrence (RWKV-LM writes the transposed state ``S^T``; this is the same thing)::
+
+    S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T
+    o_t = S_t^T r_t            # note: read *after* the update, unlike RWKV-6
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shared.student.ops.common import (
+    compute_dtype,
+    fla_op,
+    from_chunks,
+    pairwise_decay,
+    resolve_backend,
+    supported_kwargs,
+    to_chunks,
+)
+
+State = torch.Tensor | None
+
+# lower bound of x070's log decay: -exp(-0.5) (the soft clamp w = -softplus(-x) - 0.5, then exp(-exp(w)))
+RWKV7_LOG_DECAY_MIN = -math.exp(-0.5)
+
+
+def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor, initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token reference. Returns ``(o [B,T,H,V] in r's dtype, final state)``."""
+    bsz, t, h, dk = r.shape
+    cd = compute_dtype(r.dtype)
+    r_, w_, k_, v_, a_, b_ = (x.to(cd) for x in (r, w, k, v, a, b))
+    state = r_.new_zeros(bsz, h, dk, v.shape[-1]) if initial_state is None else initial_state.to(cd)
+    outs = []
+    for i in range(t):
+        removed = torch.einsum("bhk,bhkv->bhv", a_[:, i], state)
+        state = (w_[:, i].exp()[..., None] * state + b_[:, i, :, :, None] * removed[:, :, None, :]
+                 + k_[:, i, :, :, None] * v_[:, i, :, None, :])
+        outs.append(torch.einsum("bhk,bhkv->bhv", r_[:, i], state))
+    return torch.stack(outs, dim=1).to(r.dtype), state
+
+
+def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, initial_state: State = None,
+                  chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked pure-PyTorch path (WY-style, as in fla's DPLR kernels), exact up to rounding.
+
+    Within a chunk let ``q_s = a_s^T S_{s-1}`` (one row per step). Unrolling the recurrence gives
+    a unit-lower-triangular system ``(I - A_ab) Q = (a * exp(g_excl)) S_0 + A_ak V`` that a
+    triangular solve handles for all chunks at once; each chunk then maps its start state to its
+    end state by an affine map ``S_end = T S_0 + C``, so only a short scan over chunks is sequential.
+    """
+    bsz, t, h, dk = r.shape
+    cd = compute_dtype(r.dtype)
+    r_, w_, k_, v_, a_, b_ = (to_chunks(x.to(cd), chunk_size) for x in (r, w, k, v, a, b))
+    g = w_.cumsum(-2)        # log decay through step t (inclusive) within the chunk
+    g_excl = g - w_          # ... through step t-1
+
+    # pairwise terms: X_st = sum_i x_si y_ji exp(g_s? - g_j) for the needed (s, j) pairs
+    dec_excl = pairwise_decay(g_excl, g, inclusive=False)    # j < s, used with a (reads S_{s-1})
+    dec_incl = pairwise_decay(g, g, inclusive=True)          # j <= t, used with r (reads S_t)
+    a_dec = dec_excl * a_.unsqueeze(-2)
+    r_dec = dec_incl * r_.unsqueeze(-2)
+    a_b = torch.einsum("bhnsjk,bhnjk->bhnsj", a_dec, b_)
+    a_k = torch.einsum("bhnsjk,bhnjk->bhnsj", a_dec, k_)
+    r_b = torch.einsum("bhntjk,bhnjk->bhntj", r_dec, b_)
+    r_k = torch.einsum("bhntjk,bhnjk->bhntj", r_dec, k_)
+
+    def solve(rhs: torch.Tensor) -> torch.Tensor:
+        # unitriangular=True ignores the diagonal, so -a_b (strictly lower) stands for I - a_b
+        return torch.linalg.solve_triangular(-a_b, rhs, upper=False, unitriangular=True)
+
+    q_from_state = solve(a_ * g_excl.exp())     # [.., L, K]: Q = q_from_state @ S_0 + q_local
+    q_local = solve(a_k @ v_)                   # [.., L, V]
+
+    # chunk end state: S_end = diag(exp(g_last)) S_0 + sum_j decay_j * (b_j q_j + k_j v_j^T)
+    to_end = (g[..., -1:, :] - g).exp()
+    b_end = (b_ * to_end).transpose(-1, -2)     # [.., K, L]
+    k_end = (k_ * to_end).transpose(-1, -2)
+    transition = torch.diag_embed(g[..., -1, :].exp()) + b_end @ q_from_state   # [.., K, K]
+    offset = b_end @ q_local + k_end @ v_                                        # [.., K, V]
+
+    state = r_.new_zeros(bsz, h, dk, v.shape[-1]) if initial_state is None else initial_state.to(cd)
+    starts = []
+    for n in range(r_.shape[2]):
+        starts.append(state)
+        state = transition[:, :, n] @ state + offset[:, :, n]
+    start = torch.stack(starts, dim=2)                                           # [B,H,N,K,V]
+
+    q = q_from_state @ start + q_local
+    out = (r_ * g.exp()) @ start + r_b @ q + r_k @ v_
+    return from_chunks(out, t).to(r.dtype), state
+
+
+def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor, initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's Triton chunk kernel (CUDA), called as fla's RWKV7Attention does:
+    scale 1 and, where the installed fla supports it, the x070 decay bound for the fast path."""
+    chunk_rwkv7 = fla_op("chunk_rwkv7")
+    dt = r.dtype
+    state = None if initial_state is None else initial_state.float().contiguous()
+    kwargs = supported_kwargs(chunk_rwkv7, scale=1.0, initial_state=state, output_final_state=True,
+                              safe_gate=True, lower_bound=RWKV7_LOG_DECAY_MIN, chunk_size=64)
+    o, final = chunk_rwkv7(r.contiguous(), w.to(dt).contiguous(), k.to(dt).contiguous(),
+                           v.to(dt).contiguous(), a.to(dt).contiguous(), b.to(dt).contiguous(), **kwargs)
+    return o, final
+
+
+def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor, initial_state: State = None, backend: str = "auto",
+             chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to one of the paths above. ``backend`` is one of ``BACKENDS``."""
+    path = resolve_backend(backend, r)
+    if path == "fla":
+        return rwkv7_fla(r, w, k, v, a, b, initial_state)
+    if path == "recurrent":
+        return rwkv7_recurrent(r, w, k, v, a, b, initial_state)
+    return rwkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size=chunk_size)
