@@ -64,7 +64,11 @@ def wait_all(completions: Iterable[Completion], timeout: float | None,
     last_check = start
     delay = 0.0002
     while True:
-        pending = [c for c in pending if not c.done()]
+        try:
+            pending = [c for c in pending if not c.done()]
+        except PeerLost as err:
+            check_peer()  # names the cause (process gone, new generation) when it can
+            raise PeerLost(f"{what}: {err}") from err
         if not pending:
             return
         now = time.monotonic()

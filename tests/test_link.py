@@ -1,0 +1,233 @@
+"""The teacher link on CPU: real Gloo process groups between real processes."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, free_port, service_env, start_teacher, wait_for, write_config
+
+WORKER = str(ROOT / "tests" / "link_worker.py")
+
+
+def make_config(tmp_path: Path, model: Path, trainers: int, timeout: float = 10.0) -> tuple[Path, int]:
+    port = free_port()
+    cfg = write_config(tmp_path / "link.yaml", {
+        "teacher": {"model_path": str(model), "metrics_port": port, "max_batch_tokens": 24,
+                    "gather_window_seconds": 2.0},
+        "link": {"rendezvous_dir": str(tmp_path / "rdv"), "trainers_per_group": trainers,
+                 "timeout_seconds": timeout, "heartbeat_seconds": 0.5},
+    })
+    return cfg, port
+
+
+def run_workers(cfg: Path, groups: int, trainers: int, scenario: str, out: Path,
+                extra: list[str] | None = None) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, WORKER, str(cfg), str(g), str(i), scenario,
+                              str(out / f"g{g}-t{i}"), *(extra or [])], env=service_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for g in range(groups) for i in range(trainers)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+    return outs
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+@pytest.fixture
+def reference(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+
+
+def check_against_direct_forward(model, path: Path) -> None:
+    """Every returned tensor equals a direct forward of the same model on the same ids."""
+    data = load_file(str(path))
+    ids, lengths = data["ids"], data["lengths"]
+    name = path.stem.split("-")[1]
+    from link_worker import SPECS
+
+    spec = SPECS[name]
+    for row in range(ids.shape[0]):
+        n = int(lengths[row])
+        with torch.no_grad():
+            ref = model(ids[row:row + 1, :n], output_hidden_states=True)
+        logits = ref.logits[0].float()
+        if spec.logits == "bf16":
+            got = data["logits"][row, :n].float()
+            torch.testing.assert_close(got, logits, atol=0.02, rtol=0.01)
+        elif spec.logits == "fp32":
+            torch.testing.assert_close(data["logits"][row, :n], logits, atol=1e-4, rtol=1e-4)
+        elif spec.logits == "topk":
+            want = torch.log_softmax(logits / spec.temperature, -1).topk(spec.top_k, -1)
+            torch.testing.assert_close(data["topk_logprobs"][row, :n], want.values,
+                                       atol=1e-4, rtol=1e-4)
+            assert torch.equal(data["topk_indices"][row, :n].long(), want.indices)
+        num_layers = model.config.num_hidden_layers
+        for slot, layer in enumerate(spec.hidden_layers):
+            got = data["hidden_states"][slot, row, :n].float()
+            if layer < num_layers:
+                want = ref.hidden_states[layer][0]
+            else:  # state L is pre-norm; the model's final norm of it is last_hidden_state
+                got = model.model.norm(got[None])[0]
+                want = model.model(ids[row:row + 1, :n]).last_hidden_state[0]
+            tol = 1e-4 if spec.hidden_dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
+        if n < ids.shape[1]:  # padding positions are zeros, never stale memory
+            for key, tensor in data.items():
+                if key not in ("ids", "lengths"):
+                    pad = tensor[:, row, n:] if key == "hidden_states" else tensor[row, n:]
+                    assert not pad.any(), key
+
+
+def test_one_teacher_two_trainers_all_modes(tmp_path, tiny_llama, reference):
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=2)
+    teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    try:
+        outs = finish(run_workers(cfg, 1, 2, "all", tmp_path / "out"))
+        assert all("DONE" in o for o in outs), outs
+        files = sorted((tmp_path / "out").glob("*/*.safetensors"))
+        assert len(files) == 2 * 8
+        for f in files:
+            check_against_direct_forward(reference, f)
+        metrics = scrape(port)
+        tokens = sum(int(load_file(str(f))["lengths"].sum()) for f in files)
+        assert metrics['distill_teacher_tokens_total{group="0"}'] == tokens
+        # both trainers' requests of a step are packed into one forward (8 rounds, not 16)
+        assert metrics['distill_teacher_batches_total{group="0"}'] == 8
+        assert metrics['distill_teacher_ready{group="0"}'] == 1
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status == 200
+    finally:
+        teacher.send_signal(signal.SIGTERM)
+        assert teacher.wait(30) == 0, (tmp_path / "teacher.log").read_text()
+
+
+def test_two_groups_of_two(tmp_path, tiny_llama, reference):
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=2)
+    teachers = [start_teacher(cfg, g, tmp_path / f"teacher{g}.log") for g in range(2)]
+    try:
+        outs = finish(run_workers(cfg, 2, 2, "hidden", tmp_path / "out"))
+        assert all("DONE" in o for o in outs), outs
+        for g in range(2):
+            files = sorted((tmp_path / "out").glob(f"g{g}-*/*.safetensors"))
+            assert len(files) == 4
+            for f in files:
+                check_against_direct_forward(reference, f)
+            assert scrape(port + g)[f'distill_teacher_batches_total{{group="{g}"}}'] == 2
+    finally:
+        for t in teachers:
+            t.send_signal(signal.SIGTERM)
+            t.wait(30)
+
+
+def test_async_requests_overlap_with_training(tmp_path, tiny_llama):
+    cfg, _ = make_config(tmp_path, tiny_llama, trainers=1)
+    teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    try:
+        (out,) = finish(run_workers(cfg, 1, 1, "overlap", tmp_path / "out"))
+        assert "DONE" in out, out
+        times = json.loads((tmp_path / "out" / "g0-t0" / "times.json").read_text())
+        assert len(times) == 4
+        for step in times:
+            c0, c1 = step["compute"]
+            f0, f1 = step["teacher_forward"]
+            # the teacher computed step k+1 while the trainer was computing step k ...
+            assert min(c1, f1) - max(c0, f0) > 0 and f1 <= c1, step
+            # ... and the answer was there when the step finished
+            assert step["ready_after_compute"], step
+    finally:
+        teacher.send_signal(signal.SIGTERM)
+        teacher.wait(30)
+
+
+def test_handshake_refusals(tmp_path, tiny_llama):
+    cfg, _ = make_config(tmp_path, tiny_llama, trainers=1, timeout=5)
+    teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    try:
+        # wrong vocabulary size
+        (out,) = finish(run_workers(cfg, 1, 1, "bf16", tmp_path / "o1", ["1000"]))
+        assert "vocabulary size differs" in out, out
+        # a trainer built for another tokenizer
+        other = tmp_path / "other-tok"
+        from shared.tiny import train_tokenizer
+
+        train_tokenizer(other, vocab_size=300)
+        bad = write_config(tmp_path / "bad.yaml", {
+            "teacher": {"model_path": str(other)},
+            "link": {"rendezvous_dir": str(tmp_path / "rdv"), "trainers_per_group": 1,
+                     "timeout_seconds": 5}})
+        (out,) = finish(run_workers(bad, 1, 1, "bf16", tmp_path / "o2"))
+        assert "tokenizer fingerprint differs" in out, out
+        # another protocol version, and another group size
+        manifest = tmp_path / "rdv" / "group-0" / "manifest.json"
+        m = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**m, "protocol": 99, "trainers": 3}))
+        (out,) = finish(run_workers(cfg, 1, 1, "bf16", tmp_path / "o3"))
+        assert "link protocol 99" in out and "3 trainers per group" in out, out
+        manifest.write_text(json.dumps(m))
+        # ids outside the vocabulary / too many tokens: refused before anything is sent
+        (out,) = finish(run_workers(cfg, 1, 1, "bad", tmp_path / "o4"))
+        assert "DONE" in out, out
+        errors = json.loads((tmp_path / "o4" / "g0-t0" / "errors.json").read_text())
+        assert "vocabulary" in errors[0] and "exceeds the teacher's limit" in errors[1]
+    finally:
+        teacher.send_signal(signal.SIGTERM)
+        teacher.wait(30)
+
+
+def test_no_teacher_is_a_clear_error_within_timeout(tmp_path, tiny_llama):
+    cfg, _ = make_config(tmp_path, tiny_llama, trainers=1, timeout=3)
+    t0 = time.monotonic()
+    (out,) = finish(run_workers(cfg, 1, 1, "bf16", tmp_path / "o"))
+    assert "no live teacher for group 0" in out, out
+    assert time.monotonic() - t0 < 30
+
+
+def test_killed_trainer_and_killed_teacher(tmp_path, tiny_llama):
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=2, timeout=8)
+    teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    try:
+        procs = run_workers(cfg, 1, 2, "hold", tmp_path / "out")
+        for p in procs:
+            assert p.stdout.readline().startswith("READY")
+        gen = scrape(port)['distill_teacher_generation{group="0"}']
+        procs[0].kill()                     # a trainer dies
+        out = finish(procs[1:], timeout=60)[0]
+        assert "LINK_ERROR" in out and "generation" in out, out
+        wait_for(lambda: scrape(port)['distill_teacher_generation{group="0"}'] > gen, 30,
+                 "a new generation after the lost trainer")
+        assert teacher.poll() is None       # the teacher keeps its model and serves on
+
+        procs = run_workers(cfg, 1, 2, "hold", tmp_path / "out2")
+        for p in procs:
+            assert p.stdout.readline().startswith("READY")
+        teacher.kill()                      # the teacher dies
+        for out in finish(procs, timeout=60):
+            assert "LINK_ERROR" in out and "teacher of group 0" in out, out
+            seconds = float(out.split("after ")[1].split("s:")[0])
+            assert seconds < 8 + 5, out
+    finally:
+        if teacher.poll() is None:
+            teacher.kill()
