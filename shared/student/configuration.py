@@ -1,0 +1,100 @@
+"""Hugging Face config of the hybrid RWKV student.
+
+The config is *flat*: it carries every field of the base (teacher) config — so the kept Llama /
+Qwen / Mistral layers are built from it unchanged — plus the hybrid settings below. ``model_type``
+is ``rwkv_hybrid``; ``base_model_type`` remembers which transformers architecture the kept layers
+come from.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+MIXERS = ("rwkv6", "rwkv7")
+MODES = ("block", "attention_only")
+FFNS = ("mlp", "rwkv_cmix")
+# PreTrainedConfig bookkeeping that must not be copied from the teacher's config
+_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
+
+
+class RWKVHybridConfig(PreTrainedConfig):
+    r"""Hybrid settings (all base-model fields are accepted as extra keyword arguments).
+
+    Args:
+        base_model_type: ``model_type`` of the teacher (``llama``, ``qwen2``, ``qwen3``, ``mistral``).
+        rwkv_layers: indices of the decoder layers replaced by RWKV (sorted, unique).
+        rwkv_mixer: ``rwkv6`` (RWKV-LM x060 formulas) or ``rwkv7`` (x070 formulas).
+        rwkv_mode: ``block`` (the whole layer is an RWKV block: ln1/att/ln2/ffn) or
+            ``attention_only`` (only ``self_attn`` is replaced; norms and MLP stay).
+        rwkv_ffn: block mode's FFN: ``mlp`` (the teacher's MLP, kept) or ``rwkv_cmix`` (an RWKV
+            channel-mix initialised from ``mlp.up_proj``/``mlp.down_proj``).
+        rwkv_head_size: RWKV head size (= the teacher's ``head_dim``); heads = ``num_attention_heads``.
+        rwkv_gradient_checkpointing: recompute converted layers in backward (non-reentrant).
+        rwkv_chunk_size: chunk length of the pure-PyTorch chunked path.
+        rwkv_backend: ``auto`` | ``fla`` | ``chunk`` | ``recurrent`` (see ``shared.student.ops``).
+        rwkv_qkv_bias, rwkv_o_bias, rwkv_mlp_bias: whether the teacher's q/k/v, o and MLP
+            projections have biases (then the RWKV receptance/key/value, output and channel-mix
+            key/value get one too, copied from the teacher).
+    """
+
+    model_type = "rwkv_hybrid"
+
+    base_model_type: str = "llama"
+    rwkv_layers: list[int] | None = None
+    rwkv_mixer: str = "rwkv6"
+    rwkv_mode: str = "block"
+    rwkv_ffn: str = "mlp"
+    rwkv_head_size: int | None = None
+    rwkv_gradient_checkpointing: bool = False
+    rwkv_chunk_size: int = 16
+    rwkv_backend: str = "auto"
+    rwkv_qkv_bias: bool = False
+    rwkv_o_bias: bool = False
+    rwkv_mlp_bias: bool = False
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.rwkv_layers = sorted(set(int(i) for i in (self.rwkv_layers or [])))
+        validate_hybrid_settings(self.rwkv_mixer, self.rwkv_mode, self.rwkv_ffn,
+                                 self.rwkv_layers, getattr(self, "num_hidden_layers", None))
+        if self.rwkv_head_size is None and getattr(self, "head_dim", None) is not None:
+            self.rwkv_head_size = self.head_dim
+
+    @classmethod
+    def from_base_config(cls, base: PreTrainedConfig, layers: Iterable[int] | str = "all", mixer: str = "rwkv6",
+                         mode: str = "block", ffn: str = "mlp", grad_checkpointing: bool = False,
+                         **extra: Any) -> RWKVHybridConfig:
+        """Flat hybrid config from a teacher config and a conversion spec."""
+        fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_COPIED}
+        num_layers = base.num_hidden_layers
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(f"layers must be a list of layer indices or 'all', got {layers!r}")
+            layers = range(num_layers)
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+        fields.update(head_dim=head_dim, base_model_type=base.model_type, rwkv_layers=list(layers),
+                      rwkv_mixer=mixer, rwkv_mode=mode, rwkv_ffn=ffn, rwkv_head_size=head_dim,
+                      rwkv_gradient_checkpointing=bool(grad_checkpointing), **extra)
+        config = cls(**fields)
+        config._attn_implementation = base._attn_implementation
+        return config
+
+
+def validate_hybrid_settings(mixer: str, mode: str, ffn: str, layers: list[int], num_layers: int | None) -> None:
+    """Raise ValueError naming the bad setting and the allowed values."""
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}: choose one of {MIXERS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
+    if ffn not in FFNS:
+        raise ValueError(f"unknown ffn {ffn!r}: choose one of {FFNS}")
+    if mode == "attention_only" and ffn != "mlp":
+        raise ValueError("ffn='rwkv_cmix' needs mode='block' (attention_only keeps the teacher's MLP)")
+    if num_layers is not None:
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"layer index {bad} out of range: the teacher has {num_layers} decoder layers "
+                             f"(valid indices 0..{num_layers - 1})")

@@ -1,0 +1,225 @@
+"""Build a hybrid RWKV student from a Llama-family teacher, and save / load it.
+
+The student is created on the meta device and materialised once on the teacher's device and
+dtype, so converting an 8B teacher needs memory for one extra model, not two random inits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from shared.student.configuration import RWKVHybridConfig, validate_hybrid_settings
+from shared.student.layers import RWKV_MODULES
+from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM, base_classes
+
+
+@dataclasses.dataclass
+class StudentSpec:
+    """Which layers become RWKV and how (field names match ``shared.config.StudentConfig``)."""
+
+    layers: list[int] | str = "all"
+    mixer: str = "rwkv6"
+    mode: str = "block"
+    ffn: str = "mlp"
+    grad_checkpointing: bool = False
+
+    @classmethod
+    def coerce(cls, spec: Any) -> StudentSpec:
+        """Accept a StudentSpec, a mapping, or any object with these attributes (e.g. StudentConfig)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, cls):
+            return spec
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - set(names)
+            if unknown:
+                raise ValueError(f"unknown student spec keys {sorted(unknown)}; known: {names}")
+            return cls(**spec)
+        return cls(**{n: getattr(spec, n) for n in names if hasattr(spec, n)})
+
+
+def _decoder_layers(teacher: PreTrainedModel) -> nn.ModuleList:
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(teacher).__name__} is not a Llama-family causal LM (no model.layers); "
+                         "pass e.g. a LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM")
+    return layers
+
+
+def _check_teacher(teacher: PreTrainedModel, spec: StudentSpec, tokenizer: Any) -> None:
+    cfg = teacher.config
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    expected = {"q_proj": (heads * head_dim, cfg.hidden_size), "k_proj": (kv_heads * head_dim, cfg.hidden_size),
+                "v_proj": (kv_heads * head_dim, cfg.hidden_size), "o_proj": (cfg.hidden_size, heads * head_dim)}
+    for idx, layer in enumerate(_decoder_layers(teacher)):
+        attn = getattr(layer, "self_attn", None)
+        for name, shape in expected.items():
+            weight = getattr(getattr(attn, name, None), "weight", None)
+            if weight is None or tuple(weight.shape) != shape:
+                got = None if weight is None else tuple(weight.shape)
+                raise ValueError(f"teacher layer {idx} self_attn.{name}.weight has shape {got}, expected {shape} "
+                                 f"from its config (heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}); "
+                                 "fix the config or the checkpoint so they agree")
+        needed = ["mlp", "input_layernorm", "post_attention_layernorm"]
+        if spec.ffn == "rwkv_cmix":
+            needed += ["mlp.up_proj", "mlp.down_proj"]
+        missing = [n for n in needed if not _has(layer, n)]
+        if missing:
+            raise ValueError(f"teacher layer {idx} lacks {missing}: not a Llama-family decoder layer")
+    vocab = teacher.get_input_embeddings().weight.shape[0]
+    if vocab != cfg.vocab_size:
+        raise ValueError(f"teacher embedding has {vocab} rows but config.vocab_size={cfg.vocab_size}; "
+                         "fix the config (or call resize_token_embeddings) first")
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {vocab} rows; "
+                         "use the teacher's own tokenizer or resize the teacher's embeddings first")
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _student_config(teacher: PreTrainedModel, spec: StudentSpec) -> RWKVHybridConfig:
+    attn, mlp = _decoder_layers(teacher)[0].self_attn, _decoder_layers(teacher)[0].mlp
+    up = getattr(mlp, "up_proj", None)
+    return RWKVHybridConfig.from_base_config(
+        teacher.config, layers=spec.layers, mixer=spec.mixer, mode=spec.mode, ffn=spec.ffn,
+        grad_checkpointing=spec.grad_checkpointing,
+        rwkv_qkv_bias=attn.q_proj.bias is not None, rwkv_o_bias=attn.o_proj.bias is not None,
+        rwkv_mlp_bias=up is not None and up.bias is not None)
+
+
+def _rename(name: str, mode: str, ffn: str) -> str | None:
+    """Teacher name (relative to a converted layer) -> student name; None: not copied as-is."""
+    if name.startswith("self_attn."):
+        return None  # replaced by the RWKV time-mix (q/k/v/o copied separately)
+    if mode == "attention_only":
+        return name
+    head, _, rest = name.partition(".")
+    if head == "mlp":
+        return f"ffn.{rest}" if ffn == "mlp" else None  # cmix takes up/down_proj separately
+    return {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"}.get(head, head) + (f".{rest}" if rest else "")
+
+
+def _repeat_kv(t: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """GQA: query head h reads key/value head h // (heads // kv_heads), as transformers' repeat_kv."""
+    return t.reshape(kv_heads, -1, *t.shape[1:]).repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *t.shape[1:])
+
+
+@torch.no_grad()
+def _copy_mixer(layer: RWKVDecoderLayer, teacher_layer: nn.Module, heads: int, kv_heads: int) -> None:
+    attn, mixer = teacher_layer.self_attn, layer.mixer
+    for src, dst, repeat in (("q_proj", "receptance", False), ("k_proj", "key", True),
+                             ("v_proj", "value", True), ("o_proj", "output", False)):
+        s, d = getattr(attn, src), getattr(mixer, dst)
+        for p in ("weight", "bias"):
+            t = getattr(s, p)
+            if t is not None:
+                getattr(d, p).copy_(_repeat_kv(t, kv_heads, heads) if repeat else t)
+    if isinstance(layer.ffn_module, RWKV_MODULES):
+        for src, dst in (("up_proj", "key"), ("down_proj", "value")):
+            s, d = getattr(teacher_layer.mlp, src), getattr(layer.ffn_module, dst)
+            for p in ("weight", "bias"):
+                if getattr(s, p) is not None:
+                    getattr(d, p).copy_(getattr(s, p))
+
+
+def build_student(teacher: PreTrainedModel, spec: Any = None, *, tokenizer: Any = None) -> RWKVHybridForCausalLM:
+    """Convert ``teacher`` into a hybrid student (the teacher is left untouched).
+
+    ``spec``: a ``StudentSpec``, a dict with its keys, or ``shared.config.StudentConfig``. Raises
+    ``ValueError`` on an unknown mixer/mode/ffn, a layer index out of range, a tokenizer larger than
+    the embedding, or weights whose shapes disagree with the teacher's config.
+    """
+    spec = StudentSpec.coerce(spec)
+    num_layers = teacher.config.num_hidden_layers
+    layers = list(range(num_layers)) if spec.layers == "all" else spec.layers
+    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"layers must be 'all' or a list of ints, got {spec.layers!r}")
+    validate_hybrid_settings(spec.mixer, spec.mode, spec.ffn, list(layers), num_layers)
+    if not layers:
+        raise ValueError("no layer to convert: give at least one layer index (or 'all')")
+    base_classes(teacher.config.model_type)  # clear error for unsupported architectures
+    _check_teacher(teacher, spec, tokenizer)
+    config = _student_config(teacher, dataclasses.replace(spec, layers=sorted(set(layers))))
+
+    ref = teacher.get_input_embeddings().weight
+    default_dtype = torch.get_default_dtype()
+    try:  # build on meta in the teacher's dtype, then allocate once on the teacher's device
+        torch.set_default_dtype(ref.dtype)
+        with torch.device("meta"):
+            student = RWKVHybridForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    student.to_empty(device=ref.device)
+
+    filled: set[str] = set()
+    teacher_state = dict(teacher.state_dict(keep_vars=True))
+    student_params = dict(student.named_parameters())
+    converted = set(config.rwkv_layers)
+    with torch.no_grad():
+        for name, tensor in teacher_state.items():
+            target = name
+            parts = name.split(".")
+            if name.startswith("model.layers.") and int(parts[2]) in converted:
+                rel = _rename(".".join(parts[3:]), config.rwkv_mode, config.rwkv_ffn)
+                if rel is None:
+                    continue
+                target = ".".join(parts[:3] + [rel])
+            if target in student_params:
+                student_params[target].copy_(tensor)
+                filled.add(target)
+        teacher_buffers = dict(teacher.named_buffers())
+        for name, buf in student.named_buffers():  # non-persistent buffers (rotary inv_freq...)
+            if name in teacher_buffers:
+                buf.copy_(teacher_buffers[name])
+        kv_heads = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+        for idx in config.rwkv_layers:
+            layer = student.model.layers[idx]
+            for mname, module in layer.named_modules():
+                if isinstance(module, RWKV_MODULES):  # RWKV-LM init for this layer index
+                    module.reset_parameters()
+                    filled.update(f"model.layers.{idx}.{mname}.{p}" for p, _ in module.named_parameters())
+            _copy_mixer(layer, _decoder_layers(teacher)[idx], config.num_attention_heads, kv_heads)
+    if config.tie_word_embeddings:
+        student.tie_weights()
+        filled.add("lm_head.weight")
+    missing = sorted(set(student_params) - filled)
+    if missing:
+        raise RuntimeError(f"conversion left parameters uninitialised (bug): {missing[:8]}")
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = type(teacher.generation_config).from_dict(teacher.generation_config.to_dict())
+    return student.train(teacher.training)
+
+
+def save_student(model: RWKVHybridForCausalLM, tokenizer: Any, output_dir: str | Path) -> Path:
+    """Write config.json, safetensors weights, generation config and (if given) the tokenizer."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_student(path: str | Path, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None) -> RWKVHybridForCausalLM:
+    """Load a student saved by ``save_student`` (same as ``AutoModelForCausalLM.from_pretrained``)."""
+    model = RWKVHybridForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+    if device is not None:
+        model = model.to(device)
+    return model

@@ -1,0 +1,344 @@
+"""The hybrid student: a Llama-family decoder stack where chosen layers are RWKV layers.
+
+Non-converted layers are the teacher architecture's own decoder layers (``LlamaDecoderLayer``,
+``Qwen2DecoderLayer``...), built from the flat ``RWKVHybridConfig``; parameter names match the
+teacher's (``model.layers.{i}.self_attn.q_proj.weight``...). Converted layers are
+``RWKVDecoderLayer``s:
+
+* ``block`` mode: ``ln1`` -> ``att`` (RWKV time-mix) -> ``ln2`` -> ``ffn`` (the teacher's MLP or an
+  RWKV channel-mix), pre-norm residual; ``ln1``/``ln2`` start as copies of the teacher's norms;
+* ``attention_only`` mode: the teacher's names and pieces, with ``self_attn`` = RWKV time-mix.
+
+Hidden states (``output_hidden_states=True``): ``L + 1`` tensors; index ``i < L`` is the input of
+decoder layer ``i`` (0 = embeddings) and index ``L`` is the last layer's output *before* the
+final norm (transformers' own models put the normed output there instead).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.auto.configuration_auto import model_type_to_module_name
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+from shared.student.cache import HybridRWKVCache
+from shared.student.configuration import RWKVHybridConfig
+from shared.student.ops import BACKENDS
+from shared.student.layers import (RWKV_MODULES, RWKV6ChannelMix, RWKV6TimeMix, RWKV7ChannelMix,
+                                   RWKV7TimeMix)
+
+SUPPORTED_BASES = ("llama", "qwen2", "qwen3", "mistral")
+_NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
+
+
+def base_classes(model_type: str) -> dict[str, type[nn.Module]]:
+    """The decoder layer, MLP, RMSNorm and rotary embedding classes of a transformers architecture."""
+    model_name = MODEL_MAPPING_NAMES.get(model_type)
+    hint = (f"base model type {model_type!r} is not supported: the student needs a Llama-family "
+            f"architecture (decoder layers with self_attn.q/k/v/o_proj, an mlp and RMSNorms; tested: "
+            f"{', '.join(SUPPORTED_BASES)})")
+    if not isinstance(model_name, str) or not model_name.endswith("Model"):
+        raise ValueError(hint)
+    module_name = model_type_to_module_name(model_type)
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    prefix = model_name[: -len("Model")]
+    classes = {key: getattr(module, prefix + suffix, None) for key, suffix in
+               (("decoder", "DecoderLayer"), ("mlp", "MLP"), ("norm", "RMSNorm"), ("rotary", "RotaryEmbedding"))}
+    if any(cls is None for cls in classes.values()):
+        raise ValueError(hint)
+    return classes
+
+
+class RWKVDecoderLayer(GradientCheckpointingLayer):
+    """A converted decoder layer; submodule names depend on the mode (see the module docstring)."""
+
+    NAMES = {"block": ("ln1", "att", "ln2", "ffn"),
+             "attention_only": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
+
+    def __init__(self, config: RWKVHybridConfig, layer_idx: int, classes: Mapping[str, type[nn.Module]]) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.names = self.NAMES[config.rwkv_mode]
+        c, num_layers = config.hidden_size, config.num_hidden_layers
+        mixer_kwargs: dict[str, Any] = dict(
+            hidden_size=c, num_heads=config.num_attention_heads, head_size=config.rwkv_head_size,
+            layer_idx=layer_idx, num_layers=num_layers, qkv_bias=config.rwkv_qkv_bias,
+            o_bias=config.rwkv_o_bias, backend=config.rwkv_backend, chunk_size=config.rwkv_chunk_size)
+        if config.rwkv_mixer == "rwkv7":
+            mixer: nn.Module = RWKV7TimeMix(is_first=layer_idx == min(config.rwkv_layers), **mixer_kwargs)
+        else:
+            mixer = RWKV6TimeMix(**mixer_kwargs)
+        if config.rwkv_ffn == "mlp":
+            ffn = classes["mlp"](config)
+        else:
+            cmix = RWKV7ChannelMix if config.rwkv_mixer == "rwkv7" else RWKV6ChannelMix
+            ffn = cmix(c, config.intermediate_size, layer_idx, num_layers, bias=config.rwkv_mlp_bias)
+        norms = [classes["norm"](c, eps=config.rms_norm_eps) for _ in range(2)]
+        for name, module in zip(self.names, (norms[0], mixer, norms[1], ffn)):
+            self.add_module(name, module)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.names[1])
+
+    @property
+    def ffn_module(self) -> nn.Module:
+        return getattr(self, self.names[3])
+
+    def forward(self, hidden_states: torch.Tensor, v_first: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool = False, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        norm1, mixer, norm2, ffn = (getattr(self, name) for name in self.names)
+        state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        keep = None if token_mask is None else token_mask.unsqueeze(-1).to(hidden_states.dtype)
+        x = norm1(hidden_states)
+        if keep is not None:  # zero the mixer input at padding so left padding leaves no trace
+            x = x * keep
+        out, att_shift, wkv, v_first = mixer(x, getattr(state, "att_shift", None), getattr(state, "wkv", None),
+                                             token_mask, v_first)
+        hidden_states = hidden_states + out
+        x = norm2(hidden_states)
+        ffn_shift = None
+        if isinstance(ffn, (RWKV6ChannelMix, RWKV7ChannelMix)):
+            if keep is not None:
+                x = x * keep
+            out, ffn_shift = ffn(x, getattr(state, "ffn_shift", None))
+        else:
+            out = ffn(x)
+        if state is not None:
+            state.update_state(att_shift, wkv, ffn_shift, hidden_states.shape[1])
+        return hidden_states + out, v_first
+
+
+class RWKVHybridPreTrainedModel(PreTrainedModel):
+    config: RWKVHybridConfig
+    config_class = RWKVHybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKVDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True  # RNN state: no assisted decoding / cache cropping
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RWKV_MODULES):
+            module.reset_parameters()  # the RWKV-LM initialisation for this layer index
+        else:
+            super()._init_weights(module)
+
+
+class RWKVHybridModel(RWKVHybridPreTrainedModel):
+    """Embeddings, decoder layers (teacher layers and RWKV layers), final norm."""
+
+    def __init__(self, config: RWKVHybridConfig) -> None:
+        super().__init__(config)
+        classes = base_classes(config.base_model_type)
+        converted = set(config.rwkv_layers)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.layers = nn.ModuleList([RWKVDecoderLayer(config, i, classes) if i in converted
+                                     else classes["decoder"](config, i) for i in range(config.num_hidden_layers)])
+        self.norm = classes["norm"](config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = classes["rotary"](config=config)
+        self.layer_types = get_layer_types_and_kwargs(config)[0]
+        self.gradient_checkpointing = False
+        self._no_split_modules = ["RWKVDecoderLayer", classes["decoder"].__name__]
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def run_rwkv_layer(self, layer: RWKVDecoderLayer, hidden: torch.Tensor, v_first: torch.Tensor | None,
+                       token_mask: torch.Tensor | None, cache: Cache | None,
+                       use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one converted layer, recomputing it in backward if the config asks for it."""
+        if (self.config.rwkv_gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and not layer.gradient_checkpointing):
+            # non-reentrant: works with DeepSpeed ZeRO-3's parameter hooks; no cache writes on replay
+            return checkpoint(layer, hidden, v_first, token_mask, None, False, use_reentrant=False)
+        return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache, use_cache=use_cache)
+
+    def _checked_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
+        if cache is None:
+            return HybridRWKVCache(self.config) if use_cache else None
+        if isinstance(cache, HybridRWKVCache):
+            return cache
+        if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+            return HybridRWKVCache(self.config)  # e.g. an empty DynamicCache: swap in ours
+        raise ValueError(f"the RWKV student needs a shared.student.cache.HybridRWKVCache, got {type(cache).__name__}")
+
+    def _attention_masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
+                         position_ids: torch.Tensor) -> dict[str, Any]:
+        masks: dict[str, Any] = {}
+        for idx, layer in enumerate(self.layers):
+            kind = self.layer_types[idx]
+            if isinstance(layer, RWKVDecoderLayer) or kind in masks:
+                continue
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                               past_key_values=cache, position_ids=position_ids, layer_idx=idx)
+        return masks
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("the RWKV student takes a 2D [batch, seq] padding mask (1 = token, 0 = padding)")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        cache = self._checked_cache(past_key_values, use_cache)
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        token_mask = None if attention_mask is None else attention_mask[:, -seq_len:]
+        masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        rope = self.rotary_emb(inputs_embeds, position_ids=position_ids) if masks else None
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE_LAYERS}
+
+        hidden, v_first, states = inputs_embeds, None, []
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                states.append(hidden)
+            if isinstance(layer, RWKVDecoderLayer):
+                hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache, use_cache)
+            else:
+                hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]], position_embeddings=rope,
+                               position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **base_kwargs)
+        if output_hidden_states:
+            states.append(hidden)  # before the final norm (see the module docstring)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache,
+                                       hidden_states=tuple(states) if output_hidden_states else None)
+
+
+class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
+    """Causal LM head on ``RWKVHybridModel``; the class the trainer and ``generate()`` use."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RWKVHybridConfig) -> None:
+        super().__init__(config)
+        self.model = RWKVHybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, **kwargs)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states)
+        return result.to_tuple() if return_dict is False else result
+
+    # ---- distillation helpers -------------------------------------------------------------
+    @property
+    def converted_layers(self) -> list[int]:
+        """Sorted indices of the RWKV (converted) decoder layers."""
+        return list(self.config.rwkv_layers)
+
+    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor],
+                      attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs`` runs
+        alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
+        ``{i: output}`` to compare with the teacher's hidden state ``i + 1``.
+
+        Keys that are not converted layers are ignored. With ``rwkv7`` the layers' value residual
+        needs ``v_first``; it comes from running the first converted layer on its own teacher input,
+        so ``layer_inputs`` must contain the first converted layer (gradients flow through it, as in
+        the full model).
+        """
+        num_layers = self.config.num_hidden_layers
+        bad = [i for i in layer_inputs if not 0 <= int(i) < num_layers]
+        if bad:
+            raise ValueError(f"layer_inputs has layer indices {bad} outside 0..{num_layers - 1}")
+        todo = [i for i in self.converted_layers if i in layer_inputs]
+        if not todo:
+            raise ValueError(f"layer_inputs has none of the converted layers {self.converted_layers}")
+        first = self.converted_layers[0]
+        if self.config.rwkv_mixer == "rwkv7" and first not in layer_inputs:
+            raise ValueError(f"rwkv7 needs the input of the first converted layer ({first}) for v_first")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be a 2D [batch, seq] padding mask")
+        dtype = self.model.embed_tokens.weight.dtype
+        outputs: dict[int, torch.Tensor] = {}
+        v_first = None
+        for idx in todo:
+            hidden = layer_inputs[idx]
+            if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"layer_inputs[{idx}] must be [batch, seq, {self.config.hidden_size}], "
+                                 f"got {tuple(hidden.shape)}")
+            mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
+            out, vf = self.model.run_rwkv_layer(self.model.layers[idx], hidden.to(dtype), v_first, mask, None, False)
+            if idx == first:
+                v_first = vf
+            outputs[idx] = out
+        return outputs
+
+    def mixer_parameter_names(self) -> list[str]:
+        """Parameters that train in the align stage: the converted layers' RWKV time-mix, plus the
+        RWKV channel-mix when it replaced the MLP (``rwkv_ffn='rwkv_cmix'``)."""
+        names = []
+        for idx in self.converted_layers:
+            layer = self.model.layers[idx]
+            parts = (layer.names[1], layer.names[3]) if self.config.rwkv_ffn == "rwkv_cmix" else (layer.names[1],)
+            names += [f"model.layers.{idx}.{n}" for n, _ in layer.named_parameters() if n.split(".")[0] in parts]
+        return names
+
+    def mixer_parameters(self) -> Iterator[nn.Parameter]:
+        wanted = set(self.mixer_parameter_names())
+        return (p for n, p in self.named_parameters() if n in wanted)
+
+    def converted_layer_parameter_names(self) -> list[str]:
+        """Every parameter inside the converted layers (norms and a kept MLP included)."""
+        return [f"model.layers.{i}.{n}" for i in self.converted_layers
+                for n, _ in self.model.layers[i].named_parameters()]
+
+    def set_rwkv_backend(self, backend: str, chunk_size: int | None = None) -> None:
+        """Switch the WKV path of every RWKV layer (``auto``, ``fla``, ``chunk``, ``recurrent``)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown RWKV backend {backend!r}; choose one of {BACKENDS}")
+        self.config.rwkv_backend = backend
+        if chunk_size is not None:
+            self.config.rwkv_chunk_size = chunk_size
+        for module in self.modules():
+            if isinstance(module, (RWKV6TimeMix, RWKV7TimeMix)):
+                module.backend = backend
+                module.chunk_size = self.config.rwkv_chunk_size
