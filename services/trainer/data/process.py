@@ -249,7 +249,8 @@ def process_chunks(chunks: Iterable[RawChunk], config: WorkerConfig,
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool as exc:
-        raise DataError(f"a tokenisation worker died ({exc}); out of memory? try a smaller "
+        raise DataError(f"a tokenisation worker died or failed to start ({exc}); see its "
+                        "message above; if it was killed (out of memory) try a smaller "
                         "--num_proc or --chunk_size") from None
     except RuntimeError as exc:
         raise DataError(str(exc)) from None

@@ -109,6 +109,11 @@ class ChatMasker:
         fallback = False
         for k, msg in enumerate(messages):
             if msg["role"] != "assistant":
+                # Only needed by the fallback: step over other turns so that a reply is never
+                # searched for inside the question before it.
+                text = msg["content"].strip()
+                pos = full.find(text, cursor) if text else -1
+                cursor = pos + len(text) if pos >= 0 else cursor
                 continue
             start = None
             for gen in (True, False):
@@ -118,8 +123,15 @@ class ChatMasker:
                     break
             if start is None:
                 fallback, start = True, cursor
-            content = msg["content"].strip()
-            pos = full.find(content, start) if content else start
+                if not msg["content"].strip():
+                    continue  # an empty reply cannot be located without the prefix: not trained
+            # The reply as written (templates that keep whitespace train it too), else the
+            # stripped reply (templates that trim, like Llama-3's).
+            content = msg["content"]
+            pos = full.find(content, start) if content.strip() else -1
+            if pos < 0:
+                content = content.strip()
+                pos = full.find(content, start) if content else start
             if pos < 0:
                 raise Drop("content_not_found", "the template changed an assistant message's text")
             spans.append((pos, pos + len(content)))

@@ -1,0 +1,272 @@
+"""Trainer side: load a prepared dataset, sample batches bucket by bucket, pad, resume.
+
+    from services.trainer.data.loader import TrainBatches, validation_batches, check_tokenizer_fingerprint
+
+    check_tokenizer_fingerprint(data_dir, teacher_manifest_fingerprint)   # refuse a mismatch
+    batches = TrainBatches(data_dir, micro_batch_size=8, world_size=ws, rank=rank, seed=1234)
+    batches.load_state_dict(saved)            # optional: continue with exactly the next batch
+    while batches.epoch < epochs:
+        for batch in batches:                  # one (rest of an) epoch of this rank's batches
+            ...                                # batch: input_ids, labels, attention_mask, lengths
+            saved = batches.state_dict()
+
+Every rank computes the same global plan from the seed and takes its slice, so all ranks get
+the same number of batches per epoch and the same length bucket at every step (DeepSpeed
+ranks stay in step, padding stays small). Padding masks come from the stored lengths, never
+from token values: EOS is a real token even when the pad id equals it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .build import CARD_FORMAT, CARD_NAME
+
+IGNORE = -100
+
+
+class FingerprintMismatch(ValueError):
+    """The dataset was tokenised with a different tokenizer than the teacher's."""
+
+
+def read_card(dataset_dir: str | Path) -> dict[str, Any]:
+    path = Path(dataset_dir) / CARD_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{dataset_dir} has no {CARD_NAME}: not prepared by `python -m services.trainer.data`, "
+            "or the run was interrupted (the card is written last); re-run the data command")
+    card = json.loads(path.read_text())
+    if card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{path}: card format {card.get('format')!r}, this loader reads {CARD_FORMAT!r}")
+    return card
+
+
+def check_tokenizer_fingerprint(dataset_dir: str | Path, expected: str,
+                                expected_from: str = "the teacher") -> dict[str, Any]:
+    """Refuse (FingerprintMismatch) a dataset whose tokenizer differs from ``expected``; return its card."""
+    card = read_card(dataset_dir)
+    have = card["tokenizer"]["fingerprint"]
+    if have != expected:
+        raise FingerprintMismatch(
+            f"dataset {dataset_dir} was tokenised with tokenizer fingerprint {have} "
+            f"({card['tokenizer'].get('path')}), but {expected_from} uses fingerprint {expected}: "
+            "the token ids would mean different tokens and the distillation loss would be silently "
+            "wrong. Fix: re-run the data command with --tokenizer set to the teacher's model "
+            f"directory (this dataset was made by: {card.get('command')}), or point the trainer at "
+            "a dataset prepared with the teacher's tokenizer.")
+    return card
+
+
+class PreparedSplit:
+    """All length buckets of one split of a prepared dataset (memory-mapped, nothing loaded)."""
+
+    def __init__(self, dataset_dir: str | Path, split: str = "train") -> None:
+        import datasets
+
+        self.root = Path(dataset_dir)
+        self.card = read_card(self.root)
+        if split not in self.card["splits"]:
+            raise KeyError(f"{self.root} has no {split!r} split (it has: "
+                           f"{', '.join(self.card['splits']) or 'none'})")
+        self.split = split
+        self.bucket_info = [b for b in self.card["splits"][split]["buckets"] if b["path"]]
+        self.buckets = [datasets.load_from_disk(str(self.root / b["path"])) for b in self.bucket_info]
+        self.pad_token_id = int(self.card["tokenizer"]["pad_token_id"])
+
+    @property
+    def bucket_sizes(self) -> list[int]:
+        return [len(b) for b in self.buckets]
+
+    def __len__(self) -> int:
+        return sum(self.bucket_sizes)
+
+    def rows(self, bucket: int, indices: Sequence[int]) -> dict[str, list]:
+        """Columns of the given rows of one bucket, as lists."""
+        return self.buckets[bucket][[int(i) for i in indices]]
+
+
+class BucketBatchSampler:
+    """Deterministic, resumable per-rank batches; each batch comes from a single bucket.
+
+    Epoch e: every bucket is shuffled with ``default_rng([seed, e])`` and cut into global
+    batches of ``micro_batch_size * world_size``; the global batches of all buckets are then
+    shuffled together and rank r takes rows [r*mbs, (r+1)*mbs) of each. A bucket's remainder
+    (less than one global batch) is dropped (``remainder="drop"``) or filled by cycling the
+    bucket's own permutation (``"wrap"``), identically on every rank.
+    Yields ``(bucket, indices)``.
+    """
+
+    def __init__(self, bucket_sizes: Sequence[int], micro_batch_size: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, shuffle: bool = True, remainder: str = "drop") -> None:
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError("need micro_batch_size >= 1, world_size >= 1 and 0 <= rank < world_size")
+        if remainder not in ("drop", "wrap"):
+            raise ValueError("remainder must be 'drop' or 'wrap'")
+        self.bucket_sizes = [int(n) for n in bucket_sizes]
+        self.micro_batch_size, self.world_size, self.rank = micro_batch_size, world_size, rank
+        self.seed, self.shuffle, self.remainder = seed, shuffle, remainder
+        self.epoch = 0
+        self.position = 0  # batches of ``epoch`` already handed out
+        self._plan_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+        if len(self) == 0:
+            raise ValueError(f"no full batch: buckets hold {self.bucket_sizes} samples but one step "
+                             f"needs {micro_batch_size * world_size} from a single bucket; use "
+                             "remainder='wrap', a smaller batch, or wider buckets")
+
+    def _global_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        size = self.micro_batch_size * self.world_size
+        batches: list[tuple[int, np.ndarray]] = []
+        for bucket, n in enumerate(self.bucket_sizes):
+            if n == 0:
+                continue
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self.remainder == "wrap" and n % size:
+                order = np.resize(order, -(-n // size) * size)  # np.resize cycles the array
+            for start in range(0, len(order) - size + 1, size):
+                batches.append((bucket, order[start:start + size]))
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """This rank's batches of ``epoch``."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            lo = self.rank * self.micro_batch_size
+            mine = [(b, idx[lo:lo + self.micro_batch_size]) for b, idx in self._global_batches(epoch)]
+            self._plan_cache = (epoch, mine)
+        return self._plan_cache[1]
+
+    def __len__(self) -> int:
+        size = self.micro_batch_size * self.world_size
+        if self.remainder == "wrap":
+            return sum(-(-n // size) for n in self.bucket_sizes)
+        return sum(n // size for n in self.bucket_sizes)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The rest of the current epoch; the epoch counter moves on when it is exhausted."""
+        plan = self.plan(self.epoch)
+        while self.position < len(plan):
+            batch = plan[self.position]
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Same on every rank: save it from any one of them."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
+                "bucket_sizes": list(self.bucket_sizes), "shuffle": self.shuffle,
+                "remainder": self.remainder}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("seed", "micro_batch_size", "world_size", "bucket_sizes", "shuffle", "remainder"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise ValueError(f"cannot resume exactly: saved {key}={state[key]!r}, now "
+                                 f"{self.state_dict()[key]!r} (the batch order would change)")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def collate(rows: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], pad_token_id: int,
+            pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids with ``pad_token_id``, labels with -100.
+
+    ``attention_mask`` (1 real, 0 pad) is built from the ``length`` column, never from token
+    values. ``position_ids`` (packed datasets) continue counting into the padding so padding
+    never looks like a new document start.
+    """
+    if not isinstance(rows, Mapping):
+        rows = {key: [row[key] for row in rows] for key in rows[0]}
+    lengths = torch.tensor([int(n) for n in rows["length"]], dtype=torch.long)
+    width = int(lengths.max())
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(lengths)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    has_positions = "position_ids" in rows
+    positions = torch.arange(width).repeat(batch, 1) if has_positions else None
+    for i in range(batch):
+        n = int(lengths[i])
+        if len(rows["input_ids"][i]) != n or len(rows["labels"][i]) != n:
+            raise ValueError(f"row {i}: length column {n} does not match its input_ids/labels")
+        input_ids[i, :n] = torch.as_tensor(rows["input_ids"][i], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(rows["labels"][i], dtype=torch.long)
+        if positions is not None:
+            pos = torch.as_tensor(rows["position_ids"][i], dtype=torch.long)
+            positions[i, :n] = pos
+            positions[i, n:] = pos[-1] + 1 + torch.arange(width - n)
+    out = {"input_ids": input_ids, "labels": labels,
+           "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+           "lengths": lengths}
+    if positions is not None:
+        out["position_ids"] = positions
+    return out
+
+
+class TrainBatches:
+    """What the trainer iterates: sampler + memory-mapped buckets + collate, in-process.
+
+    Rows are read in the training process itself (no DataLoader worker prefetch), so
+    ``state_dict()`` always describes exactly the batches handed out so far.
+    """
+
+    def __init__(self, dataset_dir: str | Path, micro_batch_size: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, split: str = "train", shuffle: bool = True,
+                 remainder: str = "drop", pad_to_multiple_of: int = 1,
+                 expected_fingerprint: str | None = None) -> None:
+        if expected_fingerprint is not None:
+            check_tokenizer_fingerprint(dataset_dir, expected_fingerprint)
+        self.data = PreparedSplit(dataset_dir, split)
+        self.sampler = BucketBatchSampler(self.data.bucket_sizes, micro_batch_size, world_size,
+                                          rank, seed, shuffle, remainder)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for bucket, indices in self.sampler:
+            yield collate(self.data.rows(bucket, indices), self.data.pad_token_id,
+                          self.pad_to_multiple_of)
+
+    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches across epoch boundaries, for step-based training."""
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def validation_batches(dataset_dir: str | Path, micro_batch_size: int, world_size: int = 1,
+                       rank: int = 0, split: str = "validation",
+                       pad_to_multiple_of: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Every validation sample once, in order, bucket by bucket, sharded over ranks.
+
+    All ranks get the same number of batches: the last global batch of a bucket is filled by
+    repeating samples, flagged ``sample_mask == 0`` so metrics can leave them out.
+    """
+    data = PreparedSplit(dataset_dir, split)
+    size = micro_batch_size * world_size
+    for bucket, n in enumerate(data.bucket_sizes):
+        for start in range(0, n, size):
+            idx = np.arange(start, start + size)
+            real = idx < n
+            lo = rank * micro_batch_size
+            idx, real = idx[lo:lo + micro_batch_size], real[lo:lo + micro_batch_size]
+            batch = collate(data.rows(bucket, np.where(real, idx, idx % n)), data.pad_token_id,
+                            pad_to_multiple_of)
+            batch["sample_mask"] = torch.as_tensor(real, dtype=torch.long)
+            yield batch

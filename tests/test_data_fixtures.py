@@ -1,0 +1,94 @@
+"""Builders for small corpora in exactly the hub layouts the data commands read."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def conversation(i: int, turns: int = 2, long_reply: int = 0) -> list[dict[str, str]]:
+    msgs = []
+    for t in range(turns):
+        msgs.append({"role": "user", "content": f"Question {i}.{t}: where is the river?"})
+        reply = f"  The river {i}.{t} flows north." + " Again and again." * long_reply + "  "
+        msgs.append({"role": "assistant", "content": reply})
+    return msgs
+
+
+def write_ultrachat(root: Path, split: str, conversations: Sequence[Any], shards: int = 1) -> list[Path]:
+    """data/{split}-NNNNN-of-NNNNN-<hash>.parquet with columns prompt, prompt_id, messages."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        part = conversations[s::shards]
+        rows = {
+            "prompt": [m[0]["content"] if m else "" for m in part],
+            "prompt_id": [f"id{s}-{i}" for i in range(len(part))],
+            "messages": list(part),
+        }
+        path = data / f"{split}-{s:05d}-of-{shards:05d}-0123456789abcdef.parquet"
+        pq.write_table(pa.table(rows), path, row_group_size=7)
+        paths.append(path)
+    return paths
+
+
+def write_jsonl(path: Path, records: Sequence[Any], raw_lines: Sequence[bytes] = ()) -> Path:
+    """JSON lines (gzip when the name ends in .gz); ``raw_lines`` are appended verbatim."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+    payload += b"".join(raw_lines)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as handle:
+            handle.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def c4_record(text: str) -> dict[str, str]:
+    return {"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.com/x"}
+
+
+def write_c4(root: Path, language: str, split: str, texts: Sequence[str], shards: int = 2) -> None:
+    """en/c4-{split}.NNNNN-of-NNNNN.json.gz or multilingual/c4-{lang}[-validation].tfrecord-..."""
+    total = 1024 if split == "train" else 8
+    for s in range(shards):
+        part = [c4_record(t) for t in texts[s::shards]]
+        if language == "en":
+            path = root / "en" / f"c4-{split}.{s:05d}-of-{total:05d}.json.gz"
+        else:
+            suffix = "" if split == "train" else "-validation"
+            path = root / "multilingual" / f"c4-{language}{suffix}.tfrecord-{s:05d}-of-{total:05d}.json.gz"
+        write_jsonl(path, part)
+
+
+def invalid_utf8_string_array(values: Sequence[bytes]) -> pa.Array:
+    """A parquet-writable string array that holds bytes which are not UTF-8 (pyarrow does
+    not validate buffers it is handed, just as a foreign writer would not)."""
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+
+
+# A Qwen-style template on the tiny tokenizer's specials: default system prompt, and a
+# newline after every end-of-turn token that must not be trained.
+QWEN_LIKE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|start_header_id|>system\nYou are helpful.<|eot_id|>\n{% endif %}"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}"
+)
+
+# Breaks the prefix property (the header counts the messages), so the masker must fall back
+# to searching each reply after the previous one.
+NON_INCREMENTAL_TEMPLATE = (
+    "{{ bos_token }}[{{ messages | length }} messages]\n"
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
