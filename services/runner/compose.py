@@ -380,7 +380,7 @@ class Project:
         self.env_files = [Path(p) for p in env_files]
         self.dotenv: dict[str, str] = {}
         for path in self.env_files:
-            if not path.is_file():
+            if not path.exists():
                 raise ComposeError(f"env file not found: {path}")
             self.dotenv.update(parse_dotenv(path.read_text(), self._shell_lookup, str(path)))
         self.data = self._load()
