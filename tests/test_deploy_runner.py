@@ -377,6 +377,12 @@ def test_make_up_refuses_without_grafana_password(project_copy: Path, gpu_env):
     assert done.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in done.stderr
 
 
+def test_make_up_local_refuses_without_env_file(project_copy: Path):
+    done = _make(project_copy, "up-local")
+    assert done.returncode != 0 and "cp .env.example .env" in done.stderr
+    assert not (project_copy / "runs").exists()
+
+
 def test_make_up_passes_its_checks_then_calls_compose(project_copy: Path, gpu_env):
     write_env(project_copy / ".env", gpu_env)
     done = _make(project_copy, "up")

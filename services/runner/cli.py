@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--foreground", action="store_true", help="stay attached until Ctrl-C")
     up.add_argument("--timeout", type=float, default=None,
                     help="seconds to wait for dependencies/healthchecks (default: from them)")
+    up.add_argument("--require-env-file", action="store_true",
+                    help="fail when there is no .env (compose.yaml needs one)")
     r = sub.add_parser("render", parents=[common, select], help="write the supervisord.conf")
     r.add_argument("--stdout", action="store_true", help="print it instead of writing it")
     c = sub.add_parser("check", parents=[common, select], help="pre-flight checks only")
@@ -135,8 +137,17 @@ def load_project(args: argparse.Namespace, environ: dict[str, str] | None = None
                    environ=environ, project_dir=args.project_dir)
 
 
+def require_env_file(project: Project) -> None:
+    if not project.env_files:
+        raise RunnerError(
+            f"no .env in {project.project_dir}: `cp .env.example .env`, then set MODELS_DIR, "
+            f"TEACHER_MODEL, DATA_DIR, RUNS_DIR and GRAFANA_ADMIN_PASSWORD in it")
+
+
 def plan_from_args(args: argparse.Namespace) -> Plan:
     project = load_project(args)
+    if getattr(args, "require_env_file", False):
+        require_env_file(project)
     return build_plan(project, run_dir=_run_dir(args), services=_services(args.services),
                       profiles=args.profile, with_deps=not args.no_deps,
                       extra_args=_extra_args(args.extra_args))
@@ -428,10 +439,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     project = load_project(args)
-    if args.require_env_file and not project.env_files:
-        raise RunnerError(
-            f"no .env in {project.project_dir}: `cp .env.example .env`, then set MODELS_DIR, "
-            f"TEACHER_MODEL, DATA_DIR, RUNS_DIR and GRAFANA_ADMIN_PASSWORD in it")
+    if args.require_env_file:
+        require_env_file(project)
     names = project.select(_services(args.services), args.profile, not args.no_deps)
     for name in names:  # what compose would interpolate, runnable here or not
         project.service(name)
