@@ -1,0 +1,195 @@
+"""Config → components: devices, the student, the teacher source, DeepSpeed, the data.
+
+Each builder does one thing; the training loop (loop.py) only wires their results.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shared.config import Config
+from shared.fingerprint import tokenizer_fingerprint
+
+log = logging.getLogger("trainer")
+
+# Parameters the reference trains with a larger learning rate (RWKV-LM's "lr_2x" set) and
+# that never get weight decay.
+TIME_DECAY = re.compile(r"\.(time_decay|time_faaaa|w0)$")
+
+
+@dataclass
+class Place:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    group: int
+    index_in_group: int
+
+
+def init_distributed(cfg: Config) -> Place:
+    """Join the trainers' default process group (the one DeepSpeed uses) and pick a device."""
+    import deepspeed
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and cfg.teacher.device != "cpu":
+        gpu = cfg.train.device_offset + local
+        if gpu >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} + train.device_offset "
+                               f"{cfg.train.device_offset} = GPU {gpu}, but only "
+                               f"{torch.cuda.device_count()} GPUs are visible")
+        device = torch.device("cuda", gpu)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    n = cfg.link.trainers_per_group
+    if cfg.link.mode == "service" and cfg.train.stage != "sft" and world % n:
+        raise RuntimeError(f"{world} trainer ranks do not split into groups of "
+                           f"link.trainers_per_group={n}")
+    return Place(rank, world, local, device, rank // n, rank % n)
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    return Path(cfg.student.init_from or cfg.teacher.model_path)
+
+
+def build_student(cfg: Config, device: torch.device):
+    """The student: converted from the teacher's weights, or a previous stage's export."""
+    from transformers import AutoModelForCausalLM
+
+    from shared.student import build_student as convert, load_student
+
+    if cfg.student.init_from:
+        student = load_student(cfg.student.init_from, dtype=torch.float32)
+        log.info("student loaded from %s", cfg.student.init_from)
+    else:
+        path = Path(cfg.teacher.model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"teacher.model_path={cfg.teacher.model_path!r} holds no "
+                                    "config.json: the student is converted from it")
+        teacher = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=cfg.teacher.trust_remote_code)
+        student = convert(teacher, cfg.student)
+        del teacher
+        log.info("student converted from %s: layers %s -> %s (%s)", path,
+                 student.converted_layers, cfg.student.mixer, cfg.student.mode)
+    if cfg.student.grad_checkpointing:
+        student.config.gradient_checkpointing = True
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
+
+
+def select_trainable(student, cfg: Config) -> list[str]:
+    """Freeze everything but what the stage trains; return the trainable names."""
+    if cfg.train.stage == "align" or cfg.train.trainable == "mixers":
+        names = set(student.mixer_parameter_names())
+    elif cfg.train.trainable == "rwkv_layers":
+        names = set(student.converted_layer_parameter_names())
+    else:
+        names = {n for n, _ in student.named_parameters()}
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in names)
+    if not names:
+        raise RuntimeError("no parameter to train: student.layers converts no layer")
+    return sorted(names)
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: decayed matrices; no decay for vectors; time-decay at a scaled lr."""
+    groups = {"decay": [], "no_decay": [], "time_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if TIME_DECAY.search(name):
+            groups["time_decay"].append(p)
+        elif p.ndim < 2:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    settings = {"decay": (cfg.train.weight_decay, 1.0), "no_decay": (0.0, 1.0),
+                "time_decay": (0.0, cfg.train.time_decay_lr_scale)}
+    return [{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1],
+             "name": k} for k, ps in groups.items() if ps]
+
+
+def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict:
+    """The JSON file's ZeRO settings, completed with the values our config owns."""
+    path = Path(cfg.train.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config={path} does not exist (see "
+                                "configs/deepspeed/)")
+    ds = json.loads(path.read_text())
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    })
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {
+        "lr": cfg.train.lr_init, "betas": [0.9, 0.99], "eps": 1e-8,
+        "weight_decay": cfg.train.weight_decay,
+        # torch's AdamW needs no JIT-compiled op; CPU offload uses DeepSpeedCPUAdam.
+        "torch_adam": not offload}})
+    ds["bf16"] = {"enabled": device.type == "cuda"}
+    return ds
+
+
+def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
+    import deepspeed
+
+    ds = deepspeed_config(cfg, place.device, place.world_size)
+    engine, _, _, _ = deepspeed.initialize(model=objective,
+                                           model_parameters=param_groups(objective, cfg),
+                                           config=copy.deepcopy(ds))
+    return engine
+
+
+def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int):
+    """The link client of this rank's group, or an in-process teacher."""
+    from shared.link import InProcessTeacher, TeacherClient, TeacherModel
+
+    if cfg.train.stage == "sft":
+        return None
+    if cfg.link.mode == "in_process":
+        tcfg = copy.deepcopy(cfg.teacher)
+        tcfg.device = place.device.type
+        tcfg.device_id = place.device.index or 0
+        teacher = TeacherModel.load(tcfg)
+        if teacher.fingerprint.tokenizer != fingerprint:
+            raise RuntimeError("the in-process teacher's tokenizer differs from the student's")
+        return InProcessTeacher(teacher, cfg.teacher.max_tokens_per_request)
+    client = TeacherClient(cfg.link, place.group, place.index_in_group, place.device,
+                           fingerprint, vocab_size)
+    client.connect()
+    return client
+
+
+def dataset_fingerprint_check(cfg: Config) -> str:
+    from services.trainer.data.loader import check_tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer_dir(cfg))
+    check_tokenizer_fingerprint(cfg.data.train_dir, fp)
+    return fp
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,77 @@
+"""What one training step optimises, per stage, as a module DeepSpeed can wrap.
+
+Putting the loss inside ``forward`` means ``engine(batch, teacher)`` drives everything, so
+ZeRO-3's parameter gathering hooks run for the teacher-forced alignment path too (which calls
+single layers, not the model's forward).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.config import LinkConfig, TrainConfig
+from shared.link import RequestSpec
+from shared.losses import align_loss, ce_loss, kl_full, kl_topk
+
+
+def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
+                    num_layers: int) -> RequestSpec | None:
+    """What the stage needs from the teacher: only the tensors it uses, nothing more."""
+    if train.stage == "sft":
+        return None
+    if train.stage == "align":
+        if train.align_mode == "teacher_forced":
+            # inputs of the converted layers and their outputs (state i + 1)
+            states = sorted({s for i in converted for s in (i, i + 1)})
+        else:
+            states = list(range(1, num_layers + 1))
+        return RequestSpec(logits="none", hidden_layers=states)
+    if link.logits == "none":
+        raise ValueError("train.stage=kd needs teacher logits: set link.logits to bf16, topk "
+                         "or fp32")
+    return RequestSpec(logits=link.logits, top_k=link.top_k, temperature=train.temperature)
+
+
+class DistillObjective(nn.Module):
+    """``forward(batch, teacher) -> (loss, {part: value})`` for the configured stage."""
+
+    def __init__(self, student: nn.Module, train: TrainConfig,
+                 request: RequestSpec | None) -> None:
+        super().__init__()
+        self.student = student
+        self.train_cfg = train
+        self.request = request
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.train_cfg
+        if cfg.stage == "align":
+            return self._align(input_ids, attention_mask, teacher)
+        logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).logits
+        ce = ce_loss(logits, labels)
+        if cfg.stage == "sft":
+            return ce, {"ce": ce.detach()}
+        assert teacher is not None and self.request is not None
+        if self.request.logits == "topk":
+            kl = kl_topk(logits, teacher["topk_logprobs"], teacher["topk_indices"], labels,
+                         cfg.temperature)
+        else:
+            kl = kl_full(logits, teacher["logits"], labels, cfg.temperature)
+        loss = cfg.kl_weight * kl + cfg.ce_weight * ce
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+    def _align(self, input_ids, attention_mask, teacher):
+        assert teacher is not None and self.request is not None
+        states = dict(zip(self.request.hidden_layers, teacher["hidden_states"]))
+        if self.train_cfg.align_mode == "teacher_forced":
+            layers = self.student.converted_layers
+            outputs = self.student.align_forward({i: states[i] for i in layers}, attention_mask)
+            loss = align_loss(outputs, {i: states[i + 1] for i in layers}, attention_mask)
+        else:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask,
+                               output_hidden_states=True, use_cache=False)
+            ours = {i: out.hidden_states[i] for i in self.request.hidden_layers}
+            loss = align_loss(ours, states, attention_mask)
+        return loss, {"align": loss.detach()}
