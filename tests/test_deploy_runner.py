@@ -390,6 +390,19 @@ def test_make_up_passes_its_checks_then_calls_compose(project_copy: Path, gpu_en
     assert "docker compose -f compose.yaml up -d --build" in done.stdout
 
 
+def test_check_for_docker_does_not_need_the_programs_on_this_host(project_copy: Path, gpu_env,
+                                                                  monkeypatch):
+    """make up on a GPU node: the host has no torchrun or prometheus, the image has."""
+    import services.runner.render as render
+
+    monkeypatch.setattr(render, "local_path_env", lambda *a: "/nonexistent")
+    write_env(project_copy / ".env", gpu_env)
+    assert runner_main(["check", "-f", str(project_copy / "compose.yaml"),
+                        "--require-env-file"]) == 0
+    with pytest.raises(ComposeError, match="is not on PATH"):
+        build_plan(Project([project_copy / "compose.yaml"], environ={}))
+
+
 def test_render_does_not_need_the_conf_to_be_started(tmp_path: Path, gpu_env):
     project = Project([ROOT / "compose.demo.yaml"], env_files=[], environ={})
     text = render_conf(build_plan(project, run_dir=tmp_path / "r"))

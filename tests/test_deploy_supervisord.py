@@ -217,7 +217,7 @@ def test_entrypoint_sigterm_stops_the_whole_process_group(tmp_path: Path):
     token = str(tmp_path)
     # A parent (like torchrun) with a child that only dies if the group gets the signal.
     script = ("import signal, subprocess, sys, time\n"
-              f"child = subprocess.Popen(['sleep', '300', '{token}'][:2])\n"
+              "child = subprocess.Popen(['sleep', '300'])\n"
               "print('ready', child.pid, flush=True)\n"
               "signal.signal(signal.SIGTERM, lambda *a: (print('parent got TERM', flush=True),"
               " sys.exit(0)))\n"

@@ -445,7 +445,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in names:  # what compose would interpolate, runnable here or not
         project.service(name)
     plan = build_plan(project, run_dir=_run_dir(args), services=names, profiles=args.profile,
-                      with_deps=False, extra_args=_extra_args(args.extra_args))
+                      with_deps=False, extra_args=_extra_args(args.extra_args), resolve=False)
     problems = preflight(plan)
     if problems:
         raise RunnerError("refusing to start:\n  " + "\n  ".join(problems))

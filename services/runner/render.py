@@ -176,8 +176,12 @@ def _resolve_program(argv0: str, builds: bool, path_env: str) -> str | None:
 def build_plan(project: Project, run_dir: Path | None = None, services: list[str] | None = None,
                profiles: list[str] | None = None, with_deps: bool = True,
                extra_args: dict[str, list[str]] | None = None,
-               path_env: str | None = None) -> Plan:
-    """Select, interpolate and map the services into supervisord programs."""
+               path_env: str | None = None, resolve: bool = True) -> Plan:
+    """Select, interpolate and map the services into supervisord programs.
+
+    ``resolve=False`` (pre-flight checks for Docker) leaves programs unresolved: this host
+    need not have ``torchrun`` or ``prometheus`` for the containers to have them.
+    """
     run_dir = Path(run_dir or default_run_dir(project.project_dir, project.files)).resolve()
     path_env = path_env or local_path_env()
     template = container_program_options()
@@ -199,7 +203,7 @@ def build_plan(project: Project, run_dir: Path | None = None, services: list[str
         if not argv:
             plan.skipped[name] = "empty command"
             continue
-        program = _resolve_program(argv[0], svc.builds, path_env)
+        program = _resolve_program(argv[0], svc.builds, path_env) if resolve else argv[0]
         if program is None:
             if svc.builds:
                 raise ComposeError(f"service {name}: {argv[0]!r} is not on PATH ({path_env})")
