@@ -407,3 +407,15 @@ def test_render_does_not_need_the_conf_to_be_started(tmp_path: Path, gpu_env):
     project = Project([ROOT / "compose.demo.yaml"], env_files=[], environ={})
     text = render_conf(build_plan(project, run_dir=tmp_path / "r"))
     assert "[program:teacher]" in text and "[eventlistener:stop-on-fatal]" in text
+
+
+def test_env_example_documents_every_variable_compose_uses():
+    """.env.example parses as compose's dotenv and names every variable of compose.yaml."""
+    text = (ROOT / ".env.example").read_text()
+    values = parse_dotenv(text, {}.get)
+    documented = set(values) | set(re.findall(r"^#\s*([A-Z][A-Z0-9_]*)=", text, re.M))
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
+    assert used <= documented, f"undocumented in .env.example: {sorted(used - documented)}"
+    required = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):\?", (ROOT / "compose.yaml").read_text()))
+    assert required <= set(values), "required variables must be uncommented in .env.example"
+    assert values["GRAFANA_ADMIN_PASSWORD"] == "", "no default password"
