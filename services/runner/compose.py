@@ -292,7 +292,7 @@ def _normalise_depends_on(value: Any) -> dict[str, str]:
     raise ComposeError("depends_on: expected a list or a mapping")
 
 
-def _merge_service(base: dict[str, Any], over: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
+def _merge_service(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Compose's merge of one service across files (the subset we need)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -413,7 +413,7 @@ class Project:
                     for name, svc in (value or {}).items():
                         svc = svc or {}
                         base = merged["services"].get(name)
-                        merged["services"][name] = (_merge_service(base, svc, self.lookup)
+                        merged["services"][name] = (_merge_service(base, svc)
                                                     if base else copy.deepcopy(svc))
                 elif isinstance(value, dict) and isinstance(merged.get(key), dict):
                     merged[key] = _deep_merge(merged[key], value)

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compose import ComposeError, Healthcheck, Mount, Project, Service
+from .compose import ComposeError, Healthcheck, Mount, Project
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTAINER_CONF = REPO_ROOT / "docker" / "supervisord.conf"
