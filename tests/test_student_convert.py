@@ -104,6 +104,7 @@ def test_rwkv_parameters_get_standard_init(teacher, mixer: str) -> None:
             zig = ((n % hs) - (hs - 1) / 2) / ((hs - 1) / 2)
             www = -6 + 6 * (n / (a - 1)) ** (1 + r01**0.3)
             torch.testing.assert_close(att.w0.double(), www + 0.5 + zig * zig.abs() * 2.5, rtol=0, atol=1e-5)
+        assert torch.allclose(att.ln_x.weight, torch.full_like(att.ln_x.weight, ((1 + idx) / num_layers) ** 0.7))
         assert torch.isfinite(torch.cat([p.flatten() for p in att.parameters()])).all()
 
 

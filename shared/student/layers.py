@@ -50,10 +50,12 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
 
 
 class _RWKVModule(nn.Module):
-    """Common bits: the RWKV init runs unless the module is built on the meta device."""
+    """Common bits: the RWKV init is skipped while parameters hold no data — on the meta device
+    (``build_student``, ``from_pretrained``) or partitioned by DeepSpeed ZeRO-3 (empty tensors);
+    those weights are filled later (copied, loaded, or re-initialised through ``_init_weights``)."""
 
     def _on_meta(self) -> bool:
-        return any(p.is_meta for p in self.parameters())
+        return any(p.is_meta or p.numel() == 0 for p in self.parameters())
 
     def reset_parameters(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -114,7 +116,7 @@ class RWKV6TimeMix(_RWKVModule):
         for lin in (self.receptance, self.key, self.value, self.output):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
-        init.ones_(self.ln_x.weight)
+        init.constant_(self.ln_x.weight, ((1 + self.layer_idx) / self.num_layers) ** 0.7)  # RWKV-LM layer_scale
         init.zeros_(self.ln_x.bias)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,
@@ -202,7 +204,7 @@ class RWKV7TimeMix(_RWKVModule):
         for lin in (self.receptance, self.key, self.value, self.output):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
-        init.ones_(self.ln_x.weight)
+        init.constant_(self.ln_x.weight, ((1 + self.layer_idx) / self.num_layers) ** 0.7)  # RWKV-LM layer_scale
         init.zeros_(self.ln_x.bias)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,

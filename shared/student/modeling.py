@@ -203,7 +203,8 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             raise ValueError("the RWKV student takes a 2D [batch, seq] padding mask (1 = token, 0 = padding)")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # like transformers, but no cache by default while training
+            use_cache = self.config.use_cache and not self.training
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         cache = self._checked_cache(past_key_values, use_cache)
