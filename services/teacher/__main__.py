@@ -50,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     state = {"server": None}
     http = None
     if cfg.teacher.metrics_port:
-        http = MetricsServer(metrics.registry, cfg.teacher.metrics_port + args.group,
-                             cfg.teacher.metrics_host,
-                             is_ready=lambda: bool(state["server"] and state["server"].ready))
+        port = cfg.teacher.metrics_port + args.group
+        try:
+            http = MetricsServer(metrics.registry, port, cfg.teacher.metrics_host,
+                                 is_ready=lambda: bool(state["server"] and state["server"].ready))
+        except OSError as err:
+            log.error("cannot serve metrics on %s:%d (%s): is another teacher of group %d "
+                      "running? Set teacher.metrics_port", cfg.teacher.metrics_host, port, err,
+                      args.group)
+            return 2
         log.info("metrics on http://%s:%d/metrics", cfg.teacher.metrics_host, http.port)
     try:
         teacher = TeacherModel.load(cfg.teacher)

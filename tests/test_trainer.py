@@ -1,0 +1,192 @@
+"""The trainer service on CPU: real DeepSpeed, real Gloo, a real teacher service process,
+two trainer ranks under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, service_env, start_teacher, wait_for, write_config
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_llama, tmp_path_factory) -> Path:
+    """A prepared dataset (real text from the system's documentation) in our on-disk format."""
+    import glob
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for path in sorted(glob.glob("/usr/share/doc/*/copyright"))[:200]:
+            for para in Path(path).read_text(errors="ignore").split("\n\n"):
+                if len(para) > 80:
+                    f.write(json.dumps({"text": para}) + "\n")
+    subprocess.run([sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
+                    "--tokenizer", str(tiny_llama), "--output_dir", str(root / "ds"),
+                    "--max_len", "48", "--buckets", "24", "--validation_size", "16",
+                    "--max_samples", "600"], cwd=ROOT, env=service_env(), check=True,
+                   capture_output=True)
+    return root / "ds"
+
+
+def stack_config(tmp_path: Path, model: Path, data: Path, rdv: Path, **train) -> Path:
+    return write_config(tmp_path / "train.yaml", {
+        "teacher": {"model_path": str(model), "metrics_port": free_port()},
+        "link": {"rendezvous_dir": str(rdv), "trainers_per_group": 2, "timeout_seconds": 60},
+        "student": {"layers": [1, 2], "mixer": "rwkv6"},
+        "data": {"train_dir": str(data), "micro_batch_size": 2, "max_len": 48},
+        "train": {"steps": 30, "lr_init": 2e-3, "lr_final": 1e-4, "warmup_steps": 3,
+                  "output_dir": str(tmp_path / "run"), "checkpoint_every": 100,
+                  "val_every": 0, "metrics_port": free_port(), **train},
+    })
+
+
+def torchrun(config: Path, *extra: str, nnodes: int = 1, node_rank: int = 0,
+             master_port: int | None = None, log: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--master-addr", "127.0.0.1", "--master-port", str(master_port or free_port()),
+           "-m", "services.trainer", "--config", str(config), *extra]
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=ROOT, env=service_env(), stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def steps(run_dir: Path, rank: int = 0) -> dict[int, dict]:
+    """Last record of each step (a resumed run appends the steps it repeats)."""
+    lines = (run_dir / f"steps-rank{rank}.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def kill_job(config: Path) -> None:
+    """SIGKILL torchrun and its workers (they run in sessions of their own)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(config).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture
+def teacher(tmp_path, tiny_llama):
+    procs = []
+
+    def start(config: Path, group: int = 0):
+        procs.append(start_teacher(config, group, tmp_path / f"teacher{group}.log"))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+def run_to_end(proc: subprocess.Popen, timeout: float = 400) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("stage,zero", [("align", "zero1"), ("kd", "zero3"), ("sft", "zero2")])
+def test_stage_loss_falls(stage, zero, tmp_path, tiny_llama, dataset, teacher):
+    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv", stage=stage,
+                       deepspeed_config=f"configs/deepspeed/{zero}.json",
+                       kl_weight=1.0, ce_weight=0.0)
+    if stage != "sft":
+        teacher(cfg)
+    proc = torchrun(cfg)
+    port = __import__("yaml").safe_load(cfg.read_text())["train"]["metrics_port"]
+    scraped = []
+
+    def scrape() -> bool:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return proc.poll() is not None
+        value = [ln for ln in text.splitlines() if ln.startswith("distill_trainer_steps_total")]
+        scraped.append(float(value[0].rsplit(" ", 1)[1]))
+        return scraped[-1] >= 10 or proc.poll() is not None
+
+    wait_for(scrape, 300, "trainer metrics over HTTP")
+    run_to_end(proc)
+    records = steps(tmp_path / "run")
+    assert sorted(records) == list(range(1, 31))
+    key = {"align": "align", "kd": "kl", "sft": "ce"}[stage]
+    first = sum(records[s][key] for s in range(1, 6)) / 5
+    last = sum(records[s][key] for s in range(26, 31)) / 5
+    assert last < first * (0.9 if stage != "sft" else 0.97), (first, last)
+    assert scraped and max(scraped) >= 10   # the run's steps, seen over HTTP
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert Path(summary["student"], "config.json").is_file()
+    if stage == "kd":
+        # async prefetch: the teacher computed micro step k+1 while step k was training
+        overlapped = 0
+        for s in range(2, 31):
+            (f0, f1), = records[s]["teacher_forward"]
+            prev = records[s - 1]
+            overlapped += min(f1, prev["end"]) - max(f0, prev["start"]) > 0
+        assert overlapped >= 20, overlapped
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, teacher):
+    base = dict(stage="kd", steps=40, checkpoint_every=5, ce_weight=0.5,
+                deepspeed_config="configs/deepspeed/zero1.json")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir(), cut_dir.mkdir()
+    ref_cfg = stack_config(ref_dir, tiny_llama, dataset, tmp_path / "rdv", **base)
+    teacher(ref_cfg)
+    run_to_end(torchrun(ref_cfg))
+    cut_cfg = stack_config(cut_dir, tiny_llama, dataset, tmp_path / "rdv", **base)
+    proc = torchrun(cut_cfg, log=tmp_path / "cut.log")
+    latest = cut_dir / "run" / "checkpoints" / "latest"
+    wait_for(latest.is_file, 300, "the first checkpoint")
+    kill_job(cut_cfg)                       # the whole job dies, no clean shutdown
+    proc.wait()
+    killed_at = max(steps(cut_dir / "run"))
+    assert killed_at < 40, "the job finished before it could be killed"
+    # a checkpoint interrupted mid-write must never be taken
+    resume_step = int(latest.read_text().split("-")[1])
+    partial = cut_dir / "run" / "checkpoints" / f".partial-step-{resume_step + 5}"
+    partial.mkdir(exist_ok=True)
+    (partial / "garbage").write_text("half written")
+    out = run_to_end(torchrun(cut_cfg))
+    assert f"at step {resume_step}" in out, out[-3000:]
+    ref, cut = steps(ref_dir / "run"), steps(cut_dir / "run")
+    assert sorted(cut) == list(range(1, 41))
+    for s in range(resume_step + 1, 41):   # the steps after the resume point, bit for bit
+        for key in ("total", "kl", "ce", "lr", "grad_norm"):
+            assert cut[s][key] == ref[s][key], (s, key, cut[s][key], ref[s][key])
+
+
+def test_two_simulated_nodes_train_one_model(tmp_path, tiny_llama, dataset, teacher):
+    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv-node0", stage="kd",
+                       steps=4, deepspeed_config="configs/deepspeed/zero2.json")
+    # each node has its own rendezvous volume and its own teacher: group 0 on node 0,
+    # group 1 on node 1 (global ranks 0-1 and 2-3)
+    teacher(cfg, 0)
+    node1 = write_config(tmp_path / "node1.yaml", {**__import__("yaml").safe_load(cfg.read_text())})
+    data1 = __import__("yaml").safe_load(node1.read_text())
+    data1["link"]["rendezvous_dir"] = str(tmp_path / "rdv-node1")
+    write_config(node1, data1)
+    teacher(node1, 1)
+    port = free_port()
+    procs = [torchrun(cfg, nnodes=2, node_rank=0, master_port=port),
+             torchrun(node1, nnodes=2, node_rank=1, master_port=port)]
+    outs = [run_to_end(p) for p in procs]
+    assert "4 ranks" in outs[0], outs[0][-2000:]
+    for rank in range(4):
+        assert sorted(steps(tmp_path / "run", rank)) == [1, 2, 3, 4]
+    # both teachers served: each group's rendezvous saw its trainers
+    assert (tmp_path / "rdv-node0" / "group-0" / "manifest.json").is_file()
+    assert (tmp_path / "rdv-node1" / "group-1" / "manifest.json").is_file()
+    # one model: every rank saw the same loss-independent learning rate and grad norm
+    norms = {steps(tmp_path / "run", r)[4]["grad_norm"] for r in range(4)}
+    assert len(norms) == 1, norms
