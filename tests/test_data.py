@@ -414,3 +414,13 @@ def test_validation_batches_cover_every_sample_once(packed_dir):
                 if real:
                     seen[tuple(ids.tolist())] += 1
     assert counts[0] == counts[1] and sum(seen.values()) == 3 and set(seen.values()) == {1}
+
+
+def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):
+    from services.trainer.data.sources import file_chunks
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x" * 1000} for _ in range(10)])
+    pq.write_table(pa.table({"text": ["y" * 1000] * 10}), tmp_path / "b.parquet")
+    for name, expected in (("a.jsonl", [3, 3, 3, 1]), ("b.parquet", [2, 2, 2, 2, 2])):
+        chunks = list(file_chunks(tmp_path / name, "text", "train", size=100, max_bytes=2500))
+        assert [len(c) for c in chunks] == expected

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -181,26 +183,43 @@ def parquet_rows(paths: Iterable[Path]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
 
-def chunk_lines(lines: Iterable[bytes], size: int, field_name: str, split: str,
-                source: str) -> Iterator[RawChunk]:
-    buf: list[bytes] = []
-    for line in lines:
-        buf.append(line)
-        if len(buf) >= size:
-            yield RawChunk("json", buf, field_name, split, source)
-            buf = []
-    if buf:
-        yield RawChunk("json", buf, field_name, split, source)
+# A task carries at most this much raw text: with book-sized documents a record count alone
+# would let one task, and the token lists it turns into, grow to gigabytes.
+CHUNK_BYTES = 4 << 20
 
 
-def file_chunks(path: Path, field_name: str, split: str, size: int) -> Iterator[RawChunk]:
+def chunk_lines(lines: Iterable[bytes], size: int, field_name: str, split: str, source: str,
+                max_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
+    for chunk in chunk_tagged((("", line) for line in lines), size, field_name, split, source, max_bytes):
+        chunk.tags = None
+        yield chunk
+
+
+def _slices_by_bytes(array: pa.Array, max_bytes: int) -> Iterator[pa.Array]:
+    """Cut a string/binary array into slices of at most ``max_bytes`` (one row at least)."""
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
+            or pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
+        yield array
+        return
+    ends = np.cumsum(pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False))
+    start = 0
+    while start < len(array):
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + max_bytes, side="right")), start + 1)
+        yield array.slice(start, stop - start)
+        start = stop
+
+
+def file_chunks(path: Path, field_name: str, split: str, size: int,
+                max_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
     """Chunks of one parquet or JSON-lines file."""
     if path.name.endswith(".parquet"):
         for array in iter_parquet_arrays(path, field_name, size):
-            yield RawChunk("arrow", array, field_name, split, str(path))
+            for piece in _slices_by_bytes(array, max_bytes):
+                yield RawChunk("arrow", piece, field_name, split, str(path))
     else:
         check_json_field(path, field_name)
-        yield from chunk_lines(iter_json_lines(path), size, field_name, split, str(path))
+        yield from chunk_lines(iter_json_lines(path), size, field_name, split, str(path), max_bytes)
 
 
 @dataclass
@@ -240,15 +259,17 @@ class Interleaver:
 
 
 def chunk_tagged(items: Iterable[tuple[str, bytes]], size: int, field_name: str, split: str,
-                 source: str) -> Iterator[RawChunk]:
+                 source: str, max_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
     buf: list[bytes] = []
     tags: list[str] = []
+    held = 0
     for tag, line in items:
         buf.append(line)
         tags.append(tag)
-        if len(buf) >= size:
+        held += len(line)
+        if len(buf) >= size or held >= max_bytes:
             yield RawChunk("json", buf, field_name, split, source, tags)
-            buf, tags = [], []
+            buf, tags, held = [], [], 0
     if buf:
         yield RawChunk("json", buf, field_name, split, source, tags)
 
