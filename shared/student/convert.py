@@ -185,8 +185,9 @@ def build_student(teacher: PreTrainedModel, spec: Any = None, *, tokenizer: Any 
                 filled.add(target)
         teacher_buffers = dict(teacher.named_buffers())
         for name, buf in student.named_buffers():  # non-persistent buffers (rotary inv_freq...)
-            if name in teacher_buffers:
-                buf.copy_(teacher_buffers[name])
+            if name not in teacher_buffers:
+                raise RuntimeError(f"student buffer {name} has no counterpart in the teacher (bug)")
+            buf.copy_(teacher_buffers[name])
         kv_heads = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
         for idx in config.rwkv_layers:
             layer = student.model.layers[idx]
