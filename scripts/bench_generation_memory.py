@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         except torch.cuda.OutOfMemoryError:
             if layers <= 2:
                 raise
-            layers //= 2
-            print(f"out of memory: retrying with {layers} layers and scaling per-layer figures", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+        # outside the except block, so the traceback no longer pins the models' memory
+        layers //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"out of memory: retrying with {layers} layers and scaling per-layer figures", flush=True)
     scale = full / layers
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n### Generation memory ({device}; {'smoke shapes' if args.smoke else 'Llama-3.1-8B shapes'}, "
