@@ -77,7 +77,7 @@ class StudentConfig:
     """Decoder layers that become RWKV: a list of indices or 'all'."""
     mixer: Literal["rwkv6", "rwkv7"] = "rwkv6"
     """RWKV time-mixing formulas: rwkv6 (x060, the reference) or rwkv7 (x070)."""
-    mode: Literal["block", "attention_only"] = "attention_only"
+    mode: Literal["block", "attention_only"] = "block"
     """block: the whole layer becomes an RWKV block; attention_only: swap self_attn only."""
     ffn: Literal["mlp", "rwkv_cmix"] = "mlp"
     """Block mode's FFN: keep the Llama MLP, or an RWKV channel-mix from up/down_proj."""
@@ -135,6 +135,8 @@ class TrainConfig:
     """Checkpoints, logs and the exported student go here."""
     checkpoint_every: int = 50
     """Checkpoint every N steps (and always at the end)."""
+    save_at_end: bool = True
+    """Checkpoint and export the student after the last step (benchmarks turn it off)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept."""
     val_every: int = 50

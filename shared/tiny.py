@@ -92,21 +92,33 @@ def train_tokenizer(output_dir: str | Path, vocab_size: int = 512,
 def make_tiny_llama(output_dir: str | Path, hidden_size: int = 64, layers: int = 4,
                     heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
                     vocab_size: int = 512, max_position_embeddings: int = 4096,
-                    seed: int = 0) -> Path:
-    """Write a random-weight Llama checkpoint with its tokenizer to ``output_dir``."""
+                    seed: int = 0, model_vocab_size: int | None = None,
+                    dtype: str = "float32", device: str = "cpu",
+                    tokenizer_from: str | Path | None = None) -> Path:
+    """Write a random-weight Llama checkpoint with its tokenizer to ``output_dir``.
+
+    ``model_vocab_size`` pads the embedding beyond the tokenizer (as Llama-3's 128,256 rows do),
+    so benchmarks can move real-sized logits with a tiny tokenizer.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out, vocab_size=vocab_size)
+    if tokenizer_from is not None:
+        # Reuse a tokenizer (and so its fingerprint) made elsewhere, e.g. for prepared data.
+        from transformers import AutoTokenizer as _Tok
+
+        _Tok.from_pretrained(str(tokenizer_from)).save_pretrained(str(out))
+    else:
+        train_tokenizer(out, vocab_size=vocab_size)
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
     real_vocab = max(vocab.values()) + 1
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
     config = LlamaConfig(
-        vocab_size=max(real_vocab, len(tok)),
+        vocab_size=max(real_vocab, len(tok), model_vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or hidden_size * 3,
         num_hidden_layers=layers,
@@ -119,7 +131,8 @@ def make_tiny_llama(output_dir: str | Path, hidden_size: int = 64, layers: int =
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(str(out))
     return out
 
@@ -132,11 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--intermediate-size", type=int, default=None)
+    parser.add_argument("--model-vocab-size", type=int, default=None,
+                        help="embedding rows (default: the tokenizer's size)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="where to initialise (cuda is faster)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="copy this tokenizer instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = make_tiny_llama(args.output, hidden_size=args.hidden_size, layers=args.layers,
                           heads=args.heads, kv_heads=args.kv_heads,
-                          vocab_size=args.vocab_size, seed=args.seed)
+                          intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
+                          seed=args.seed, model_vocab_size=args.model_vocab_size,
+                          dtype=args.dtype, device=args.device, tokenizer_from=args.tokenizer)
     print(f"tiny Llama written to {out}")
 
 

@@ -58,3 +58,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Wait until a teacher's /healthz answers 200 (model loaded, rendezvous published)."""
+    import urllib.request
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the teacher exited with {proc.returncode} before it was ready")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout, f"the teacher's /healthz on port {port}")

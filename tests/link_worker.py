@@ -8,6 +8,7 @@ timestamps, so the test process can compare them with a direct forward.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,10 @@ def main() -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config)
-    client = TeacherClient(cfg.link, group, index, torch.device("cpu"),
+    device = torch.device(os.environ.get("LINK_DEVICE", "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    client = TeacherClient(cfg.link, group, index, device,
                            tokenizer_fingerprint(cfg.teacher.model_path),
                            vocab_size=int(sys.argv[6]) if len(sys.argv) > 6 else None)
     try:
@@ -61,6 +65,7 @@ def main() -> int:
                 ids = torch.randint(0, 500, (2, length), generator=gen)
                 lengths = torch.tensor([length, max(1, length - 2 - step)])
                 result = client.request(ids, lengths, SPECS[name]).result()
+                result = {k: v.cpu() for k, v in result.items()}
                 save_file({"ids": ids, "lengths": lengths, **result},
                           str(out_dir / f"step{step}-{name}.safetensors"))
         elif scenario == "overlap":
@@ -72,7 +77,7 @@ def main() -> int:
                 handle.result()
                 nxt = client.request(*batch(), spec)     # ask for step k+1 ...
                 t0 = time.time()
-                busy(0.4)                                # ... while training on step k
+                busy(1.0)                                # ... while training on step k
                 t1 = time.time()
                 times.append({"compute": [t0, t1], "ready_after_compute": nxt.ready(),
                               "teacher_forward": list(nxt.teacher_forward or [])})

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, service_env, start_teacher, wait_for, write_config
+from conftest import (ROOT, free_port, service_env, start_teacher, wait_for, wait_healthy,
+                      write_config)
 
 WORKER = str(ROOT / "tests" / "link_worker.py")
 
@@ -62,9 +63,15 @@ def reference(tiny_llama):
     return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
 
 
-def check_against_direct_forward(model, path: Path) -> None:
-    """Every returned tensor equals a direct forward of the same model on the same ids."""
-    data = load_file(str(path))
+def check_against_direct_forward(model, path: Path, bf16_tol: float = 2e-2,
+                                 exact_tol: float = 1e-4) -> None:
+    """Every returned tensor equals a direct forward of the same model on the same ids.
+
+    ``exact_tol`` applies where the wire format is float32 (fp32 logits, top-k log-probs,
+    fp32 hidden states): on CPU the teacher and the reference compute in float32.
+    """
+    device = next(model.parameters()).device
+    data = {k: v.to(device) for k, v in load_file(str(path)).items()}
     ids, lengths = data["ids"], data["lengths"]
     name = path.stem.split("-")[1]
     from link_worker import SPECS
@@ -77,14 +84,16 @@ def check_against_direct_forward(model, path: Path) -> None:
         logits = ref.logits[0].float()
         if spec.logits == "bf16":
             got = data["logits"][row, :n].float()
-            torch.testing.assert_close(got, logits, atol=0.02, rtol=0.01)
+            torch.testing.assert_close(got, logits, atol=bf16_tol, rtol=bf16_tol / 2)
         elif spec.logits == "fp32":
-            torch.testing.assert_close(data["logits"][row, :n], logits, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(data["logits"][row, :n], logits, atol=exact_tol,
+                                       rtol=exact_tol)
         elif spec.logits == "topk":
             want = torch.log_softmax(logits / spec.temperature, -1).topk(spec.top_k, -1)
             torch.testing.assert_close(data["topk_logprobs"][row, :n], want.values,
-                                       atol=1e-4, rtol=1e-4)
-            assert torch.equal(data["topk_indices"][row, :n].long(), want.indices)
+                                       atol=exact_tol, rtol=exact_tol)
+            same = (data["topk_indices"][row, :n].long() == want.indices).float().mean()
+            assert same >= (1.0 if exact_tol <= 1e-4 else 0.9), same
         num_layers = model.config.num_hidden_layers
         for slot, layer in enumerate(spec.hidden_layers):
             got = data["hidden_states"][slot, row, :n].float()
@@ -93,7 +102,7 @@ def check_against_direct_forward(model, path: Path) -> None:
             else:  # state L is pre-norm; the model's final norm of it is last_hidden_state
                 got = model.model.norm(got[None])[0]
                 want = model.model(ids[row:row + 1, :n]).last_hidden_state[0]
-            tol = 1e-4 if spec.hidden_dtype == torch.float32 else 2e-2
+            tol = exact_tol if spec.hidden_dtype == torch.float32 else bf16_tol
             torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
         if n < ids.shape[1]:  # padding positions are zeros, never stale memory
             for key, tensor in data.items():
@@ -105,6 +114,7 @@ def check_against_direct_forward(model, path: Path) -> None:
 def test_one_teacher_two_trainers_all_modes(tmp_path, tiny_llama, reference):
     cfg, port = make_config(tmp_path, tiny_llama, trainers=2)
     teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    wait_healthy(port, teacher)
     try:
         outs = finish(run_workers(cfg, 1, 2, "all", tmp_path / "out"))
         assert all("DONE" in o for o in outs), outs
@@ -127,6 +137,8 @@ def test_one_teacher_two_trainers_all_modes(tmp_path, tiny_llama, reference):
 def test_two_groups_of_two(tmp_path, tiny_llama, reference):
     cfg, port = make_config(tmp_path, tiny_llama, trainers=2)
     teachers = [start_teacher(cfg, g, tmp_path / f"teacher{g}.log") for g in range(2)]
+    for g, t in enumerate(teachers):
+        wait_healthy(port + g, t)
     try:
         outs = finish(run_workers(cfg, 2, 2, "hidden", tmp_path / "out"))
         assert all("DONE" in o for o in outs), outs
@@ -143,8 +155,9 @@ def test_two_groups_of_two(tmp_path, tiny_llama, reference):
 
 
 def test_async_requests_overlap_with_training(tmp_path, tiny_llama):
-    cfg, _ = make_config(tmp_path, tiny_llama, trainers=1)
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=1)
     teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    wait_healthy(port, teacher)
     try:
         (out,) = finish(run_workers(cfg, 1, 1, "overlap", tmp_path / "out"))
         assert "DONE" in out, out
@@ -163,8 +176,9 @@ def test_async_requests_overlap_with_training(tmp_path, tiny_llama):
 
 
 def test_handshake_refusals(tmp_path, tiny_llama):
-    cfg, _ = make_config(tmp_path, tiny_llama, trainers=1, timeout=5)
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=1, timeout=10)
     teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    wait_healthy(port, teacher)
     try:
         # wrong vocabulary size
         (out,) = finish(run_workers(cfg, 1, 1, "bf16", tmp_path / "o1", ["1000"]))
@@ -177,7 +191,7 @@ def test_handshake_refusals(tmp_path, tiny_llama):
         bad = write_config(tmp_path / "bad.yaml", {
             "teacher": {"model_path": str(other)},
             "link": {"rendezvous_dir": str(tmp_path / "rdv"), "trainers_per_group": 1,
-                     "timeout_seconds": 5}})
+                     "timeout_seconds": 10}})
         (out,) = finish(run_workers(bad, 1, 1, "bf16", tmp_path / "o2"))
         assert "tokenizer fingerprint differs" in out, out
         # another protocol version, and another group size
@@ -208,6 +222,7 @@ def test_no_teacher_is_a_clear_error_within_timeout(tmp_path, tiny_llama):
 def test_killed_trainer_and_killed_teacher(tmp_path, tiny_llama):
     cfg, port = make_config(tmp_path, tiny_llama, trainers=2, timeout=8)
     teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
+    wait_healthy(port, teacher)
     try:
         procs = run_workers(cfg, 1, 2, "hold", tmp_path / "out")
         for p in procs:

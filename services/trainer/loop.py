@@ -265,7 +265,8 @@ def train(cfg: Config) -> dict:
                 if place.rank == 0:
                     log.info("validation at step %d: %s", step,
                              " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            if step % cfg.train.checkpoint_every == 0 or last or stopping:
+            if (step % cfg.train.checkpoint_every == 0 or stopping
+                    or (last and cfg.train.save_at_end)):
                 path = checkpoint.save(engine, out_dir, step,
                                        {"data": prefetcher.data_state(), "history": history},
                                        cfg.train.keep_checkpoints)
@@ -276,14 +277,14 @@ def train(cfg: Config) -> dict:
                 break
         summary = {}
         if step >= cfg.train.steps:
-            exported = export(engine, cfg, tokenizer, place)
+            exported = export(engine, cfg, tokenizer, place) if cfg.train.save_at_end else None
             summary = {"steps": step, "tokens": float(totals[0]),
                        "tokens_per_second": float(totals[0]) / max(float(totals[2]) / place.world_size, 1e-9),
                        "teacher_wait_share": float(totals[1]) / max(float(totals[2]), 1e-9),
-                       "history": history, "student": str(exported)}
+                       "history": history, "student": str(exported) if exported else None}
             if place.rank == 0:
                 (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-                log.info("done: student exported to %s", exported)
+                log.info("done after %d steps; student exported to %s", step, exported)
         return summary
     finally:
         record.close()
