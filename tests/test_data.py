@@ -424,3 +424,16 @@ def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):
     for name, expected in (("a.jsonl", [3, 3, 3, 1]), ("b.parquet", [2, 2, 2, 2, 2])):
         chunks = list(file_chunks(tmp_path / name, "text", "train", size=100, max_bytes=2500))
         assert [len(c) for c in chunks] == expected
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_unexpected_worker_failure_is_a_clear_error(tok_dir, tokenizer, num_proc):
+    from services.trainer.data.process import WorkerConfig, process_chunks
+    from services.trainer.data.sources import RawChunk
+
+    config = WorkerConfig(mode="text", tokenizer_json=tokenizer.backend_tokenizer.to_str(), max_len=16,
+                          eos_id=tokenizer.eos_token_id)
+    good = RawChunk("json", [b'{"text": "fine"}'], "text", "train", "good.jsonl")
+    broken = RawChunk("json", [12345], "text", "train", "broken.jsonl")  # not bytes: a bug upstream
+    with pytest.raises(DataError, match=r"broken\.jsonl: TypeError"):
+        list(process_chunks([good, broken], config, num_proc))
