@@ -55,7 +55,8 @@ def run(args, model: Path, trainers: int, prefetch: bool, work: Path, env: dict)
     common = ["--config", "configs/bench_1b.yaml", "--teacher.model_path", str(model),
               "--link.rendezvous_dir", str(work / f"rdv-{name}"),
               "--link.trainers_per_group", str(trainers), "--link.prefetch", str(prefetch).lower(),
-              "--teacher.metrics_port", "19400", "--train.steps", str(args.steps)]
+              "--teacher.metrics_port", "19400", "--train.steps", str(args.steps),
+              "--student.kernel", args.kernel]
     teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", *common, "--group", "0",
                                 "--device-id", "0"], cwd=ROOT, env=env,
                                stdout=open(work / f"{name}-teacher.log", "w"),
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--gpus", default="2", help="comma list of GPU counts to use")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--kernel", default="auto", choices=["auto", "fla", "chunk"])
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0",

@@ -83,6 +83,8 @@ class StudentConfig:
     """Block mode's FFN: keep the Llama MLP, or an RWKV channel-mix from up/down_proj."""
     grad_checkpointing: bool = False
     """Recompute converted layers in the backward pass (saves activation memory)."""
+    kernel: Literal["auto", "fla", "chunk"] = "auto"
+    """WKV path: auto = flash-linear-attention's Triton kernels on CUDA, PyTorch chunked else."""
 
 
 @dataclass

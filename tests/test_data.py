@@ -1,4 +1,4 @@
-"""Data preparation (issue 5) and the trainer-side loader, on small files in the hub layouts."""
+"""Data preparation (issue 5) on small files in the hub layouts: the three sub-commands."""
 from __future__ import annotations
 
 import json
@@ -10,53 +10,18 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from services.trainer.data.__main__ import run
-from services.trainer.data.loader import (BucketBatchSampler, FingerprintMismatch, TrainBatches,
-                                          check_tokenizer_fingerprint, collate, validation_batches)
 from services.trainer.data.render import ChatMasker
 from services.trainer.data.sources import DataError
-from shared.fingerprint import tokenizer_fingerprint
-from test_data_fixtures import (NON_INCREMENTAL_TEMPLATE, QWEN_LIKE_TEMPLATE, conversation,
-                                invalid_utf8_string_array, write_c4, write_jsonl, write_ultrachat)
+from test_data_fixtures import (DOCS, EOT, NON_INCREMENTAL_TEMPLATE, QWEN_LIKE_TEMPLATE,  # noqa: F401,F811
+                                assert_shifted, conversation, invalid_utf8_string_array, packed_dir,
+                                prep, tok_dir, tokenizer, trained_text, write_c4, write_jsonl,
+                                write_ultrachat)
 
 ROOT = Path(__file__).resolve().parents[1]
-EOT = "<|eot_id|>"
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> Path:
-    from shared.tiny import train_tokenizer
-
-    path = tmp_path_factory.mktemp("data-tokenizer")
-    train_tokenizer(path, vocab_size=512)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-def prep(*args) -> dict:
-    return run([str(a) for a in args])
-
-
-def trained_text(tokenizer, row) -> str:
-    return tokenizer.decode([t for t in row["labels"] if t != -100])
-
-
-def assert_shifted(row) -> None:
-    ids, labels = row["input_ids"], row["labels"]
-    assert len(ids) == len(labels) == row["length"]
-    assert all(labels[t] in (-100, ids[t + 1]) for t in range(len(ids) - 1))
 
 
 # --------------------------------------------------------------------------- ultrachat / chat
@@ -137,18 +102,6 @@ def test_ultrachat_truncates_at_a_turn_boundary(tok_dir, tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------- plain text
-
-
-DOCS = [f"Document {i} says hello." + " More words here." * (i % 7) for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def packed_dir(tok_dir, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("packed")
-    write_jsonl(tmp / "corpus" / "a.jsonl.gz", [{"text": t} for t in DOCS])
-    prep("text", "--paths", tmp / "corpus", "--tokenizer", tok_dir, "--output_dir", tmp / "out",
-         "--max_len", 96, "--pack", "--buckets", 32, "--validation_size", 3)
-    return tmp / "out"
 
 
 def test_text_packing_keeps_document_boundaries_and_trains_eos(packed_dir, tokenizer):
@@ -327,93 +280,6 @@ def test_validation_options(tok_dir, tmp_path):
     assert a["splits"] == b["splits"] and 0 < a["splits"]["validation"]["samples"] < 40
     with pytest.raises(DataError, match="not both"):
         prep(*common, "--output_dir", tmp_path / "x", "--validation_size", 2, "--validation_fraction", 0.1)
-
-
-# --------------------------------------------------------------------------- loader
-
-
-def test_collate_pads_from_lengths_never_from_token_values(tokenizer):
-    eos = tokenizer.eos_token_id
-    rows = [{"input_ids": [7, 8, eos, 9, eos], "labels": [8, eos, -100, eos, -100], "length": 5},
-            {"input_ids": [7, eos], "labels": [eos, -100], "length": 2}]
-    batch = collate(rows, pad_token_id=eos, pad_to_multiple_of=4)  # pad id == EOS on purpose
-    assert batch["input_ids"].shape == (2, 8)
-    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 2 + [0] * 6]
-    assert batch["labels"][0].tolist() == [8, eos, -100, eos, -100, -100, -100, -100]
-    assert batch["labels"][1, 0] == eos  # EOS trained, padding not
-    assert batch["lengths"].tolist() == [5, 2]
-
-
-def test_collate_continues_position_ids_into_padding():
-    rows = {"input_ids": [[1, 2, 3], [4]], "labels": [[2, -100, -100], [-100]], "length": [3, 1],
-            "position_ids": [[0, 0, 1], [0]]}
-    batch = collate(rows, pad_token_id=0)
-    assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 1, 2]]
-
-
-def test_sampler_ranks_stay_in_step():
-    sizes = [10, 3, 25, 0, 7]
-    for remainder in ("drop", "wrap"):
-        samplers = [BucketBatchSampler(sizes, 2, world_size=3, rank=r, seed=5, remainder=remainder)
-                    for r in range(3)]
-        plans = [s.plan(0) for s in samplers]
-        assert len({len(p) for p in plans}) == 1 and len(plans[0]) == len(samplers[0])
-        for step in zip(*plans):
-            assert len({b for b, _ in step}) == 1  # same bucket on every rank at every step
-            assert all(len(idx) == 2 for _, idx in step)
-        seen = [(b, int(i)) for plan in plans for b, idx in plan for i in idx]
-        if remainder == "drop":
-            assert len(seen) == len(set(seen))
-        else:
-            assert set(seen) == {(b, i) for b, n in enumerate(sizes) for i in range(n)}
-        assert [(b, i.tolist()) for b, i in samplers[0].plan(1)] != [(b, i.tolist()) for b, i in plans[0]]
-
-
-def test_sampler_resume_gives_exactly_the_next_batches():
-    sampler = BucketBatchSampler([13, 9, 30], 2, world_size=2, rank=1, seed=11)
-    stream = iter(sampler)
-    first = [next(stream) for _ in range(4)]
-    state = json.loads(json.dumps(sampler.state_dict()))  # survives a JSON checkpoint
-    rest = [(b, i.tolist()) for b, i in stream] + [(b, i.tolist()) for b, i in sampler]  # + next epoch
-    resumed = BucketBatchSampler([13, 9, 30], 2, world_size=2, rank=1, seed=11)
-    resumed.load_state_dict(state)
-    again = [(b, i.tolist()) for b, i in resumed] + [(b, i.tolist()) for b, i in resumed]
-    assert again == rest and len(first) == 4
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        BucketBatchSampler([13, 9, 30], 4, world_size=2, rank=1, seed=11).load_state_dict(state)
-
-
-def test_train_batches_resume_and_fingerprint(packed_dir, tok_dir):
-    fingerprint = tokenizer_fingerprint(tok_dir)
-    batches = TrainBatches(packed_dir, micro_batch_size=2, seed=3, expected_fingerprint=fingerprint)
-    stream = iter(batches)
-    next(stream), next(stream)
-    state = batches.state_dict()
-    expected = [b["input_ids"] for b in stream]
-    resumed = TrainBatches(packed_dir, micro_batch_size=2, seed=3)
-    resumed.load_state_dict(state)
-    got = [b["input_ids"] for b in resumed]
-    assert len(got) == len(expected) > 0 and all(torch.equal(x, y) for x, y in zip(got, expected))
-    assert batches.epoch == 1 and resumed.epoch == 1
-    with pytest.raises(FingerprintMismatch) as err:
-        check_tokenizer_fingerprint(packed_dir, "0123456789abcdef")
-    assert fingerprint in str(err.value) and "0123456789abcdef" in str(err.value)
-    assert "--tokenizer" in str(err.value)
-    with pytest.raises(FingerprintMismatch):
-        TrainBatches(packed_dir, micro_batch_size=2, expected_fingerprint="0123456789abcdef")
-
-
-def test_validation_batches_cover_every_sample_once(packed_dir):
-    seen = Counter()
-    counts = []
-    for rank in range(2):
-        batches = list(validation_batches(packed_dir, micro_batch_size=2, world_size=2, rank=rank))
-        counts.append(len(batches))
-        for batch in batches:
-            for ids, real in zip(batch["input_ids"], batch["sample_mask"]):
-                if real:
-                    seen[tuple(ids.tolist())] += 1
-    assert counts[0] == counts[1] and sum(seen.values()) == 3 and set(seen.values()) == {1}
 
 
 def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):

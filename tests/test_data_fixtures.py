@@ -1,4 +1,5 @@
-"""Builders for small corpora in exactly the hub layouts the data commands read."""
+"""Shared by the data tests: corpus builders in exactly the hub layouts, tokenizer and dataset
+fixtures (import the fixtures into the test module that uses them)."""
 from __future__ import annotations
 
 import gzip
@@ -9,6 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+
+EOT = "<|eot_id|>"
 
 
 def conversation(i: int, turns: int = 2, long_reply: int = 0) -> list[dict[str, str]]:
@@ -92,3 +96,51 @@ NON_INCREMENTAL_TEMPLATE = (
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    from shared.tiny import train_tokenizer
+
+    path = tmp_path_factory.mktemp("data-tokenizer")
+    train_tokenizer(path, vocab_size=512)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def prep(*args) -> dict:
+    """Run a data sub-command in-process; returns the card."""
+    from services.trainer.data.__main__ import run
+
+    return run([str(a) for a in args])
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t in row["labels"] if t != -100])
+
+
+def assert_shifted(row) -> None:
+    ids, labels = row["input_ids"], row["labels"]
+    assert len(ids) == len(labels) == row["length"]
+    assert all(labels[t] in (-100, ids[t + 1]) for t in range(len(ids) - 1))
+
+
+DOCS = [f"Document {i} says hello." + " More words here." * (i % 7) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tok_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("packed")
+    write_jsonl(tmp / "corpus" / "a.jsonl.gz", [{"text": t} for t in DOCS])
+    prep("text", "--paths", tmp / "corpus", "--tokenizer", tok_dir, "--output_dir", tmp / "out",
+         "--max_len", 96, "--pack", "--buckets", 32, "--validation_size", 3)
+    return tmp / "out"

@@ -87,6 +87,7 @@ def build_student(cfg: Config, device: torch.device):
         del teacher
         log.info("student converted from %s: layers %s -> %s (%s)", path,
                  student.converted_layers, cfg.student.mixer, cfg.student.mode)
+    student.set_rwkv_backend(cfg.student.kernel)
     if cfg.student.grad_checkpointing:
         student.config.gradient_checkpointing = True
         student.gradient_checkpointing_enable(
