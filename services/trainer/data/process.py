@@ -27,6 +27,8 @@ import pyarrow as pa
 from .render import IGNORE, ChatMasker, Drop, labels_from_targets, validate_messages
 from .sources import DataError, RawChunk
 
+SUB_BATCH_CHARS = 1 << 20
+
 
 @dataclass
 class WorkerConfig:
@@ -142,29 +144,44 @@ class Worker:
                 texts.append(_check_text(value))
             except Drop as drop:
                 result.drop(drop.reason, str(drop))
-        if not texts:
-            return
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         eos = [] if self.config.eos_id is None else [self.config.eos_id]
+        for ids_list in self._encode(texts):
+            self._text_sample(np.asarray(ids_list + eos, dtype=np.int32), result)
+
+    def _encode(self, texts: list[str]) -> Iterator[list[int]]:
+        """Token ids per text, encoded ~1 MB of text at a time: tokenizers' Encoding objects
+        cost ~80 bytes per token (strings, offsets, masks), so a whole 4 MB task at once
+        would briefly hold hundreds of MB. encode_batch_fast skips the offsets we do not need."""
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        start = 0
+        while start < len(texts):
+            stop, held = start, 0
+            while stop < len(texts) and (stop == start or held + len(texts[stop]) <= SUB_BATCH_CHARS):
+                held += len(texts[stop])
+                stop += 1
+            for enc in encode(texts[start:stop], add_special_tokens=True):
+                yield enc.ids
+            start = stop
+
+    def _text_sample(self, ids: np.ndarray, result: ChunkResult) -> None:
+        """One document (EOS already appended) -> one sample, or several with --long_docs split."""
         max_len = self.config.max_len
-        for enc in encodings:
-            ids = np.asarray(enc.ids + eos, dtype=np.int32)
-            # Every next token is a target, the appended EOS included; the last position has
-            # no next token inside this document.
-            labels = np.empty_like(ids)
-            labels[:-1] = ids[1:]
-            labels[-1] = IGNORE
-            if len(ids) <= max_len:
-                result.samples.append((ids, labels))
-                continue
-            result.truncated += 1
-            # Labels were built on the whole document first, so the last position of a cut
-            # piece keeps its real next token as target (the model did see all the context).
-            stop = len(ids) if self.config.long_docs == "split" else max_len
-            for start in range(0, stop, max_len):
-                piece_labels = labels[start:start + max_len]
-                if (piece_labels != IGNORE).any():  # a 1-token tail teaches nothing
-                    result.samples.append((ids[start:start + max_len], piece_labels))
+        # Every next token is a target, the appended EOS included; the last position has
+        # no next token inside this document.
+        labels = np.empty_like(ids)
+        labels[:-1] = ids[1:]
+        labels[-1] = IGNORE
+        if len(ids) <= max_len:
+            result.samples.append((ids, labels))
+            return
+        result.truncated += 1
+        # Labels were built on the whole document first, so the last position of a cut
+        # piece keeps its real next token as target (the model did see all the context).
+        stop = len(ids) if self.config.long_docs == "split" else max_len
+        for start in range(0, stop, max_len):
+            piece_labels = labels[start:start + max_len]
+            if (piece_labels != IGNORE).any():  # a 1-token tail teaches nothing
+                result.samples.append((ids[start:start + max_len], piece_labels))
 
     # -- conversations ---------------------------------------------------------------------
     def _chat(self, values: list[Any], result: ChunkResult) -> None:
