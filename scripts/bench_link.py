@@ -87,7 +87,7 @@ def main() -> None:
                     "max_tokens_per_request": 1 << 20, "max_batch_tokens": 1 << 16},
         "link": {"rendezvous_dir": str(work / "rdv"), "trainers_per_group": 1,
                  "timeout_seconds": 120}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_DEBUG": "INFO",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "NCCL_DEBUG": "INFO",
            "NCCL_DEBUG_SUBSYS": "INIT,P2P", "NCCL_NVLS_ENABLE": "0"}
     log_path = work / "teacher.log"
     teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", "--config",

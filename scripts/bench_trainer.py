@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--kernel", default="auto", choices=["auto", "fla", "chunk"])
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "NCCL_NVLS_ENABLE": "0",
            "OMP_NUM_THREADS": "4"}
     model = work / "llama-1b"
     if not (model / "config.json").is_file():
