@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_steps = int(os.environ.get("DEMO_STEPS") or 100)
     ap.add_argument("--steps", type=int, default=default_steps,
                     help="optimizer steps of each stage (env DEMO_STEPS; default 100)")
-    ap.add_argument("--teacher-steps", type=int, default=300,
+    ap.add_argument("--teacher-steps", type=int, default=600,
                     help="LM training steps that give the tiny teacher something to teach "
                          "(0: keep it random)")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "demo")
@@ -577,7 +577,8 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
 
         time.sleep(2.5)  # one more scrape of the teacher
         try:
-            drawn = render(prometheus_url, run_dir / "dashboard.png", t0, time.time())
+            start = windows["align"][0] - 20  # the stack's life; before it, Prometheus had none
+            drawn = render(prometheus_url, run_dir / "dashboard.png", start, time.time())
             dashboard = str(run_dir / "dashboard.png")
             empty = [t for t, n in drawn.items() if n == 0]
             say(f"  {dashboard}: {len(drawn)} panels"

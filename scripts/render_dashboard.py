@@ -227,7 +227,9 @@ def _draw_timeseries(ax, series, unit: str | None, start: float, end: float) -> 
         ax.fill_between(xs, ys, alpha=0.08, color=color)
     ax.set_xlim(dt.datetime.fromtimestamp(start), dt.datetime.fromtimestamp(end))
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
-    ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=5))
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    locator.intervald[mdates.SECONDLY] = [1, 2, 5, 10, 15, 30]
+    ax.xaxis.set_major_locator(locator)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, unit)))
     if series:
         ax.legend(loc="upper left", fontsize=6.5, frameon=False, labelcolor=TEXT,
