@@ -205,10 +205,9 @@ def main() -> None:
                 dst.write(json.loads(line)["text"] + "\n")
                 if dst.tell() > 20_000_000:
                     break
-        started = time.time()
         train_tokenizer(tok_dir, vocab_size=args.vocab_size, text_files=[str(sample)], max_bytes=20_000_000)
-        print(f"tokenizer: byte-level BPE, vocab {args.vocab_size}, trained on {sample.stat().st_size / 1e6:.1f} MB "
-              f"of the corpus in {time.time() - started:.0f} s")
+    print(f"tokenizer: {tok_dir}: byte-level BPE (shared.tiny.train_tokenizer), vocab {args.vocab_size}, "
+          "trained on the first 20 MB of the corpus")
 
     # Alternate the settings (1, 2, 1, 2, ...) and keep each one's best run: on a shared
     # machine other jobs slow runs down at random, and the best run is the least disturbed.
