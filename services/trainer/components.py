@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -157,7 +158,10 @@ def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
     import deepspeed
 
     ds = deepspeed_config(cfg, place.device, place.world_size)
-    engine, _, _, _ = deepspeed.initialize(model=objective,
+    # DeepSpeed puts the model on GPU LOCAL_RANK unless told otherwise; with
+    # train.device_offset the rank's GPU is offset + LOCAL_RANK.
+    args = SimpleNamespace(device_rank=place.device.index) if place.device.type == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=objective,
                                            model_parameters=param_groups(objective, cfg),
                                            config=copy.deepcopy(ds))
     return engine
