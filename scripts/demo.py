@@ -165,7 +165,9 @@ def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 1
     from shared.losses import ce_loss
 
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # One thread: tiny matrices gain little from more, and OpenMP threads that spin on a
+    # busy machine can make every step several times slower.
+    torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
     model.train()
     batches = TrainBatches(data, micro_batch, seed=seed).forever()
@@ -385,9 +387,10 @@ def validation_text(c4: Path) -> str:
     from make_c4_sample import VALIDATION_NAME  # noqa: E402 (scripts/)
 
     with gzip.open(c4 / "en" / VALIDATION_NAME, "rt") as f:
-        for line in f:
+        for line in f:  # prose, not a man page's "NAME" header
             text = json.loads(line)["text"]
-            if len(text.split()) >= 8:
+            words = text.split()
+            if len(words) >= 8 and not words[0].isupper():
                 return text
     return "The license grants you the right to"
 

@@ -154,14 +154,15 @@ def paragraphs(text: str) -> list[str]:
 def documents(text: str) -> Iterator[str]:
     """Group consecutive paragraphs into documents of DOC_MIN..DOC_MAX characters."""
     current: list[str] = []
-    size = 0
+    size = 0  # len("\n\n".join(current))
     for para in paragraphs(text):
-        if size and size + len(para) > DOC_MAX:
+        para = para[:DOC_MAX]
+        if current and size + 2 + len(para) > DOC_MAX:
             if size >= DOC_MIN:
                 yield "\n\n".join(current)
             current, size = [], 0
-        current.append(para[:DOC_MAX])
-        size += len(para) + 2
+        size += len(para) + (2 if current else 0)
+        current.append(para)
     if size >= DOC_MIN:
         yield "\n\n".join(current)
 

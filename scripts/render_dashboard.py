@@ -214,15 +214,27 @@ def _style_axes(ax) -> None:
     ax.grid(True, color=BORDER, linewidth=0.5)
 
 
-def _draw_timeseries(ax, series, unit: str | None, start: float, end: float) -> None:
+def _with_gaps(points: list[tuple[float, float]], step: float) -> list[tuple[float, float]]:
+    """A NaN wherever a series has no sample for more than a step: lines are not joined
+    across the gap (Grafana's spanNulls: false), e.g. between two runs of the trainer."""
+    out: list[tuple[float, float]] = []
+    for t, v in points:
+        if out and t - out[-1][0] > 1.5 * step:
+            out.append(((t + out[-1][0]) / 2, float("nan")))
+        out.append((t, v if math.isfinite(v) else float("nan")))
+    return out
+
+
+def _draw_timeseries(ax, series, unit: str | None, start: float, end: float,
+                     step: float) -> None:
     import matplotlib.dates as mdates
     from matplotlib.ticker import FuncFormatter
 
     for i, (name, points) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
+        points = _with_gaps(points, step)
         xs = [dt.datetime.fromtimestamp(t) for t, _ in points]
-        ys = [v if math.isfinite(v) else float("nan") for _, v in points]
-        # Gaps of more than two steps are not joined (spanNulls: false).
+        ys = [v for _, v in points]
         ax.plot(xs, ys, color=color, linewidth=1.2, label=name)
         ax.fill_between(xs, ys, alpha=0.08, color=color)
     ax.set_xlim(dt.datetime.fromtimestamp(start), dt.datetime.fromtimestamp(end))
@@ -256,13 +268,15 @@ def _draw_stat(ax, series, unit: str | None) -> None:
 
 
 def draw(dashboard: dict[str, Any], results: dict[int, list], start: float, end: float,
-         output: str | Path, width: float = 20.0, dpi: int = 110) -> Path:
+         output: str | Path, step: float | None = None, width: float = 20.0,
+         dpi: int = 110) -> Path:
     """Lay the panels out on Grafana's grid and save the picture."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    step = step or auto_step(start, end)
     items = panels(dashboard)
     rows_total = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in items)
     unit_h = 0.3  # inches per grid row (Grafana: 30 px)
@@ -306,7 +320,7 @@ def draw(dashboard: dict[str, Any], results: dict[int, list], start: float, end:
         elif panel.get("type") == "stat":
             _draw_stat(ax, series, unit)
         else:
-            _draw_timeseries(ax, series, unit, start, end)
+            _draw_timeseries(ax, series, unit, start, end, step)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, facecolor=BACKGROUND)
@@ -320,7 +334,7 @@ def render(prometheus: str, output: str | Path, start: float, end: float,
     dashboard = load_dashboard(dashboard_path)
     step = step or auto_step(start, end)
     results = fetch(dashboard, prometheus, start, end, step)
-    draw(dashboard, results, start, end, output)
+    draw(dashboard, results, start, end, output, step)
     return {p["title"]: len(results.get(p["id"], [])) for p in panels(dashboard)
             if p.get("type") != "row"}
 
