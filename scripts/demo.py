@@ -155,6 +155,13 @@ def teacher_ready(teacher: Path, steps: int) -> bool:
     return (teacher / "config.json").is_file() and stamp.get("steps") == steps
 
 
+def quiet_transformers() -> None:
+    """No progress bars for loading/saving tiny checkpoints in the demo's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 16,
                      lr: float = 5e-3, seed: int = 0) -> dict[str, float]:
     """A short causal-LM training of the tiny teacher on the train split (AdamW, cosine)."""
@@ -164,6 +171,7 @@ def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 1
     from services.trainer.data.loader import TrainBatches
     from shared.losses import ce_loss
 
+    quiet_transformers()
     torch.manual_seed(seed)
     # One thread: tiny matrices gain little from more, and OpenMP threads that spin on a
     # busy machine can make every step several times slower.
@@ -297,17 +305,19 @@ INTERESTING = (" step ", "validation at", "done:", "training ", "student convert
 
 
 def _show(stage: str, line: str) -> None:
-    if "trainer[" in line and " INFO " not in line and "ERROR" not in line:
+    """Print a trainer log line worth seeing: rank 0's progress, anyone's errors."""
+    if "trainer[" in line and "ERROR" not in line and \
+            ("trainer[0]" not in line or " INFO " not in line):
         return
     if any(k in line for k in INTERESTING):
         text = line.split(" INFO ", 1)[-1] if " INFO " in line else line
         say(f"  {stage:5} | {text.rstrip()[:220]}")
 
 
-def watch_trainer(stack: Stack, stage: str, timeout: float) -> None:
-    """Follow the trainer's log until it exits; raise unless it exited with status 0."""
+def watch_trainer(stack: Stack, stage: str, timeout: float, offset: int = 0) -> None:
+    """Follow the trainer's log from ``offset`` (supervisord appends every run of the
+    program to one file) until it exits; raise unless it exited with status 0."""
     log = stack.log("trainer")
-    offset = 0
     pending = ""
     deadline = time.monotonic() + timeout
     state: dict[str, Any] = {}
@@ -356,6 +366,7 @@ def generate(student_dir: Path, teacher_dir: Path, val_text: str, new_tokens: in
 
     import shared.student  # noqa: F401 - registers rwkv_hybrid with AutoModelForCausalLM
 
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     words = val_text.split()
     prompt = " ".join(words[:8])
@@ -532,7 +543,8 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
     runs = run_dir / "runs"
     stack = Stack(run_dir, run_dir / "models", run_dir / "data", runs, listen)
     stack_holder.append(stack)
-    stack.down()  # a previous demo of this run dir left up with --keep-up
+    if stack.alive():
+        stack.down()  # a previous demo of this run dir, left up with --keep-up
     busy = [f"{svc} {p}" for svc, ports in SERVICE_PORTS.items() for p in ports
             if not port_free(p)]
     if busy:
@@ -557,8 +569,10 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
         started = time.time()
         if i > 0:
             stack.down()  # the next stage is the next `up`, as on a GPU node
+        log = stack.log("trainer")
+        offset = log.stat().st_size if log.is_file() else 0
         stack.up(stage, extra)
-        watch_trainer(stack, stage, args.stage_timeout)
+        watch_trainer(stack, stage, args.stage_timeout, offset)
         windows[stage] = [started, time.time()]
         stages[stage] = stage_summary(runs / stage)
         s = stages[stage]
