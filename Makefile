@@ -38,4 +38,4 @@ clean:
 	rm -rf .venv runs .pytest_cache
 
 include deploy.mk
--include demo.mk
+include demo.mk

@@ -56,6 +56,11 @@ def init_distributed(cfg: Config) -> Place:
         device, backend = torch.device("cpu"), "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        # DeepSpeed would bind the group to GPU LOCAL_RANK; with train.device_offset the
+        # rank's GPU is offset + LOCAL_RANK, so we create the group bound to it ourselves.
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     n = cfg.link.trainers_per_group
     if cfg.link.mode == "service" and cfg.train.stage != "sft" and world % n:
