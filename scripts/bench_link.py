@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -30,6 +28,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from shared.metrics import scrape  # noqa: E402
 
 
 def raw_worker(rank: int, store_path: str, numel: int, reps: int, queue) -> None:
@@ -53,14 +53,11 @@ def raw_worker(rank: int, store_path: str, numel: int, reps: int, queue) -> None
 
 
 def histogram(port: int, name: str, labels: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith(f"{name}_sum{{") and labels in line:
-            total = float(line.rsplit(" ", 1)[1])
-        if line.startswith(f"{name}_count{{") and labels in line:
-            count = float(line.rsplit(" ", 1)[1])
-    return total, count
+    """(sum, count) of one histogram series of the teacher's /metrics."""
+    values = scrape(port)
+    pick = lambda suffix: next((v for k, v in values.items()  # noqa: E731
+                                if k.startswith(f"{name}_{suffix}{{") and labels in k), 0.0)
+    return pick("sum"), pick("count")
 
 
 def main() -> None:

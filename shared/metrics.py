@@ -152,3 +152,16 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[str, float]:
+    """``{'name{labels}': value}`` of one process's /metrics (tests, benchmarks, the demo)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

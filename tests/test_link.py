@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared.metrics import scrape
+
 from conftest import (ROOT, free_port, service_env, start_teacher, wait_for, wait_healthy,
                       write_config)
 
@@ -44,16 +46,6 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
         out, _ = p.communicate(timeout=timeout)
         outs.append(out)
     return outs
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
 
 
 @pytest.fixture
