@@ -491,7 +491,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    default_steps = int(os.environ.get("DEMO_STEPS") or 100)
+    try:
+        default_steps = int(os.environ.get("DEMO_STEPS") or 100)
+    except ValueError:
+        ap.error(f"DEMO_STEPS={os.environ['DEMO_STEPS']!r} is not a number of steps")
     ap.add_argument("--steps", type=int, default=default_steps,
                     help="optimizer steps of each stage (env DEMO_STEPS; default 100)")
     ap.add_argument("--teacher-steps", type=int, default=600,

@@ -2,7 +2,7 @@
 """Draw the Grafana dashboard's panels with matplotlib, from a live Prometheus.
 
     python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 \\
-        [--dashboard deploy/grafana/dashboards/distill.json] [--start -15m] [--end now] \\
+        [--dashboard deploy/grafana/dashboards/distill.json] [--start=-15m] [--end now] \\
         [--step auto] [--output docs/dashboard.png]
 
 Every panel of the dashboard JSON is drawn where its ``gridPos`` puts it on Grafana's
@@ -14,7 +14,7 @@ needed: the picture in docs/dashboard.png is made this way from the CPU demo
 (``make demo``, docs/demo.md).
 
 ``--start``/``--end`` take Unix seconds, an ISO time, ``now`` or ``now-15m``/``-15m``
-(s, m, h). Exit status 0 when the picture was written (even with empty panels), 2 when
+(s, m, h, d; write ``--start=-15m``, with ``=``, for a leading minus). Exit status 0 when the picture was written (even with empty panels), 2 when
 Prometheus cannot be reached or a query fails.
 """
 from __future__ import annotations
