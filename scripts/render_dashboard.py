@@ -225,24 +225,41 @@ def _with_gaps(points: list[tuple[float, float]], step: float) -> list[tuple[flo
     return out
 
 
-def _draw_timeseries(ax, series, unit: str | None, start: float, end: float,
+def _draw_timeseries(ax, series, defaults: dict[str, Any], start: float, end: float,
                      step: float) -> None:
+    """Lines as the panel's fieldConfig says: unit, min/max, line width, fill opacity,
+    spanNulls and a log scale (custom.scaleDistribution)."""
     import matplotlib.dates as mdates
     from matplotlib.ticker import FuncFormatter
 
+    unit = defaults.get("unit")
+    custom = defaults.get("custom", {})
+    width = float(custom.get("lineWidth", 1)) * 1.2
+    fill = float(custom.get("fillOpacity", 10)) / 100
+    scale = custom.get("scaleDistribution", {})
     for i, (name, points) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        points = _with_gaps(points, step)
+        if custom.get("spanNulls") is True:
+            points = [(t, v) for t, v in points if math.isfinite(v)]
+        else:
+            points = _with_gaps(points, step)
         xs = [dt.datetime.fromtimestamp(t) for t, _ in points]
         ys = [v for _, v in points]
-        ax.plot(xs, ys, color=color, linewidth=1.2, label=name)
-        ax.fill_between(xs, ys, alpha=0.08, color=color)
+        ax.plot(xs, ys, color=color, linewidth=width, label=name)
+        if fill > 0 and scale.get("type") != "log":
+            ax.fill_between(xs, ys, alpha=fill * 0.8, color=color)
+    if scale.get("type") == "log":
+        ax.set_yscale("log", base=scale.get("log", 10))
+    lo, hi = defaults.get("min"), defaults.get("max")
+    if lo is not None or hi is not None:
+        ax.set_ylim(bottom=lo, top=hi)
     ax.set_xlim(dt.datetime.fromtimestamp(start), dt.datetime.fromtimestamp(end))
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
     locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
     locator.intervald[mdates.SECONDLY] = [1, 2, 5, 10, 15, 30]
     ax.xaxis.set_major_locator(locator)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, unit)))
+    if scale.get("type") != "log":
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, unit)))
     if series:
         ax.legend(loc="upper left", fontsize=6.5, frameon=False, labelcolor=TEXT,
                   ncol=2 if len(series) > 3 else 1, handlelength=1.2)
@@ -309,7 +326,8 @@ def draw(dashboard: dict[str, Any], results: dict[int, list], start: float, end:
                            w - 2 * pad_x - 0.026, h - pad_top - pad_bottom))
         _style_axes(ax)
         ax.set_title(title, loc="left", fontsize=9, color=TEXT, pad=4)
-        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        defaults = panel.get("fieldConfig", {}).get("defaults", {})
+        unit = defaults.get("unit")
         series = results.get(panel.get("id"), [])
         if not series:
             ax.set_xticks([])
@@ -320,7 +338,7 @@ def draw(dashboard: dict[str, Any], results: dict[int, list], start: float, end:
         elif panel.get("type") == "stat":
             _draw_stat(ax, series, unit)
         else:
-            _draw_timeseries(ax, series, unit, start, end, step)
+            _draw_timeseries(ax, series, defaults, start, end, step)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, facecolor=BACKGROUND)
