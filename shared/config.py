@@ -92,7 +92,8 @@ class DataConfig:
     train_dir: str = ""
     """Dataset prepared by `python -m services.trainer.data` (train split)."""
     val_dir: str = ""
-    """Held-out dataset directory; empty = the validation split inside train_dir if any."""
+    """Held-out dataset directory (its validation split, else its train split); empty = the
+    validation split inside train_dir."""
     micro_batch_size: int = 2
     """Sequences per rank per micro step."""
     max_len: int = 2048

@@ -110,6 +110,9 @@ class TrainerMetrics:
         val = Gauge("distill_trainer_val_loss", "Last validation loss", ["rank", "model"],
                     registry=r)
         self.val_loss = {m: val.labels(k, m) for m in ("student", "teacher")}
+        # NaN until first set: a 0 would read as a perfect loss at every start.
+        for gauge in (*self.loss.values(), *self.val_loss.values()):
+            gauge.set(float("nan"))
 
 
 class MetricsServer:

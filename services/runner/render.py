@@ -210,7 +210,7 @@ def build_plan(project: Project, run_dir: Path | None = None, services: list[str
             plan.skipped[name] = (f"{argv[0]!r} (from its image) is not installed on this host")
             continue
         argv[0] = program
-        argv += extra_args.get(name, [])
+        argv += [pm.arg(a) for a in extra_args.get(name, [])]  # mapped like compose args
         env = {k: pm.path(v) for k, v in svc.environment.items()}
         autorestart, retries = _restart_policy(svc.restart)
         if "STOP_WAIT_SECS" in env:

@@ -93,8 +93,12 @@ class StopFlag:
 def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[str, float]:
     from services.trainer.data.loader import validation_batches
 
+    from services.trainer.data.loader import read_card
+
     val_dir = cfg.data.val_dir or cfg.data.train_dir
-    split = "validation" if not cfg.data.val_dir else "train"
+    # a held-out directory made with --split validation holds a "validation" split; one made
+    # from a training corpus holds "train" only
+    split = "validation" if "validation" in read_card(val_dir)["splits"] else "train"
     student = engine.module.student
     student.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # student nll, teacher nll, kl, tokens
