@@ -158,8 +158,9 @@ def test_async_requests_overlap_with_training(tmp_path, tiny_llama):
         for step in times:
             c0, c1 = step["compute"]
             f0, f1 = step["teacher_forward"]
-            # the teacher computed step k+1 while the trainer was computing step k ...
-            assert min(c1, f1) - max(c0, f0) > 0 and f1 <= c1, step
+            # the teacher computed step k+1 before the trainer finished computing step k
+            # (a 10 ms forward may even finish before the 1 s step has started) ...
+            assert f0 < c1 and f1 <= c1, step
             # ... and the answer was there when the step finished
             assert step["ready_after_compute"], step
     finally:
