@@ -18,6 +18,17 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add hand-off cost (x40 slower on a busy 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random-weight Llama checkpoint directory with a trained tokenizer (made once)."""

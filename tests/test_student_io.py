@@ -11,13 +11,7 @@ from shared.student import RWKVHybridConfig, RWKVHybridForCausalLM, build_studen
 from shared.student.testing import tiny_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add hand-off cost (x40 slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("mixer,mode,ffn", [("rwkv6", "block", "rwkv_cmix"), ("rwkv7", "attention_only", "mlp"),

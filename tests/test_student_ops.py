@@ -10,14 +10,7 @@ from shared.student.ops import (RWKV7_LOG_DECAY_MIN, fla_available, rwkv6_chunke
 
 B, H, K, V = 2, 3, 8, 6
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add hand-off cost (x40 slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def rwkv6_inputs(t: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
