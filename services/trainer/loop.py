@@ -6,10 +6,12 @@ student trains on k. Without it each step asks and waits (the reference's serial
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -135,29 +137,22 @@ def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[st
 
 def export(engine, cfg: Config, tokenizer, place) -> Path:
     """Write the student in Hugging Face format (atomically: tmp dir, then rename)."""
+    import deepspeed
+
     from shared.student import save_student
 
     out = Path(cfg.train.export_dir or Path(cfg.train.output_dir) / "student")
     student = engine.module.student
-    params = list(student.parameters())
-    zero3 = engine.zero_optimization_stage() == 3
-    import deepspeed
-
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
+    # ZeRO-3 partitions the weights: gather them on every rank while rank 0 writes.
+    gathered = (deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None)
+                if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gathered:
         if place.rank == 0:
             tmp = out.with_name(f".{out.name}.tmp")
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             save_student(student, tokenizer, tmp)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
     dist.barrier()
     return out
 
