@@ -102,13 +102,21 @@ services:
     restart: unless-stopped
   crasher:
     image: busybox
-    command: ["python", "-c", "raise SystemExit(1)", "{token}"]
+    # FATAL means "exited before startsecs (1 s)": a shell exits in milliseconds, where a
+    # Python interpreter on a loaded 2-core CI machine once took longer and went RUNNING →
+    # EXITED instead (a crash after start, which compose, too, leaves the other services up for).
+    command: ["sh", "-c", "exit 1", "{token}"]
     restart: "no"
 """)
     rc = runner_main(["up", "-f", str(proj / "compose.yaml"), "--run-dir", str(run_dir)])
     assert rc in (0, 1)  # 1 when supervisord was already gone before `up` returned
     pid = supervisord_pid(run_dir)
-    wait_until(lambda: not pid_alive(pid), 30, "the FATAL listener to stop supervisord")
+    try:
+        wait_until(lambda: not pid_alive(pid), 30, "the FATAL listener to stop supervisord")
+    except AssertionError as e:
+        states = {n: rpc_proxy(socket_path(run_dir)).supervisor.getProcessInfo(n)["statename"]
+                  for n in ("sleeper", "crasher")}
+        raise AssertionError(f"{e}; program states: {states}") from None
     wait_until(lambda: not processes_with(token), 10, "the sleeper to be stopped")
     record = json.loads((run_dir / "exit-status.json").read_text())
     assert record["process"] == "crasher" and record["event"] == "PROCESS_STATE_FATAL"
