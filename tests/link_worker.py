@@ -64,9 +64,15 @@ def main() -> int:
                 length = 5 + 3 * step + index  # lengths vary across steps and trainers
                 ids = torch.randint(0, 500, (2, length), generator=gen)
                 lengths = torch.tensor([length, max(1, length - 2 - step)])
-                result = client.request(ids, lengths, SPECS[name]).result()
+                extra = {}
+                if step >= len(names):  # second pass: row 0 packs two documents
+                    cut = length // 2
+                    positions = torch.arange(length).repeat(2, 1)
+                    positions[0, cut:] -= cut
+                    extra["positions"] = positions
+                result = client.request(ids, lengths, SPECS[name], extra.get("positions")).result()
                 result = {k: v.cpu() for k, v in result.items()}
-                save_file({"ids": ids, "lengths": lengths, **result},
+                save_file({"ids": ids, "lengths": lengths, **extra, **result},
                           str(out_dir / f"step{step}-{name}.safetensors"))
         elif scenario == "overlap":
             spec = RequestSpec(logits="bf16")
@@ -99,10 +105,12 @@ def main() -> int:
                 time.sleep(0.05)
         elif scenario == "bad":
             errors = []
-            for ids, lengths in ((torch.tensor([[1, 2, 100000]]), torch.tensor([3])),
-                                 (torch.zeros(1, 10**6, dtype=torch.long), torch.tensor([10**6]))):
+            for ids, lengths, pos in (
+                    (torch.tensor([[1, 2, 100000]]), torch.tensor([3]), None),
+                    (torch.zeros(1, 10**6, dtype=torch.long), torch.tensor([10**6]), None),
+                    (torch.tensor([[1, 2, 3]]), torch.tensor([3]), torch.tensor([[0, 1]]))):
                 try:
-                    client.request(ids, lengths, RequestSpec())
+                    client.request(ids, lengths, RequestSpec(), pos)
                     errors.append("accepted")
                 except LinkError as err:
                     errors.append(str(err))

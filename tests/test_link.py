@@ -71,36 +71,49 @@ def check_against_direct_forward(model, path: Path, bf16_tol: float = 2e-2,
     spec = SPECS[name]
     for row in range(ids.shape[0]):
         n = int(lengths[row])
-        with torch.no_grad():
-            ref = model(ids[row:row + 1, :n], output_hidden_states=True)
-        logits = ref.logits[0].float()
-        if spec.logits == "bf16":
-            got = data["logits"][row, :n].float()
-            torch.testing.assert_close(got, logits, atol=bf16_tol, rtol=bf16_tol / 2)
-        elif spec.logits == "fp32":
-            torch.testing.assert_close(data["logits"][row, :n], logits, atol=exact_tol,
-                                       rtol=exact_tol)
-        elif spec.logits == "topk":
-            want = torch.log_softmax(logits / spec.temperature, -1).topk(spec.top_k, -1)
-            torch.testing.assert_close(data["topk_logprobs"][row, :n], want.values,
-                                       atol=exact_tol, rtol=exact_tol)
-            same = (data["topk_indices"][row, :n].long() == want.indices).float().mean()
-            assert same >= (1.0 if exact_tol <= 1e-4 else 0.9), same
-        num_layers = model.config.num_hidden_layers
-        for slot, layer in enumerate(spec.hidden_layers):
-            got = data["hidden_states"][slot, row, :n].float()
-            if layer < num_layers:
-                want = ref.hidden_states[layer][0]
-            else:  # state L is pre-norm; the model's final norm of it is last_hidden_state
-                got = model.model.norm(got[None])[0]
-                want = model.model(ids[row:row + 1, :n]).last_hidden_state[0]
-            tol = exact_tol if spec.hidden_dtype == torch.float32 else bf16_tol
-            torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
+        # packed rows (position ids restarting at a document) must equal separate forwards
+        bounds = [0, n]
+        if "positions" in data:
+            pos = data["positions"][row, :n]
+            bounds = [0] + [t for t in range(1, n) if pos[t] != pos[t - 1] + 1] + [n]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            check_document(model, data, spec, row, s, e, bf16_tol, exact_tol)
         if n < ids.shape[1]:  # padding positions are zeros, never stale memory
             for key, tensor in data.items():
-                if key not in ("ids", "lengths"):
+                if key not in ("ids", "lengths", "positions"):
                     pad = tensor[:, row, n:] if key == "hidden_states" else tensor[row, n:]
                     assert not pad.any(), key
+
+
+def check_document(model, data: dict, spec, row: int, s: int, e: int, bf16_tol: float,
+                   exact_tol: float) -> None:
+    """Tokens s..e of ``row`` against a forward of those tokens alone."""
+    ids = data["ids"]
+    with torch.no_grad():
+        ref = model(ids[row:row + 1, s:e], output_hidden_states=True)
+    logits = ref.logits[0].float()
+    if spec.logits == "bf16":
+        got = data["logits"][row, s:e].float()
+        torch.testing.assert_close(got, logits, atol=bf16_tol, rtol=bf16_tol / 2)
+    elif spec.logits == "fp32":
+        torch.testing.assert_close(data["logits"][row, s:e], logits, atol=exact_tol,
+                                   rtol=exact_tol)
+    elif spec.logits == "topk":
+        want = torch.log_softmax(logits / spec.temperature, -1).topk(spec.top_k, -1)
+        torch.testing.assert_close(data["topk_logprobs"][row, s:e], want.values,
+                                   atol=exact_tol, rtol=exact_tol)
+        same = (data["topk_indices"][row, s:e].long() == want.indices).float().mean()
+        assert same >= (1.0 if exact_tol <= 1e-4 else 0.9), same
+    num_layers = model.config.num_hidden_layers
+    for slot, layer in enumerate(spec.hidden_layers):
+        got = data["hidden_states"][slot, row, s:e].float()
+        if layer < num_layers:
+            want = ref.hidden_states[layer][0]
+        else:  # state L is pre-norm; the model's final norm of it is last_hidden_state
+            got = model.model.norm(got[None])[0]
+            want = model.model(ids[row:row + 1, s:e]).last_hidden_state[0]
+        tol = exact_tol if spec.hidden_dtype == torch.float32 else bf16_tol
+        torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
 
 
 def test_one_teacher_two_trainers_all_modes(tmp_path, tiny_llama, reference):
@@ -112,6 +125,8 @@ def test_one_teacher_two_trainers_all_modes(tmp_path, tiny_llama, reference):
         assert all("DONE" in o for o in outs), outs
         files = sorted((tmp_path / "out").glob("*/*.safetensors"))
         assert len(files) == 2 * 8
+        # the second pass of every mode sends a packed row (two documents)
+        assert sum("positions" in load_file(str(f)) for f in files) == 2 * 4
         for f in files:
             check_against_direct_forward(reference, f)
         metrics = scrape(port)
@@ -199,6 +214,7 @@ def test_handshake_refusals(tmp_path, tiny_llama):
         assert "DONE" in out, out
         errors = json.loads((tmp_path / "o4" / "g0-t0" / "errors.json").read_text())
         assert "vocabulary" in errors[0] and "exceeds the teacher's limit" in errors[1]
+        assert "position_ids must have the shape of input_ids" in errors[2]
     finally:
         teacher.send_signal(signal.SIGTERM)
         teacher.wait(30)

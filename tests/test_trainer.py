@@ -15,12 +15,10 @@ import pytest
 from conftest import ROOT, free_port, service_env, start_teacher, wait_for, write_config
 
 
-@pytest.fixture(scope="module")
-def dataset(tiny_llama, tmp_path_factory) -> Path:
+def prepare_dataset(tiny_llama: Path, root: Path, *extra: str) -> Path:
     """A prepared dataset (real text from the system's documentation) in our on-disk format."""
     import glob
 
-    root = tmp_path_factory.mktemp("data")
     corpus = root / "corpus.jsonl"
     with corpus.open("w") as f:
         for path in sorted(glob.glob("/usr/share/doc/*/copyright"))[:200]:
@@ -30,9 +28,20 @@ def dataset(tiny_llama, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
                     "--tokenizer", str(tiny_llama), "--output_dir", str(root / "ds"),
                     "--max_len", "48", "--buckets", "24", "--validation_size", "16",
-                    "--max_samples", "600"], cwd=ROOT, env=service_env(), check=True,
+                    "--max_samples", "600", *extra], cwd=ROOT, env=service_env(), check=True,
                    capture_output=True)
     return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_llama, tmp_path_factory) -> Path:
+    return prepare_dataset(tiny_llama, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def packed_dataset(tiny_llama, tmp_path_factory) -> Path:
+    """Several documents per row, position ids restarting at each (``--pack``)."""
+    return prepare_dataset(tiny_llama, tmp_path_factory.mktemp("packed"), "--pack")
 
 
 def stack_config(tmp_path: Path, model: Path, data: Path, rdv: Path, **train) -> Path:
@@ -94,9 +103,12 @@ def run_to_end(proc: subprocess.Popen, timeout: float = 400) -> str:
     return out
 
 
-@pytest.mark.parametrize("stage,zero", [("align", "zero1"), ("kd", "zero3"), ("sft", "zero2")])
-def test_stage_loss_falls(stage, zero, tmp_path, tiny_llama, dataset, teacher):
-    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv", stage=stage,
+@pytest.mark.parametrize("stage,zero,packed", [("align", "zero1", False), ("kd", "zero3", False),
+                                               ("sft", "zero2", False), ("kd", "zero3", True)])
+def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, teacher):
+    # packed: student layers run per document under ZeRO-3, position ids travel to the teacher
+    data = request.getfixturevalue("packed_dataset" if packed else "dataset")
+    cfg = stack_config(tmp_path, tiny_llama, data, tmp_path / "rdv", stage=stage,
                        deepspeed_config=f"configs/deepspeed/{zero}.json",
                        kl_weight=1.0, ce_weight=0.0)
     if stage != "sft":

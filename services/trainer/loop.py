@@ -55,7 +55,8 @@ class Prefetcher:
         batch = next(self.iterator)
         handle = None
         if self.teacher is not None:
-            handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request)
+            handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request,
+                                          batch.get("position_ids"))
         return batch, handle, state
 
     def next(self):
@@ -116,10 +117,11 @@ def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[st
         b = _to(batch, place.device)
         labels = labels.to(place.device)
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         use_cache=False).logits
+                         position_ids=b.get("position_ids"), use_cache=False).logits
         sums[0] += float(ce_loss(logits, labels)) * n
         if teacher is not None:
-            t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec).result()["logits"]
+            t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec,
+                                       batch.get("position_ids")).result()["logits"]
             sums[1] += float(ce_loss(t_logits.float(), labels)) * n
             sums[2] += float(kl_full(logits, t_logits, labels)) * n
         sums[3] += n
@@ -216,7 +218,8 @@ def train(cfg: Config) -> dict:
                 if handle is not None and handle.teacher_forward:
                     forwards.append(handle.teacher_forward)
                 b = _to(batch, place.device)
-                loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer)
+                loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
+                                     b.get("position_ids"))
                 engine.backward(loss)
                 engine.step()
                 tokens += int(batch["lengths"].sum())

@@ -43,13 +43,16 @@ class DistillObjective(nn.Module):
         self.request = request
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None
+                labels: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None,
+                position_ids: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``position_ids`` (packed datasets) restart at each document: no document sees
+        another, in the student as in the teacher's answer."""
         cfg = self.train_cfg
         if cfg.stage == "align":
-            return self._align(input_ids, attention_mask, teacher)
+            return self._align(input_ids, attention_mask, position_ids, teacher)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).logits
+                              position_ids=position_ids, use_cache=False).logits
         ce = ce_loss(logits, labels)
         if cfg.stage == "sft":
             return ce, {"ce": ce.detach()}
@@ -62,16 +65,18 @@ class DistillObjective(nn.Module):
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce
         return loss, {"kl": kl.detach(), "ce": ce.detach()}
 
-    def _align(self, input_ids, attention_mask, teacher):
+    def _align(self, input_ids, attention_mask, position_ids, teacher):
         assert teacher is not None and self.request is not None
         states = dict(zip(self.request.hidden_layers, teacher["hidden_states"]))
         if self.train_cfg.align_mode == "teacher_forced":
             layers = self.student.converted_layers
-            outputs = self.student.align_forward({i: states[i] for i in layers}, attention_mask)
+            outputs = self.student.align_forward({i: states[i] for i in layers}, attention_mask,
+                                                 position_ids)
             loss = align_loss(outputs, {i: states[i + 1] for i in layers}, attention_mask)
         else:
             out = self.student(input_ids=input_ids, attention_mask=attention_mask,
-                               output_hidden_states=True, use_cache=False)
+                               position_ids=position_ids, output_hidden_states=True,
+                               use_cache=False)
             ours = {i: out.hidden_states[i] for i in self.request.hidden_layers}
             loss = align_loss(ours, states, attention_mask)
         return loss, {"align": loss.detach()}

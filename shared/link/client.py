@@ -177,30 +177,31 @@ class TeacherClient:
         raise self._broken from err
 
     # -- requests --------------------------------------------------------------------------
-    def request(self, input_ids: torch.Tensor, lengths: torch.Tensor,
-                spec: RequestSpec) -> TeacherHandle:
+    def request(self, input_ids: torch.Tensor, lengths: torch.Tensor, spec: RequestSpec,
+                position_ids: torch.Tensor | None = None) -> TeacherHandle:
+        """Send one batch; ``position_ids`` (restarting at each document) for packed rows."""
         if self._broken is not None:
             raise self._broken
         if self.pg is None:
             raise LinkError("TeacherClient.request() before connect()")
         fp = self.manifest["fingerprint"]
         check_batch(input_ids, lengths, fp["vocab_size"],
-                    self.manifest["limits"]["max_tokens_per_request"], fp["num_layers"], spec)
+                    self.manifest["limits"]["max_tokens_per_request"], fp["num_layers"], spec,
+                    position_ids)
         self._seq += 1
         batch, length = input_ids.shape
         dev = self.device if self.backend == "nccl" else torch.device("cpu")
-        header = encode_request(spec, self._seq, batch, length).to(dev)
-        ids = input_ids.to(dev, torch.int64).contiguous()
-        lens = lengths.to(dev, torch.int64).contiguous()
+        header = encode_request(spec, self._seq, batch, length, position_ids is not None).to(dev)
+        sent = [header] + [t.to(dev, torch.int64).contiguous()
+                           for t in (input_ids, lengths, position_ids) if t is not None]
         teacher = self.cfg.trainers_per_group
-        comps = [Completion(self.pg.send([t], teacher, 0), self.backend)
-                 for t in (header, ids, lens)]
+        comps = [Completion(self.pg.send([t], teacher, 0), self.backend) for t in sent]
         status = torch.zeros(STATUS_LEN, dtype=torch.int64, device=dev)
         payload = {name: torch.empty(shape, dtype=dtype, device=dev) for name, shape, dtype in
                    response_layout(spec, batch, length, fp["vocab_size"], fp["hidden_size"])}
         for t in (status, *payload.values()):
             comps.append(Completion(self.pg.recv([t], teacher, 0), self.backend))
-        return TeacherHandle(self, comps, status, payload, [header, ids, lens], self._seq)
+        return TeacherHandle(self, comps, status, payload, sent, self._seq)
 
     def close(self, clean: bool = True) -> None:
         """Leave the group; a clean close tells the teacher, which opens a new generation."""
@@ -232,13 +233,14 @@ class InProcessTeacher:
         self.max_tokens = max_tokens_per_request
         self._seq = 0
 
-    def request(self, input_ids: torch.Tensor, lengths: torch.Tensor,
-                spec: RequestSpec) -> TeacherHandle:
+    def request(self, input_ids: torch.Tensor, lengths: torch.Tensor, spec: RequestSpec,
+                position_ids: torch.Tensor | None = None) -> TeacherHandle:
         fp = self.teacher.fingerprint
-        check_batch(input_ids, lengths, fp.vocab_size, self.max_tokens, fp.num_layers, spec)
+        check_batch(input_ids, lengths, fp.vocab_size, self.max_tokens, fp.num_layers, spec,
+                    position_ids)
         self._seq += 1
         start = time.time()
-        (out,) = self.teacher.forward([(spec, input_ids, lengths)])
+        (out,) = self.teacher.forward([(spec, input_ids, lengths, position_ids)])
         handle = TeacherHandle(None, [], None, out, [], self._seq)
         handle.sent_at, handle.teacher_forward = start, (start, time.time())
         return handle

@@ -1,13 +1,16 @@
 """The teacher link's wire protocol: what a request and a response are, as plain tensors.
 
-Nothing is pickled: a request is a fixed-size int64 header followed by the token ids and the
-row lengths; a response is an int64 status header followed by the tensors the request asked
+Nothing is pickled: a request is a fixed-size int64 header followed by the token ids, the
+row lengths and, for rows packing several documents, their position ids; a response is an int64 status header followed by the tensors the request asked
 for, whose shapes both ends derive from the request header. Every request carries its own
 (batch, length), so no buffer has a fixed shape and lengths vary freely between steps.
 
     trainer ── header[HEADER_LEN] ─▶ teacher     int64
     trainer ── ids[B, T]          ─▶ teacher     int64
     trainer ── lengths[B]         ─▶ teacher     int64 (real tokens per row; right padding)
+    trainer ── positions[B, T]    ─▶ teacher     int64, only when header says packed (position
+                                                  ids restart at each document: the teacher
+                                                  attends within documents only)
     trainer ◀─ status[STATUS_LEN] ── teacher     int64
     trainer ◀─ payload tensors    ── teacher     see ``response_layout``
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: packed rows (position ids) after the lengths
 MAGIC = 0x4C32524B  # "L2RK"
 MAX_HIDDEN_LAYERS = 128
 HEADER_LEN = 16 + MAX_HIDDEN_LAYERS
@@ -74,13 +77,15 @@ class RequestSpec:
         return torch.float32 if self.logits == "fp32" else torch.bfloat16
 
 
-def encode_request(spec: RequestSpec, seq: int, batch: int, length: int) -> torch.Tensor:
+def encode_request(spec: RequestSpec, seq: int, batch: int, length: int,
+                   packed: bool = False) -> torch.Tensor:
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     header[0], header[1], header[2], header[3] = MAGIC, PROTOCOL_VERSION, KIND_REQUEST, seq
     header[4], header[5] = batch, length
     header[6], header[7] = LOGITS_MODES[spec.logits], spec.top_k
     header[8] = round(spec.temperature * TEMPERATURE_SCALE)
     header[9] = len(spec.hidden_layers)
+    header[10] = int(packed)
     for i, layer in enumerate(spec.hidden_layers):
         header[16 + i] = layer
     return header
@@ -101,6 +106,7 @@ class Request:
     batch: int
     length: int
     spec: RequestSpec
+    packed: bool = False  # position ids follow the lengths
 
 
 def decode_request(header: torch.Tensor) -> Request:
@@ -112,7 +118,7 @@ def decode_request(header: torch.Tensor) -> Request:
     spec = RequestSpec(logits=_MODE_NAMES.get(h[6], "none"), top_k=max(h[7], 1),
                        temperature=max(h[8], 1) / TEMPERATURE_SCALE,
                        hidden_layers=h[16:16 + n])
-    return Request(kind=h[2], seq=h[3], batch=h[4], length=h[5], spec=spec)
+    return Request(kind=h[2], seq=h[3], batch=h[4], length=h[5], spec=spec, packed=bool(h[10]))
 
 
 def encode_status(seq: int, ok: bool, code: int = 0) -> torch.Tensor:
@@ -145,7 +151,8 @@ def response_layout(spec: RequestSpec, batch: int, length: int, vocab_size: int,
 
 
 def check_batch(input_ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
-                max_tokens: int, num_layers: int, spec: RequestSpec) -> None:
+                max_tokens: int, num_layers: int, spec: RequestSpec,
+                position_ids: torch.Tensor | None = None) -> None:
     """Refuse, before anything is sent, a batch the teacher could not serve correctly."""
     if input_ids.dim() != 2:
         raise RequestError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -159,6 +166,13 @@ def check_batch(input_ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
     if int(lengths.min()) < 1 or int(lengths.max()) > length:
         raise RequestError(f"row lengths must be within 1..{length}, got "
                            f"{int(lengths.min())}..{int(lengths.max())}")
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (batch, length):
+            raise RequestError(f"position_ids must have the shape of input_ids {(batch, length)}, "
+                               f"got {tuple(position_ids.shape)}")
+        if position_ids.dtype not in (torch.int64, torch.int32) or int(position_ids.min()) < 0:
+            raise RequestError("position_ids must be non-negative integers (restarting at 0 for "
+                               "each packed document)")
     if batch * length > max_tokens:
         raise RequestError(f"request of {batch}×{length} = {batch * length} tokens exceeds the "
                            f"teacher's limit of {max_tokens} tokens per request: lower "

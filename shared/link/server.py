@@ -131,9 +131,10 @@ class TeacherServer:
                     raise PeerLost(f"trainer {r} left the group")
                 ids = torch.empty(req.batch, req.length, dtype=torch.int64, device=self._dev)
                 lengths = torch.empty(req.batch, dtype=torch.int64, device=self._dev)
-                comps += [Completion(pg.recv([ids], r, 0), self.backend),
-                          Completion(pg.recv([lengths], r, 0), self.backend)]
-                batches.append((r, req, ids, lengths))
+                positions = torch.empty_like(ids) if req.packed else None
+                comps += [Completion(pg.recv([t], r, 0), self.backend)
+                          for t in (ids, lengths, positions) if t is not None]
+                batches.append((r, req, ids, lengths, positions))
             wait_all(comps, self.link.timeout_seconds, lambda: self._check_trainers(ready),
                      f"group {self.group}: receiving token ids")
             m.recv_seconds.observe(time.perf_counter() - recv_start)
@@ -142,7 +143,7 @@ class TeacherServer:
             send_start = time.perf_counter()
             comps = []
             keep = []
-            for (r, req, _, _), out in zip(batches, outputs):
+            for (r, req, *_), out in zip(batches, outputs):
                 status = encode_status(req.seq, ok, code)
                 status[4], status[5] = int(started * 1e6), int(finished * 1e6)
                 status = status.to(self._dev)
@@ -180,8 +181,8 @@ class TeacherServer:
         start = time.time()
         t0 = time.perf_counter()
         try:
-            outputs = self.teacher.forward([(req.spec, ids, lengths)
-                                            for _, req, ids, lengths in batches])
+            outputs = self.teacher.forward([(req.spec, ids, lengths, positions)
+                                            for _, req, ids, lengths, positions in batches])
             if self.teacher.device.type == "cuda":
                 torch.cuda.synchronize(self.teacher.device)
         except torch.OutOfMemoryError:
@@ -193,5 +194,5 @@ class TeacherServer:
             return [{} for _ in batches], False, 2, start
         m.forward_seconds.observe(time.perf_counter() - t0)
         m.batches.inc()
-        m.tokens.inc(sum(int(lengths.sum()) for _, _, _, lengths in batches))
+        m.tokens.inc(sum(int(lengths.sum()) for _, _, _, lengths, _ in batches))
         return outputs, True, 0, start

@@ -97,13 +97,17 @@ class TeacherModel:
         return cls(model, path, cfg.max_batch_tokens)
 
     @torch.inference_mode()
-    def forward(self, batches: list[tuple[RequestSpec, torch.Tensor, torch.Tensor]]
+    def forward(self, batches: list[tuple[RequestSpec, torch.Tensor, torch.Tensor, torch.Tensor | None]]
                 ) -> list[dict[str, torch.Tensor]]:
-        """Answer several requests with one packed forward: [(spec, ids[B,T], lengths[B])]."""
+        """Answer several requests with one batched forward:
+        ``[(spec, ids[B,T], lengths[B], position_ids[B,T] or None)]``.
+
+        Position ids that restart inside a row mark packed documents; each attends only to
+        itself (transformers builds the block-diagonal causal mask from the position ids)."""
         fp = self.fingerprint
         outputs: list[dict[str, torch.Tensor]] = []
         rows: list[tuple[int, int, int]] = []  # (request, row, length)
-        for r, (spec, ids, lengths) in enumerate(batches):
+        for r, (spec, ids, lengths, _) in enumerate(batches):
             b, t = ids.shape
             outputs.append({name: torch.empty(shape, dtype=dtype, device=self.device)
                             for name, shape, dtype in
@@ -117,7 +121,7 @@ class TeacherModel:
             n = max(1, min(len(rows) - start, self.max_batch_tokens // chunk_len))
             self._forward_chunk(batches, outputs, rows[start:start + n], chunk_len)
             start += n
-        for (spec, ids, lengths), out in zip(batches, outputs):
+        for (spec, ids, lengths, _), out in zip(batches, outputs):
             # Positions past a row's length carry no information: send zeros, not stale memory.
             t = ids.shape[1]
             pad = torch.arange(t, device=self.device)[None, :] >= lengths.to(self.device)[:, None]
@@ -134,13 +138,23 @@ class TeacherModel:
         n = len(rows)
         ids = torch.zeros(n, chunk_len, dtype=torch.long, device=device)
         mask = torch.zeros(n, chunk_len, dtype=torch.long, device=device)
+        positions = torch.arange(chunk_len, device=device).repeat(n, 1)
+        packed = False
         for j, (r, i, length) in enumerate(rows):
             ids[j, :length] = batches[r][1][i, :length].to(device)
             mask[j, :length] = 1
+            if batches[r][3] is not None:
+                packed = True
+                pos = batches[r][3][i, :length].to(device)
+                positions[j, :length] = pos
+                # padding continues the last document (never a new one): causal, so unseen
+                positions[j, length:] = pos[-1] + 1 + torch.arange(chunk_len - length, device=device)
         specs = [batches[r][0] for r, _, _ in rows]
         wanted = sorted({layer for s in specs for layer in s.hidden_layers})
         need_logits = any(s.logits != "none" for s in specs)
-        states = self._run(ids, mask, wanted, need_logits)
+        # Packed rows: no 2D mask, so transformers derives the per-document mask from positions.
+        states = self._run(ids, None if packed else mask, positions if packed else None, wanted,
+                           need_logits)
         if need_logits:
             final = self.model.get_decoder().norm(states.pop("last"))
         for j, (r, i, length) in enumerate(rows):
@@ -161,8 +175,8 @@ class TeacherModel:
                     out["topk_logprobs"][i, s:e] = values
                     out["topk_indices"][i, s:e] = indices.to(torch.int32)
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, wanted: list[int],
-             need_logits: bool) -> dict:
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+             wanted: list[int], need_logits: bool) -> dict:
         """Run the decoder, capturing states ``wanted`` (and 'last' when logits are needed)."""
         states: dict = {}
         num_layers = len(self.layers)
@@ -190,7 +204,8 @@ class TeacherModel:
                 take_input(deepest), with_kwargs=True))
         hooks.append(self.layers[-1].register_forward_hook(take_last))
         try:
-            self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+            self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=False)
         except _StopForward:
             pass
         finally:

@@ -33,6 +33,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from shared.student.cache import HybridRWKVCache
 from shared.student.configuration import RWKVHybridConfig
 from shared.student.ops import BACKENDS
+from shared.student.packing import DocumentBatch
 from shared.student.layers import (RWKV_MODULES, RWKV6ChannelMix, RWKV6TimeMix, RWKV7ChannelMix,
                                    RWKV7TimeMix)
 
@@ -172,6 +173,17 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             return checkpoint(layer, hidden, v_first, token_mask, None, False, use_reentrant=False)
         return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache, use_cache=use_cache)
 
+    def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
+                                    v_first: torch.Tensor | None, documents: DocumentBatch,
+                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one converted layer on packed rows, every document from a zero RNN state."""
+        outs, firsts = [], []
+        for h, vf in zip(documents.split(hidden), documents.split(v_first)):
+            out, vf = self.run_rwkv_layer(layer, h, vf, None, None, False)
+            outs.append(out)
+            firsts.append(vf)
+        return documents.merge(outs), None if firsts[0] is None else documents.merge(firsts)
+
     def _checked_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
         if cache is None:
             return HybridRWKVCache(self.config) if use_cache else None
@@ -212,8 +224,15 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        documents = DocumentBatch.detect(position_ids, attention_mask, inputs_embeds.shape[0])
+        if documents is not None and cache is not None:
+            raise ValueError("position_ids restart inside a row (packed documents), which a cache "
+                             "cannot hold: run packed batches with use_cache=False")
         token_mask = None if attention_mask is None else attention_mask[:, -seq_len:]
-        masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        # Packed rows: without a 2D mask transformers builds the block-diagonal causal mask from
+        # position_ids; the right padding then only ever follows the real tokens (causal).
+        masks = self._attention_masks(inputs_embeds, None if documents is not None else attention_mask, cache,
+                                      position_ids)
         rope = self.rotary_emb(inputs_embeds, position_ids=position_ids) if masks else None
         base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE_LAYERS}
 
@@ -221,7 +240,9 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 states.append(hidden)
-            if isinstance(layer, RWKVDecoderLayer):
+            if isinstance(layer, RWKVDecoderLayer) and documents is not None:
+                hidden, v_first = self.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
+            elif isinstance(layer, RWKVDecoderLayer):
                 hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache, use_cache)
             else:
                 hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]], position_embeddings=rope,
@@ -275,8 +296,8 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         """Sorted indices of the RWKV (converted) decoder layers."""
         return list(self.config.rwkv_layers)
 
-    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor],
-                      attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor], attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs`` runs
         alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
         ``{i: output}`` to compare with the teacher's hidden state ``i + 1``.
@@ -284,7 +305,8 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         Keys that are not converted layers are ignored. With ``rwkv7`` the layers' value residual
         needs ``v_first``; it comes from running the first converted layer on its own teacher input,
         so ``layer_inputs`` must contain the first converted layer (gradients flow through it, as in
-        the full model).
+        the full model). ``position_ids`` that restart inside a row mark packed documents, each run
+        from a zero state (see ``shared.student.packing``).
         """
         num_layers = self.config.num_hidden_layers
         bad = [i for i in layer_inputs if not 0 <= int(i) < num_layers]
@@ -301,13 +323,18 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         dtype = self.model.embed_tokens.weight.dtype
         outputs: dict[int, torch.Tensor] = {}
         v_first = None
+        documents = DocumentBatch.detect(position_ids, attention_mask, layer_inputs[todo[0]].shape[0])
         for idx in todo:
             hidden = layer_inputs[idx]
             if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"layer_inputs[{idx}] must be [batch, seq, {self.config.hidden_size}], "
                                  f"got {tuple(hidden.shape)}")
-            mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
-            out, vf = self.model.run_rwkv_layer(self.model.layers[idx], hidden.to(dtype), v_first, mask, None, False)
+            layer = self.model.layers[idx]
+            if documents is not None:
+                out, vf = self.model.run_rwkv_layer_per_document(layer, hidden.to(dtype), v_first, documents)
+            else:
+                mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
+                out, vf = self.model.run_rwkv_layer(layer, hidden.to(dtype), v_first, mask, None, False)
             if idx == first:
                 v_first = vf
             outputs[idx] = out

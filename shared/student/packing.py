@@ -1,0 +1,112 @@
+"""Several documents packed into one row: where each starts, and running RWKV layers per document.
+
+A packed dataset (``python -m services.trainer.data text --pack``) puts whole documents one after
+another in a row and restarts ``position_ids`` at each of them. A document must not see the one
+before it: attention layers get a block-diagonal causal mask (transformers builds it from the
+position ids), and RWKV layers must start every document from a zero state, token shift and WKV
+state alike.
+
+The RWKV side is done by re-laying the row out: ``DocumentBatch.split`` turns ``[B, T, *]`` into
+batches of whole documents ``[n, L, *]`` (each from a zero state, right-padded), the layer runs
+on those, and ``merge`` puts the outputs back. This works unchanged for every WKV path (fla,
+chunked, recurrent) and for gradient checkpointing. Documents are grouped by length (powers of
+two), so a group is padded to at most twice its shortest member and short documents do not pay
+for a long one.
+
+The rule for a document start is transformers' (``find_packed_sequence_indices``): a position
+that does not follow its left neighbour by exactly 1. The data loader continues counting into
+the padding, so padding never starts a document.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: True where a document begins (every row's first token included)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(position_ids.shape)}")
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    return starts
+
+
+def is_right_padding(attention_mask: torch.Tensor | None) -> bool:
+    """True when every row is real tokens followed by padding only (or there is no mask)."""
+    if attention_mask is None:
+        return True
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+class DocumentBatch:
+    """The documents of a packed ``[B, T]`` batch, grouped by length, with the index maps that
+    move ``[B, T, *]`` tensors to per-document batches and back (see the module docstring)."""
+
+    def __init__(self, starts: torch.Tensor) -> None:
+        batch, seq = starts.shape
+        self.batch, self.seq = batch, seq
+        begin = starts.flatten().nonzero().squeeze(1)                     # flat index of each start
+        end = torch.cat([begin[1:], begin.new_tensor([batch * seq])])     # rows begin with a start
+        lengths = end - begin
+        self.num_documents = int(begin.numel())
+        group_of = torch.ceil(torch.log2(lengths.double())).long()        # 1, 2, 3-4, 5-8, ...
+        self.gather: list[torch.Tensor] = []   # per group: [n * L] flat token index (clamped)
+        self.shapes: list[tuple[int, int]] = []
+        kept: list[torch.Tensor] = []          # per group: positions of real tokens in [n * L]
+        dest: list[torch.Tensor] = []          # per group: where those tokens go in [B * T]
+        for g in torch.unique(group_of).tolist():
+            members = (group_of == g).nonzero().squeeze(1)
+            first, length = begin[members], lengths[members]
+            longest = int(length.max())
+            offset = torch.arange(longest, device=starts.device)
+            valid = offset[None, :] < length[:, None]
+            index = first[:, None] + torch.minimum(offset[None, :], length[:, None] - 1)
+            self.gather.append(index.flatten())
+            self.shapes.append((int(members.numel()), longest))
+            kept.append(valid.flatten().nonzero().squeeze(1))
+            dest.append(index[valid])
+        self.kept = kept
+        self.restore = torch.argsort(torch.cat(dest))  # concatenated real outputs -> token order
+
+    @classmethod
+    def detect(cls, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               batch_size: int) -> "DocumentBatch | None":
+        """The documents when some row holds more than one, else None (nothing to do).
+
+        Only a restart between two real tokens counts: generation's left padding makes the first
+        real token's position look like a restart after the padding, and that is no document.
+        Packed rows must be right-padded (the data loader's collate does that).
+        """
+        if position_ids is None or position_ids.shape[-1] < 2:
+            return None
+        starts = document_starts(position_ids.expand(batch_size, -1))
+        inner = starts[:, 1:]
+        if attention_mask is not None:
+            # with a cache the mask also covers the past tokens: keep the current ones
+            attention_mask = attention_mask[:, -starts.shape[1]:]
+            real = attention_mask.bool()
+            inner = inner & real[:, 1:] & real[:, :-1]
+        if not bool(inner.any()):
+            return None
+        if not is_right_padding(attention_mask):
+            raise ValueError("position_ids restart inside a row (packed documents) but the "
+                             "attention_mask has left padding: packed rows must be right-padded")
+        return cls(starts)
+
+    def split(self, x: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """``[B, T, *]`` -> one ``[n, L, *]`` tensor per length group (right-padded documents)."""
+        if x is None:
+            return [None] * len(self.shapes)
+        if tuple(x.shape[:2]) != (self.batch, self.seq):
+            raise ValueError(f"expected [{self.batch}, {self.seq}, ...], got {tuple(x.shape)}")
+        flat = x.reshape(self.batch * self.seq, *x.shape[2:])
+        return [flat.index_select(0, index.to(x.device)).view(n, length, *x.shape[2:])
+                for index, (n, length) in zip(self.gather, self.shapes)]
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``split``: per-group outputs -> ``[B, T, *]`` (padding outputs dropped)."""
+        rest = parts[0].shape[2:]
+        real = torch.cat([p.reshape(-1, *rest).index_select(0, keep.to(p.device))
+                          for p, keep in zip(parts, self.kept)])
+        return real.index_select(0, self.restore.to(real.device)).view(self.batch, self.seq, *rest)

@@ -1,0 +1,122 @@
+"""Packed documents: every document in a row behaves exactly as if it were alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.student import build_student
+from shared.student.packing import DocumentBatch, document_starts
+from shared.student.testing import tiny_teacher
+
+VOCAB = 101
+COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
+# row 0: documents of 5, 9 and 1 tokens, then 3 padding; row 1: 17 tokens and 1 of padding
+DOCS = [[5, 9, 1], [17]]
+WIDTH = 18
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_teacher("llama", layers=4)
+
+
+def packed_batch(seed: int = 0) -> tuple[list[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """The documents, and the batch the data loader's collate makes of them (right padding,
+    position_ids restarting per document and counting on into the padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [[torch.randint(3, VOCAB, (n,), generator=gen) for n in row] for row in DOCS]
+    ids = torch.zeros(len(DOCS), WIDTH, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(docs):
+        at = 0
+        for doc in row:
+            ids[r, at:at + len(doc)] = doc
+            pos[r, at:at + len(doc)] = torch.arange(len(doc))
+            at += len(doc)
+        mask[r, :at] = 1
+        pos[r, at:] = pos[r, at - 1] + 1 + torch.arange(WIDTH - at)
+    return docs, {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+
+
+def test_document_batch_round_trip_and_grouping() -> None:
+    _, batch = packed_batch()
+    starts = document_starts(batch["position_ids"])
+    assert starts.sum().item() == 4  # the padding continues the last document: no new start
+    docs = DocumentBatch(starts)
+    assert docs.num_documents == 4
+    # lengths 5, 9, 4 (1 + 3 padding) and 18 (17 + 1): groups 3-4, 5-8, 9-16, 17-32
+    assert sorted(docs.shapes) == [(1, 4), (1, 5), (1, 9), (1, 18)]
+    x = torch.randn(2, WIDTH, 3, requires_grad=True)
+    parts = docs.split(x)
+    torch.testing.assert_close(docs.merge(parts), x, rtol=0, atol=0)
+    docs.merge(parts).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # each token exactly once
+
+
+def test_rows_without_restarts_are_not_packed() -> None:
+    pos = torch.arange(6).repeat(2, 1)
+    assert DocumentBatch.detect(pos, None, 2) is None
+    # generation's left padding: positions 1,1,0,1,2 - the jump after the padding is no document
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    assert DocumentBatch.detect(torch.tensor([[1, 1, 0, 1, 2]]), mask, 1) is None
+    with pytest.raises(ValueError, match="right-padded"):
+        DocumentBatch.detect(torch.tensor([[1, 0, 1, 0, 1]]), torch.tensor([[0, 1, 1, 1, 1]]), 1)
+
+
+@pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
+@pytest.mark.parametrize("mode,ffn", COMBOS)
+def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ffn: str) -> None:
+    """Attention layers (block-diagonal mask) and RWKV layers (zero state per document) alike."""
+    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
+    docs, batch = packed_batch()
+    with torch.no_grad():
+        packed = student(**batch, use_cache=False).logits
+        for r, row in enumerate(docs):
+            at = 0
+            for doc in row:
+                alone = student(doc[None]).logits[0]
+                torch.testing.assert_close(packed[r, at:at + len(doc)], alone, rtol=1e-5, atol=1e-5)
+                at += len(doc)
+        # without position_ids the documents see each other: the test above can fail
+        leaky = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(leaky[0, 5:14], packed[0, 5:14], atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
+def test_packed_align_forward_and_gradients(teacher, mixer: str) -> None:
+    """Teacher-forced alignment on packed rows: outputs and mixer gradients equal the per-document
+    ones, and nothing flows between documents."""
+    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer))
+    docs, batch = packed_batch(seed=1)
+    states = torch.randn(2, WIDTH, 64, generator=torch.Generator().manual_seed(2))
+    inputs = {1: states, 3: states * 0.5}
+    outs = student.align_forward(inputs, batch["attention_mask"], batch["position_ids"])
+    real = batch["attention_mask"].bool()
+    sum(o[real].square().sum() for o in outs.values()).backward()
+    packed_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    total = 0.0
+    for r, row in enumerate(docs):
+        at = 0
+        for doc in row:
+            sl = slice(at, at + len(doc))
+            alone = student.align_forward({i: x[r:r + 1, sl] for i, x in inputs.items()})
+            for i, out in alone.items():
+                torch.testing.assert_close(outs[i][r:r + 1, sl], out, rtol=1e-5, atol=1e-5)
+            total = total + sum(o.square().sum() for o in alone.values())
+            at += len(doc)
+    total.backward()
+    assert packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, dict(student.named_parameters())[name].grad,
+                                   rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_rows_refuse_a_cache(teacher) -> None:
+    student = build_student(teacher, dict(layers=[1])).eval()
+    _, batch = packed_batch()
+    with pytest.raises(ValueError, match="use_cache=False"):
+        student(**batch, use_cache=True)
