@@ -24,28 +24,25 @@ a healthcheck is healthy, like ``docker compose up -d --wait``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-import xmlrpc.client
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from .compose import ComposeError, Project
-from .render import (Plan, Program, build_plan, default_run_dir, local_path_env, socket_path,
-                     write_conf)
+from .errors import RunnerError
+from .preflight import preflight, teacher_model_paths
+from .render import Plan, build_plan, default_run_dir, socket_path, write_conf
+from .supervisor_control import (exit_record, max_stopwait, pid_alive, read_pid, rpc_proxy,
+                                 start_dependents, stopped_message, supervisorctl_cmd,
+                                 supervisord_alive, supervisord_cmd)
 
-POLL = 0.5
-
-
-class RunnerError(RuntimeError):
-    """A failure reported to the user as one line, exit status 1."""
+# This module owns the command line: its arguments, the plan they select, and the commands.
+# Talking to supervisord is supervisor_control's, the host checks preflight's;
+# rpc_proxy and supervisord_alive stay importable from here, where callers found them.
+__all__ = ["RunnerError", "main", "rpc_proxy", "supervisord_alive"]
 
 
 # --------------------------------------------------------------------------- arguments
@@ -153,218 +150,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                       extra_args=_extra_args(args.extra_args))
 
 
-# --------------------------------------------------------------------------- pre-flight
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def teacher_model_paths(plan: Plan) -> dict[str, Path]:
-    """Host path of the teacher model each program loads (--teacher.model_path, else config)."""
-    found: dict[str, Path] = {}
-    for p in plan.programs:
-        value = _flag_value(p.argv, "--teacher.model_path")
-        if value is None:
-            config = _flag_value(p.argv, "--config")
-            if not config:
-                continue
-            cfg_path = Path(config) if Path(config).is_absolute() else Path(p.directory) / config
-            try:
-                doc = yaml.safe_load(cfg_path.read_text()) or {}
-            except (OSError, yaml.YAMLError):
-                continue  # the service reports its own config errors
-            value = str((doc.get("teacher") or {}).get("model_path") or "")
-            if not value:
-                continue
-        path = Path(value)
-        found[p.name] = path if path.is_absolute() else Path(p.directory) / path
-    return found
-
-
-def preflight(plan: Plan, create: bool = False) -> list[str]:
-    """Problems that would stop the stack early; with ``create``, make writable mount dirs."""
-    problems: list[str] = []
-    for name, mounts in plan.mounts.items():
-        for m in mounts:
-            if m.kind == "volume":
-                if create:
-                    (plan.run_dir / "volumes" / m.source).mkdir(parents=True, exist_ok=True)
-                continue
-            if Path(m.source).exists():
-                continue
-            if m.read_only:
-                problems.append(f"{name}: {m.source} (mounted at {m.target}) does not exist")
-            elif create:
-                Path(m.source).mkdir(parents=True, exist_ok=True)
-    for name, path in teacher_model_paths(plan).items():
-        if not (path / "config.json").is_file():
-            problems.append(
-                f"{name}: the teacher model {path} has no config.json - MODELS_DIR must hold "
-                f"the configured teacher (TEACHER_MODEL) as a Hugging Face model directory")
-    return sorted(set(problems))
-
-
-# --------------------------------------------------------------------------- supervisord
-def rpc_proxy(sock: Path) -> Any:
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, f"unix://{sock}")
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-
-
-def supervisord_alive(sock: Path) -> bool:
-    if not sock.exists():
-        return False
-    try:
-        rpc_proxy(sock).supervisor.getState()
-        return True
-    except (OSError, xmlrpc.client.Error):
-        return False
-
-
-def _read_pid(run_dir: Path) -> int | None:
-    try:
-        return int((run_dir / "supervisord.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _exit_record(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((run_dir / "exit-status.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _stopped_message(plan: Plan) -> str:
-    record = _exit_record(plan.run_dir)
-    logs = plan.run_dir / "logs"
-    if record:
-        return (f"supervisord stopped: {record.get('process')} went "
-                f"{record.get('event', '').rsplit('_', 1)[-1]} (see {logs}/{record.get('process')}.log)")
-    return f"supervisord is not running (see {plan.run_dir / 'supervisord.log'})"
-
-
-def _state(rpc: Any, name: str) -> dict[str, Any]:
-    return rpc.supervisor.getProcessInfo(name)
-
-
-def run_healthcheck(plan: Plan, prog: Program) -> bool:
-    assert prog.healthcheck is not None and prog.healthcheck_argv is not None
-    env = dict(os.environ)
-    env["PATH"] = local_path_env()
-    env.update(prog.environment)
-    try:
-        done = subprocess.run(prog.healthcheck_argv, cwd=prog.directory, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=prog.healthcheck.timeout, check=False)
-    except (subprocess.TimeoutExpired, OSError):
-        return False
-    return done.returncode == 0
-
-
-def wait_ready(plan: Plan, rpc: Any, name: str, condition: str, deadline: float | None) -> None:
-    """Block until ``name`` satisfies a compose depends_on ``condition``."""
-    prog = plan.program(name)
-    hc = prog.healthcheck if condition == "service_healthy" else None
-    if condition == "service_healthy" and (hc is None or prog.healthcheck_argv is None):
-        raise RunnerError(f"{name} has no healthcheck, but a service waits for it to be healthy")
-    started = time.monotonic()
-    failures = 0
-    while True:
-        try:
-            info = _state(rpc, name)
-        except (OSError, xmlrpc.client.Error):
-            raise RunnerError(_stopped_message(plan)) from None
-        state = info["statename"]
-        if condition == "service_completed_successfully":
-            if state == "EXITED":
-                if info["exitstatus"] == 0:
-                    return
-                raise RunnerError(f"{name} exited with status {info['exitstatus']}")
-        elif state == "FATAL" or (state in ("EXITED", "STOPPED") and prog.autorestart == "false"):
-            raise RunnerError(f"{name} is {state} (see {prog.logfile})")
-        elif state == "RUNNING":
-            if hc is None:
-                return
-            if run_healthcheck(plan, prog):
-                return
-            if time.monotonic() - started > hc.start_period:
-                failures += 1
-                if failures >= hc.retries:
-                    raise RunnerError(f"{name} is unhealthy: its healthcheck failed {failures} "
-                                      f"times (see {prog.logfile})")
-        if deadline is not None and time.monotonic() > deadline:
-            raise RunnerError(f"timed out waiting for {name} ({condition}); see {prog.logfile}")
-        if hc is None:
-            time.sleep(POLL)
-        elif time.monotonic() - started < hc.start_period:
-            time.sleep(min(hc.interval, hc.start_interval))
-        else:
-            time.sleep(hc.interval)
-
-
-def _default_deadline(plan: Plan, names: list[str]) -> float:
-    worst = 60.0
-    for n in names:
-        hc = plan.program(n).healthcheck
-        if hc:
-            worst = max(worst, hc.start_period + hc.interval * (hc.retries + 1) + 30)
-    return worst
-
-
-def start_dependents(plan: Plan, rpc: Any, timeout: float | None, wait_all: bool) -> None:
-    for prog in plan.programs:
-        if prog.autostart:
-            continue
-        deadline = time.monotonic() + (timeout if timeout is not None
-                                       else _default_deadline(plan, list(prog.depends_on)))
-        for dep, condition in prog.depends_on.items():
-            print(f"runner: {prog.name} waits for {dep} ({condition})", flush=True)
-            wait_ready(plan, rpc, dep, condition, deadline)
-        print(f"runner: starting {prog.name}", flush=True)
-        try:
-            rpc.supervisor.startProcess(prog.name, False)
-        except (OSError, xmlrpc.client.Error) as err:
-            raise RunnerError(f"cannot start {prog.name}: {err}; {_stopped_message(plan)}") \
-                from None
-    if wait_all:
-        names = [p.name for p in plan.programs if p.healthcheck and p.healthcheck_argv]
-        deadline = time.monotonic() + (timeout if timeout is not None
-                                       else _default_deadline(plan, names))
-        for name in names:
-            print(f"runner: waiting for {name} to be healthy", flush=True)
-            wait_ready(plan, rpc, name, "service_healthy", deadline)
-
-
-def _supervisord_cmd(conf: Path) -> list[str]:
-    return [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
-
-
-def _supervisorctl_cmd(conf: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args]
-
-
+# --------------------------------------------------------------------------- commands
 def cmd_up(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     for name, why in plan.skipped.items():
@@ -385,15 +171,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"runner: {conf}", flush=True)
     proc: subprocess.Popen[bytes] | None = None
     if args.foreground:
-        proc = subprocess.Popen(_supervisord_cmd(conf))
+        proc = subprocess.Popen(supervisord_cmd(conf))
     else:
-        done = subprocess.run(_supervisord_cmd(conf), check=False)
+        done = subprocess.run(supervisord_cmd(conf), check=False)
         if done.returncode != 0:
             raise RunnerError(f"supervisord failed to start (see {plan.run_dir}/supervisord.log)")
     deadline = time.monotonic() + 30
     while not supervisord_alive(sock):
         if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            raise RunnerError(_stopped_message(plan))
+            raise RunnerError(stopped_message(plan))
         time.sleep(0.2)
     rpc = rpc_proxy(sock)
     try:
@@ -413,7 +199,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: proc.send_signal(signal.SIGTERM))
     proc.wait()
-    record = _exit_record(plan.run_dir)
+    record = exit_record(plan.run_dir)
     return int(record["exit_status"]) if record else 0
 
 
@@ -459,14 +245,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     conf = run_dir / "supervisord.conf"
     sock = socket_path(run_dir)
-    pid = _read_pid(run_dir)
+    pid = read_pid(run_dir)
     if not conf.is_file() or not supervisord_alive(sock):
         print(f"runner: not running ({run_dir})")
         return 0
-    done = subprocess.run(_supervisorctl_cmd(conf, "shutdown"), check=False)
-    timeout = args.timeout if args.timeout is not None else _max_stopwait(conf) + 30
+    done = subprocess.run(supervisorctl_cmd(conf, "shutdown"), check=False)
+    timeout = args.timeout if args.timeout is not None else max_stopwait(conf) + 30
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) or supervisord_alive(sock):
+    while pid_alive(pid) or supervisord_alive(sock):
         if time.monotonic() > deadline:
             raise RunnerError(f"supervisord (pid {pid}) still running after {timeout:.0f}s")
         time.sleep(0.2)
@@ -474,26 +260,18 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0 if done.returncode == 0 else done.returncode
 
 
-def _max_stopwait(conf: Path) -> float:
-    worst = 10.0
-    for line in conf.read_text().splitlines():
-        if line.startswith("stopwaitsecs="):
-            worst = max(worst, float(line.split("=", 1)[1]))
-    return worst
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     conf = _run_dir(args) / "supervisord.conf"
     if not conf.is_file():
         print(f"runner: never started ({conf.parent})")
         return 3
-    return subprocess.run(_supervisorctl_cmd(conf, "status"), check=False).returncode
+    return subprocess.run(supervisorctl_cmd(conf, "status"), check=False).returncode
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     conf = _run_dir(args) / "supervisord.conf"
     extra = args.args[1:] if args.args[:1] == ["--"] else args.args
-    return subprocess.run(_supervisorctl_cmd(conf, *extra), check=False).returncode
+    return subprocess.run(supervisorctl_cmd(conf, *extra), check=False).returncode
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -13,285 +13,31 @@ the process environment, then the ``.env`` file.
 
 Only what a service needs is interpolated (:meth:`Project.service`), so a variable that only
 Grafana needs (its admin password) does not block a run that leaves Grafana out.
+
+This module owns the project: loading and merging the files, selecting services, and
+turning one into a :class:`Service`. The interpolation and dotenv syntax are in
+:mod:`.interpolate`, the normalised parts and their parsers in :mod:`.normalise`; their
+public names are re-exported here, the runner's one entry point to the compose reader.
 """
 from __future__ import annotations
 
 import copy
 import os
-import re
-import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
-Lookup = Callable[[str], "str | None"]
+from .errors import ComposeError
+from .interpolate import Lookup, interpolate, interpolate_tree, parse_dotenv
+from .normalise import (Healthcheck, Mount, Service, as_argv, as_list, normalise_depends_on,
+                        normalise_environment, parse_duration, scalar)
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class ComposeError(ValueError):
-    """A compose file, .env file or interpolation that cannot be used."""
-
-
-# --------------------------------------------------------------------------- interpolation
-def interpolate(text: str, lookup: Lookup, where: str = "") -> str:
-    """Substitute variables in ``text`` as compose does; ``lookup(name)`` is None when unset."""
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c != "$":
-            out.append(c)
-            i += 1
-            continue
-        if i + 1 < n and text[i + 1] == "$":
-            out.append("$")
-            i += 2
-            continue
-        if i + 1 < n and text[i + 1] == "{":
-            end = _matching_brace(text, i + 1)
-            if end < 0:
-                raise ComposeError(f"{where}: unclosed '${{' in {text!r}")
-            out.append(_expand_braced(text[i + 2:end], lookup, where))
-            i = end + 1
-            continue
-        m = _NAME.match(text, i + 1)
-        if m:
-            value = lookup(m.group(0))
-            out.append(value if value is not None else "")
-            i = m.end()
-            continue
-        out.append("$")
-        i += 1
-    return "".join(out)
+__all__ = ["ComposeError", "Healthcheck", "Lookup", "Mount", "Project", "Service", "interpolate",
+           "interpolate_tree", "normalise_environment", "parse_dotenv", "parse_duration"]
 
 
-def _matching_brace(text: str, open_at: int) -> int:
-    depth = 0
-    for j in range(open_at, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return j
-    return -1
-
-
-def _expand_braced(body: str, lookup: Lookup, where: str) -> str:
-    m = _NAME.match(body)
-    if not m:
-        raise ComposeError(f"{where}: invalid interpolation '${{{body}}}'")
-    name, rest = m.group(0), body[m.end():]
-    value = lookup(name)
-    if rest == "":
-        return value if value is not None else ""
-    for op in (":-", ":?", ":+", "-", "?", "+"):
-        if rest.startswith(op):
-            word = rest[len(op):]
-            break
-    else:
-        raise ComposeError(f"{where}: invalid interpolation '${{{body}}}'")
-    missing = value is None or (op.startswith(":") and value == "")
-    if op in (":-", "-"):
-        return interpolate(word, lookup, where) if missing else value  # type: ignore[return-value]
-    if op in (":+", "+"):
-        return "" if missing else interpolate(word, lookup, where)
-    if missing:  # ":?" / "?"
-        message = interpolate(word, lookup, where) or "is not set"
-        raise ComposeError(f"required variable {name} is missing a value: {message}")
-    return value  # type: ignore[return-value]
-
-
-def interpolate_tree(node: Any, lookup: Lookup, where: str = "") -> Any:
-    """Interpolate every string value (not mapping keys) of a YAML tree."""
-    if isinstance(node, str):
-        return interpolate(node, lookup, where)
-    if isinstance(node, list):
-        return [interpolate_tree(v, lookup, where) for v in node]
-    if isinstance(node, dict):
-        return {k: interpolate_tree(v, lookup, f"{where}.{k}" if where else str(k))
-                for k, v in node.items()}
-    return node
-
-
-# --------------------------------------------------------------------------- dotenv
-def parse_dotenv(text: str, lookup: Lookup | None = None, where: str = ".env") -> dict[str, str]:
-    """Parse compose's dotenv syntax.
-
-    ``KEY=VALUE`` lines (optionally ``export KEY=VALUE``); ``#`` comment lines; unquoted values
-    end at `` #`` and are trimmed; ``'single'`` quotes are literal; ``"double"`` quotes take
-    ``\\n \\t \\" \\\\`` escapes. Unquoted and double-quoted values are interpolated from the
-    variables defined above them in the file, then from ``lookup``.
-    """
-    values: dict[str, str] = {}
-
-    def look(name: str) -> str | None:
-        if name in values:
-            return values[name]
-        return lookup(name) if lookup else None
-
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        if "=" not in line:
-            raise ComposeError(f"{where}:{lineno}: expected KEY=VALUE, got {raw!r}")
-        key, value = line.split("=", 1)
-        key = key.strip()
-        if not _NAME.fullmatch(key):
-            raise ComposeError(f"{where}:{lineno}: invalid variable name {key!r}")
-        value = value.strip()
-        if value.startswith("'"):
-            end = value.find("'", 1)
-            if end < 0:
-                raise ComposeError(f"{where}:{lineno}: unterminated single quote")
-            values[key] = value[1:end]
-        elif value.startswith('"'):
-            chars, j = [], 1
-            while j < len(value) and value[j] != '"':
-                if value[j] == "\\" and j + 1 < len(value):
-                    chars.append({"n": "\n", "t": "\t", "r": "\r"}.get(value[j + 1], value[j + 1]))
-                    j += 2
-                    continue
-                chars.append(value[j])
-                j += 1
-            if j >= len(value):
-                raise ComposeError(f"{where}:{lineno}: unterminated double quote")
-            values[key] = interpolate("".join(chars), look, f"{where}:{lineno}")
-        else:
-            cut = re.search(r"\s#", value)
-            if cut:
-                value = value[:cut.start()].rstrip()
-            values[key] = interpolate(value, look, f"{where}:{lineno}")
-    return values
-
-
-# --------------------------------------------------------------------------- durations
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
-
-
-def parse_duration(value: Any, default: float) -> float:
-    """Compose durations (``1m30s``, ``500ms``, ``10s``) in seconds; numbers are seconds."""
-    if value is None:
-        return default
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip()
-    pos, total = 0, 0.0
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * scale[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ComposeError(f"invalid duration {value!r}")
-    return total
-
-
-# --------------------------------------------------------------------------- normalised parts
-@dataclass
-class Mount:
-    target: str
-    source: str          # host path (bind) or volume name (volume)
-    kind: str            # "bind" | "volume"
-    read_only: bool = False
-
-
-@dataclass
-class Healthcheck:
-    test: list[str]      # ["CMD", ...] or ["CMD-SHELL", "..."]
-    interval: float = 30.0
-    timeout: float = 30.0
-    retries: int = 3
-    start_period: float = 0.0
-    start_interval: float = 5.0
-
-
-@dataclass
-class Service:
-    """One service, interpolated and normalised."""
-
-    name: str
-    raw: dict[str, Any]
-    image: str | None
-    builds: bool                       # has a build: section (our image)
-    entrypoint: list[str] | None
-    command: list[str] | None
-    environment: dict[str, str]        # env_file values, then environment (wins)
-    mounts: list[Mount]
-    working_dir: str | None
-    restart: str
-    stop_grace_period: float
-    healthcheck: Healthcheck | None
-    depends_on: dict[str, str]         # name -> condition
-    profiles: list[str] = field(default_factory=list)
-
-    @property
-    def argv(self) -> list[str] | None:
-        """What the container runs besides the image's defaults: entrypoint + command."""
-        if self.entrypoint is not None:
-            return list(self.entrypoint) + list(self.command or [])
-        return list(self.command) if self.command is not None else None
-
-
-def _as_argv(value: Any, what: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return shlex.split(value)
-    if isinstance(value, list):
-        return [_scalar(v) for v in value]
-    raise ComposeError(f"{what}: expected a string or a list")
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    return str(value)
-
-
-def normalise_environment(value: Any, lookup: Lookup) -> dict[str, str]:
-    """``environment`` as a dict; ``KEY`` without a value takes it from ``lookup`` if set."""
-    env: dict[str, str] = {}
-    if value is None:
-        return env
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, list):
-        items = []
-        for entry in value:
-            key, sep, val = str(entry).partition("=")
-            items.append((key, val if sep else None))
-    else:
-        raise ComposeError("environment: expected a list or a mapping")
-    for key, val in items:
-        if val is None:
-            found = lookup(str(key))
-            if found is not None:
-                env[str(key)] = found
-        else:
-            env[str(key)] = _scalar(val)
-    return env
-
-
-def _normalise_depends_on(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if isinstance(value, list):
-        return {str(v): "service_started" for v in value}
-    if isinstance(value, dict):
-        return {str(k): str((v or {}).get("condition", "service_started")) for k, v in value.items()}
-    raise ComposeError("depends_on: expected a list or a mapping")
-
-
+# --------------------------------------------------------------------------- merging files
 def _merge_service(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Compose's merge of one service across files (the subset we need)."""
     out = copy.deepcopy(base)
@@ -301,8 +47,8 @@ def _merge_service(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]
             merged.update(_env_items(value))
             out[key] = merged
         elif key == "depends_on":
-            merged_d = {k: {"condition": c} for k, c in _normalise_depends_on(out.get(key)).items()}
-            merged_d.update({k: {"condition": c} for k, c in _normalise_depends_on(value).items()})
+            merged_d = {k: {"condition": c} for k, c in normalise_depends_on(out.get(key)).items()}
+            merged_d.update({k: {"condition": c} for k, c in normalise_depends_on(value).items()})
             out[key] = merged_d
         elif key == "volumes":
             by_target: dict[str, Any] = {}
@@ -310,7 +56,7 @@ def _merge_service(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]
                 by_target[_volume_target(v)] = v
             out[key] = list(by_target.values())
         elif key in ("env_file",):
-            out[key] = _as_list(out.get(key)) + _as_list(value)
+            out[key] = as_list(out.get(key)) + as_list(value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "healthcheck":
             out[key] = _deep_merge(out[key], value)
         elif key == "healthcheck" and isinstance(out.get(key), dict) and isinstance(value, dict):
@@ -332,12 +78,6 @@ def _env_items(value: Any) -> dict[str, Any]:
         key, sep, val = str(entry).partition("=")
         items[key] = val if sep else None
     return items
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -464,7 +204,7 @@ class Project:
             if name in seen:
                 return
             if with_deps:
-                for dep in _normalise_depends_on(self.raw(name).get("depends_on")):
+                for dep in normalise_depends_on(self.raw(name).get("depends_on")):
                     visit(dep, stack + (name,))
             seen.add(name)
             chosen.append(name)
@@ -480,7 +220,7 @@ class Project:
         """Interpolate and normalise one service."""
         raw = interpolate_tree(self.raw(name), self.lookup, f"services.{name}")
         env: dict[str, str] = {}
-        for entry in _as_list(raw.get("env_file")):
+        for entry in as_list(raw.get("env_file")):
             if isinstance(entry, dict):
                 path, required = entry.get("path"), entry.get("required", True)
             else:
@@ -500,21 +240,21 @@ class Project:
                 test = ["CMD-SHELL", test]
             if test and test[0] != "NONE":
                 healthcheck = Healthcheck(
-                    test=[_scalar(t) for t in test],
+                    test=[scalar(t) for t in test],
                     interval=parse_duration(health.get("interval"), 30.0),
                     timeout=parse_duration(health.get("timeout"), 30.0),
                     retries=int(health.get("retries", 3)),
                     start_period=parse_duration(health.get("start_period"), 0.0),
                     start_interval=parse_duration(health.get("start_interval"), 5.0))
-        restart = _scalar(raw.get("restart", "no")) or "no"
+        restart = scalar(raw.get("restart", "no")) or "no"
         return Service(
             name=name, raw=raw, image=raw.get("image"), builds="build" in raw,
-            entrypoint=_as_argv(raw.get("entrypoint"), f"services.{name}.entrypoint"),
-            command=_as_argv(raw.get("command"), f"services.{name}.command"),
+            entrypoint=as_argv(raw.get("entrypoint"), f"services.{name}.entrypoint"),
+            command=as_argv(raw.get("command"), f"services.{name}.command"),
             environment=env, mounts=[self._mount(v, name) for v in raw.get("volumes") or []],
             working_dir=raw.get("working_dir"), restart=restart,
             stop_grace_period=parse_duration(raw.get("stop_grace_period"), 10.0),
-            healthcheck=healthcheck, depends_on=_normalise_depends_on(raw.get("depends_on")),
+            healthcheck=healthcheck, depends_on=normalise_depends_on(raw.get("depends_on")),
             profiles=list(raw.get("profiles") or []))
 
     def resolve_host(self, path: str) -> Path:

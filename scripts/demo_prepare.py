@@ -1,0 +1,136 @@
+"""The demo's teacher and data: made once under the run directory, reused while they fit.
+
+A tiny Llama teacher (``python -m shared.tiny``) given a short language-model training so
+that it has something to distil, a C4-layout sample of the system's documentation
+(scripts/make_c4_sample.py), and that sample prepared for the trainer with a held-out
+validation split (``python -m services.trainer.data c4``). :func:`prepare` is the entry point.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from demo_common import ROOT, TEACHER_NAME, quiet_transformers, run, say, step_title
+
+MAX_LEN = 128
+VALIDATION_SIZE = 64
+PRETRAIN_STAMP = "demo_pretraining.json"
+
+
+def c4_ready(c4: Path) -> bool:
+    from make_c4_sample import TRAIN_NAME, VALIDATION_NAME  # noqa: E402 (scripts/)
+
+    return (c4 / "en" / TRAIN_NAME).is_file() and (c4 / "en" / VALIDATION_NAME).is_file()
+
+
+def data_ready(data: Path, teacher: Path) -> bool:
+    from services.trainer.data.loader import check_tokenizer_fingerprint
+    from shared.fingerprint import tokenizer_fingerprint
+
+    if not (data / "card.json").is_file():
+        return False
+    try:
+        check_tokenizer_fingerprint(data, tokenizer_fingerprint(teacher))
+    except Exception:  # noqa: BLE001 - any mismatch or unreadable card: prepare again
+        return False
+    return True
+
+
+def teacher_ready(teacher: Path, steps: int) -> bool:
+    try:
+        stamp = json.loads((teacher / PRETRAIN_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return (teacher / "config.json").is_file() and stamp.get("steps") == steps
+
+
+def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 16,
+                     lr: float = 5e-3, seed: int = 0) -> dict[str, float]:
+    """A short causal-LM training of the tiny teacher on the train split (AdamW, cosine)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.trainer.data.loader import TrainBatches
+    from shared.losses import ce_loss
+
+    quiet_transformers()
+    torch.manual_seed(seed)
+    # One thread: tiny matrices gain little from more, and OpenMP threads that spin on a
+    # busy machine can make every step several times slower.
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    model.train()
+    batches = TrainBatches(data, micro_batch, seed=seed).forever()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 15)
+    first = last = float("nan")
+    t0 = time.monotonic()
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        batch = next(batches)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = ce_loss(logits, batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = float(loss.detach())
+        if step == 0:
+            first = last
+        if step == 0 or (step + 1) % 50 == 0 or step + 1 == steps:
+            say(f"  teacher LM step {step + 1}/{steps}: loss {last:.3f} "
+                f"(perplexity {math.exp(last):.0f}), {time.monotonic() - t0:.0f} s")
+    model.save_pretrained(str(teacher))
+    stamp = {"steps": steps, "micro_batch_size": micro_batch, "lr": lr, "seed": seed,
+             "first_loss": first, "last_loss": last, "data": str(data),
+             "note": "tiny random Llama (python -m shared.tiny) given a short LM training by "
+                     "scripts/demo.py so that it has something to distil"}
+    (teacher / PRETRAIN_STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    return stamp
+
+
+def prepare(run_dir: Path, teacher_steps: int, fresh: bool) -> tuple[Path, Path, Path]:
+    """Teacher, C4 sample and prepared data under run_dir, reused when already there."""
+    models, c4, data = run_dir / "models", run_dir / "c4", run_dir / "data"
+    teacher = models / TEACHER_NAME
+    if fresh:
+        for path in (teacher, c4, data):
+            shutil.rmtree(path, ignore_errors=True)
+    py = sys.executable
+    new_teacher = not teacher_ready(teacher, teacher_steps)
+    if new_teacher:
+        step_title(f"Tiny teacher: {teacher}")
+        shutil.rmtree(teacher, ignore_errors=True)
+        run([py, "-m", "shared.tiny", "--output", teacher], quiet=True, what="shared.tiny")
+    else:
+        say(f"\n==> Reusing the teacher {teacher} (--fresh to make a new one)")
+    if not c4_ready(c4):
+        step_title(f"C4-format sample of the system's documentation: {c4}")
+        run([py, ROOT / "scripts" / "make_c4_sample.py", "--output", c4, "--max-mb", "2"],
+            what="make_c4_sample.py")
+    if new_teacher or not data_ready(data, teacher):
+        step_title(f"Preparing the data: {data}")
+        run([py, "-m", "services.trainer.data", "c4", "--local_c4_dir", c4, "--languages", "en",
+             "--split", "train", "--tokenizer", teacher, "--output_dir", data, "--max_len",
+             str(MAX_LEN), "--buckets", "32", "--long_docs", "split", "--validation_size",
+             str(VALIDATION_SIZE), "--overwrite"], quiet=True, what="data preparation")
+        card = json.loads((data / "card.json").read_text())
+        splits = card["splits"]
+        say(f"  {splits['train']['samples']} train / {splits['validation']['samples']} "
+            f"validation samples of at most {MAX_LEN} tokens, {splits['train']['tokens']} "
+            f"train tokens")
+    if new_teacher:
+        if teacher_steps > 0:
+            step_title(f"Teaching the tiny teacher some English ({teacher_steps} LM steps on "
+                       "the train split)")
+            pretrain_teacher(teacher, data, teacher_steps)
+        else:
+            (teacher / PRETRAIN_STAMP).write_text(json.dumps({"steps": 0}) + "\n")
+    return teacher, c4, data
