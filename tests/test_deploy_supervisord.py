@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -224,9 +225,11 @@ def test_entrypoint_exits_nonzero_when_the_program_cannot_start():
 def test_entrypoint_sigterm_stops_the_whole_process_group(tmp_path: Path):
     token = str(tmp_path)
     # A parent (like torchrun) with a child that only dies if the group gets the signal.
-    script = ("import signal, subprocess, sys, time\n"
+    # One os.write for the whole line: print() writes its pieces separately when unbuffered
+    # (PYTHONUNBUFFERED), and supervisord's own log lines, on the same stdout, then land between.
+    script = ("import os, signal, subprocess, sys, time\n"
               "child = subprocess.Popen(['sleep', '300'])\n"
-              "print('ready', child.pid, flush=True)\n"
+              "os.write(1, f'ready {child.pid}\\n'.encode())\n"
               "signal.signal(signal.SIGTERM, lambda *a: (print('parent got TERM', flush=True),"
               " sys.exit(0)))\n"
               "time.sleep(300)\n")
@@ -236,8 +239,9 @@ def test_entrypoint_sigterm_stops_the_whole_process_group(tmp_path: Path):
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        if line.startswith("ready"):
-            child_pid = int(line.split()[1])
+        found = re.match(r"ready (\d+)$", line.strip())
+        if found:
+            child_pid = int(found.group(1))
             break
     assert child_pid and pid_alive(child_pid)
     proc.send_signal(signal.SIGTERM)
