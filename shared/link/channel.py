@@ -17,6 +17,7 @@ from shared.link.protocol import LinkError
 # Gloo's own timeout must not fire during legitimate long waits (a paused trainer): our
 # polling loop bounds every wait instead.
 _GLOO_WAIT = timedelta(days=7)
+EXPLAIN_SECONDS = 2.0  # after a failed transfer, how long the peer's files may take to explain it
 
 
 class PeerLost(LinkError):
@@ -67,7 +68,15 @@ def wait_all(completions: Iterable[Completion], timeout: float | None,
         try:
             pending = [c for c in pending if not c.done()]
         except PeerLost as err:
-            check_peer()  # names the cause (process gone, new generation) when it can
+            # Name the cause (process gone, new generation) when we can. A teacher that lost
+            # another trainer aborts the transfers a moment before it publishes the new
+            # generation, so give the peer EXPLAIN_SECONDS to say so.
+            explain_until = time.monotonic() + EXPLAIN_SECONDS
+            while True:
+                check_peer()
+                if time.monotonic() > explain_until:
+                    break
+                time.sleep(0.05)
             raise PeerLost(f"{what}: {err}") from err
         if not pending:
             return

@@ -161,13 +161,15 @@ class TeacherClient:
 
     # -- liveness --------------------------------------------------------------------------
     def check_teacher(self) -> None:
+        # Heartbeat first, manifest second: the teacher publishes a new generation before it
+        # stops the old heartbeat, so a missing heartbeat is explained by the manifest read after.
+        alive, why = peer_state(self.rendezvous.gen_dir(self.generation) / "teacher.alive",
+                                self.cfg.timeout_seconds)
         manifest = self.rendezvous.read_manifest()
         if manifest is not None and manifest.get("generation") != self.generation:
             raise PeerLost(f"teacher of group {self.group} opened generation "
                            f"{manifest.get('generation')} (we joined {self.generation}): a peer "
                            "of the group was lost; restart the trainers to rejoin")
-        alive, why = peer_state(self.rendezvous.gen_dir(self.generation) / "teacher.alive",
-                                self.cfg.timeout_seconds)
         if not alive:
             raise PeerLost(f"teacher of group {self.group} is gone: {why}")
 

@@ -123,11 +123,14 @@ class GroupRendezvous:
         existing = [int(p.name.split("-", 1)[1]) for p in self.dir.glob("gen-*")
                     if p.name.split("-", 1)[1].isdigit()]
         generation = max([int(previous.get("generation", 0)), *existing]) + 1
-        for old in self.dir.glob("gen-*"):
-            shutil.rmtree(old, ignore_errors=True)
         self.gen_dir(generation).mkdir()
         write_json_atomic(self.manifest_path, {**manifest, "generation": generation,
                                                "group": self.group, "created": time.time()})
+        # Old generations go only after the new manifest is out: a trainer that finds its
+        # generation's files gone then reads the new generation in the manifest.
+        for old in self.dir.glob("gen-*"):
+            if old != self.gen_dir(generation):
+                shutil.rmtree(old, ignore_errors=True)
         return generation
 
     def joined_trainers(self, generation: int, trainers: int, stale_after: float) -> list[int]:

@@ -63,17 +63,28 @@ class TeacherServer:
 
     def serve(self, stop: threading.Event) -> None:
         """Open generation after generation until ``stop`` is set."""
+        heartbeat = None
         try:
             while not stop.is_set():
-                self._serve_one_generation(stop)
+                heartbeat = self._serve_one_generation(stop, heartbeat)
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             self.ready = False
             self.metrics.ready.set(0)
             self.rendezvous.remove_manifest()
 
-    def _serve_one_generation(self, stop: threading.Event) -> None:
+    def _serve_one_generation(self, stop: threading.Event, previous: Heartbeat | None) -> Heartbeat:
+        """Serve one generation; returns its heartbeat, still beating.
+
+        The previous generation's heartbeat stops only after this generation's manifest is
+        published: a trainer of the old generation that finds the teacher's heartbeat gone then
+        always finds the new generation in the manifest, and says so (not "teacher gone").
+        """
         rdv, link = self.rendezvous, self.link
         self.generation = rdv.open_generation(self.manifest())
+        if previous is not None:
+            previous.stop()
         gen_dir = rdv.gen_dir(self.generation)
         heartbeat = Heartbeat(gen_dir / "teacher.alive", link.heartbeat_seconds,
                               {"generation": self.generation})
@@ -87,7 +98,7 @@ class TeacherServer:
             while len(rdv.joined_trainers(self.generation, self.trainers,
                                           link.timeout_seconds)) < self.trainers:
                 if stop.wait(0.2):
-                    return
+                    return heartbeat
             pg = make_process_group(gen_dir / "store", self.trainers, self.trainers + 1,
                                     self.backend, link.timeout_seconds)
             self.metrics.trainers_connected.set(self.trainers)
@@ -96,11 +107,14 @@ class TeacherServer:
             self._serve_rounds(pg, stop)
         except (PeerLost, LinkError, RuntimeError) as err:
             log.warning("group %d: generation %d ended: %s", self.group, self.generation, err)
+        except BaseException:
+            heartbeat.stop()
+            raise
         finally:
             self.metrics.trainers_connected.set(0)
-            heartbeat.stop()
             if pg is not None:
                 abort_process_group(pg)
+        return heartbeat
 
     # -- rounds ----------------------------------------------------------------------------
     def _check_trainers(self, which: list[int] | None = None) -> None:
