@@ -1,9 +1,10 @@
 """The teacher link's wire protocol: what a request and a response are, as plain tensors.
 
 Nothing is pickled: a request is a fixed-size int64 header followed by the token ids, the
-row lengths and, for rows packing several documents, their position ids; a response is an int64 status header followed by the tensors the request asked
-for, whose shapes both ends derive from the request header. Every request carries its own
-(batch, length), so no buffer has a fixed shape and lengths vary freely between steps.
+row lengths and, for rows packing several documents, their position ids; a response is an
+int64 status header followed by the tensors the request asked for, whose shapes both ends
+derive from the request header. Every request carries its own (batch, length), so no buffer
+has a fixed shape and lengths vary freely between steps.
 
     trainer ── header[HEADER_LEN] ─▶ teacher     int64
     trainer ── ids[B, T]          ─▶ teacher     int64
