@@ -110,7 +110,7 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     data = request.getfixturevalue("packed_dataset" if packed else "dataset")
     cfg = stack_config(tmp_path, tiny_llama, data, tmp_path / "rdv", stage=stage,
                        deepspeed_config=f"configs/deepspeed/{zero}.json",
-                       kl_weight=1.0, ce_weight=0.0)
+                       kl_weight=1.0, ce_weight=0.0, val_every=15 if packed else 0)
     if stage != "sft":
         teacher(cfg)
     proc = torchrun(cfg)
@@ -137,6 +137,10 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     assert scraped and max(scraped) >= 10   # the run's steps, seen over HTTP
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert Path(summary["student"], "config.json").is_file()
+    if packed:  # validation on packed rows, through the teacher link with position ids
+        val = summary["history"]["last_val"]
+        assert val["tokens"] > 0, val
+        assert all(0 < val[k] < 20 for k in ("kl", "student_loss", "teacher_loss")), val
     if stage == "kd":
         # async prefetch: the teacher computed micro step k+1 while step k was training
         overlapped = 0
