@@ -143,7 +143,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept."""
     val_every: int = 50
-    """Validate every N steps (0 = only at the end)."""
+    """Validate every N steps and after the last (0 = never)."""
     val_batches: int = 8
     """Batches per validation."""
     log_every: int = 1

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from services.runner.cli import main as runner_main, rpc_proxy  # noqa: E402
-from services.runner.render import socket_path  # noqa: E402
+from conftest import ROOT, free_port, wait_for
+from services.runner.cli import main as runner_main, rpc_proxy
+from services.runner.render import socket_path
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_with(token: str) -> list[int]:
@@ -50,15 +41,6 @@ def processes_with(token: str) -> list[int]:
         if token in cmdline and state != "Z":
             found.append(int(entry.name))
     return found
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s: {what}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -88,7 +70,7 @@ def stack(tmp_path: Path):
 
 
 def supervisord_pid(run_dir: Path) -> int:
-    wait_until(lambda: (run_dir / "supervisord.pid").exists(), 10, "supervisord pidfile")
+    wait_for(lambda: (run_dir / "supervisord.pid").exists(), 10, "supervisord pidfile")
     return int((run_dir / "supervisord.pid").read_text())
 
 
@@ -113,12 +95,12 @@ services:
     assert rc in (0, 1)  # 1 when supervisord was already gone before `up` returned
     pid = supervisord_pid(run_dir)
     try:
-        wait_until(lambda: not pid_alive(pid), 30, "the FATAL listener to stop supervisord")
+        wait_for(lambda: not pid_alive(pid), 30, "the FATAL listener to stop supervisord")
     except AssertionError as e:
         states = {n: rpc_proxy(socket_path(run_dir)).supervisor.getProcessInfo(n)["statename"]
                   for n in ("sleeper", "crasher")}
         raise AssertionError(f"{e}; program states: {states}") from None
-    wait_until(lambda: not processes_with(token), 10, "the sleeper to be stopped")
+    wait_for(lambda: not processes_with(token), 10, "the sleeper to be stopped")
     record = json.loads((run_dir / "exit-status.json").read_text())
     assert record["process"] == "crasher" and record["event"] == "PROCESS_STATE_FATAL"
     assert "crasher" in (run_dir / "logs" / "stop-on-fatal.log").read_text()
@@ -144,16 +126,16 @@ services:
     assert up.returncode == 0, up.stdout + up.stderr
     pid = supervisord_pid(run_dir)
     rpc = rpc_proxy(socket_path(run_dir))
-    wait_until(lambda: rpc.supervisor.getProcessInfo("sleeper")["statename"] == "RUNNING", 15,
+    wait_for(lambda: rpc.supervisor.getProcessInfo("sleeper")["statename"] == "RUNNING", 15,
                "sleeper RUNNING")
-    wait_until(lambda: "sleeping" in (run_dir / "logs" / "sleeper.log").read_text(), 15,
+    wait_for(lambda: "sleeping" in (run_dir / "logs" / "sleeper.log").read_text(), 15,
                "the sleeper's output in its log file")
     assert processes_with(token)
     down = subprocess.run(make + ["down-local"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not pid_alive(pid)
-    wait_until(lambda: not processes_with(token), 10, "the sleeper to be stopped")
+    wait_for(lambda: not processes_with(token), 10, "the sleeper to be stopped")
 
 
 def test_depends_on_service_healthy_holds_the_dependent_back(stack):
@@ -192,7 +174,7 @@ services:
     assert rc == 0
     rpc = rpc_proxy(socket_path(run_dir))
     assert rpc.supervisor.getProcessInfo("server")["statename"] == "RUNNING"
-    wait_until(lambda: (run_dir / "logs" / "client.log").exists()
+    wait_for(lambda: (run_dir / "logs" / "client.log").exists()
                and (run_dir / "logs" / "client.log").read_text().strip(), 15, "client output")
     started = float((run_dir / "logs" / "client.log").read_text().split()[0])
     assert started - t0 >= 2.0, "the client started before the server was healthy"
@@ -248,5 +230,5 @@ def test_entrypoint_sigterm_stops_the_whole_process_group(tmp_path: Path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "parent got TERM" in out
-    wait_until(lambda: not pid_alive(child_pid), 10, "the child to get the group's SIGTERM")
+    wait_for(lambda: not pid_alive(child_pid), 10, "the child to get the group's SIGTERM")
     assert not processes_with(token)

@@ -60,6 +60,16 @@ class _RWKVModule(nn.Module):
     def reset_parameters(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _init_projections_and_norm(self) -> None:
+        """Time-mix tail shared by x060 and x070: zero output projection and biases, GroupNorm
+        weight at RWKV-LM's layer_scale ((1 + layer) / layers) ** 0.7."""
+        init.zeros_(self.output.weight)
+        for lin in (self.receptance, self.key, self.value, self.output):
+            if lin.bias is not None:
+                init.zeros_(lin.bias)
+        init.constant_(self.ln_x.weight, ((1 + self.layer_idx) / self.num_layers) ** 0.7)
+        init.zeros_(self.ln_x.bias)
+
 
 class RWKV6TimeMix(_RWKVModule):
     """RWKV-6 (x060) time mixing with data-dependent token shift and decay."""
@@ -112,12 +122,7 @@ class RWKV6TimeMix(_RWKVModule):
         init.copy_(self.time_faaaa, (r01 * (1 - n / max(a - 1, 1)) + zigzag).view(self.num_heads, self.head_size))
         for lin, scale in ((self.receptance, 1.0), (self.key, 0.1), (self.value, 1.0), (self.gate, 0.1)):
             _ortho(lin.weight, scale)
-        init.zeros_(self.output.weight)
-        for lin in (self.receptance, self.key, self.value, self.output):
-            if lin.bias is not None:
-                init.zeros_(lin.bias)
-        init.constant_(self.ln_x.weight, ((1 + self.layer_idx) / self.num_layers) ** 0.7)  # RWKV-LM layer_scale
-        init.zeros_(self.ln_x.bias)
+        self._init_projections_and_norm()
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None, v_first: torch.Tensor | None = None,
@@ -200,12 +205,7 @@ class RWKV7TimeMix(_RWKVModule):
         init.uniform_(self.receptance.weight, -0.5 / c**0.5, 0.5 / c**0.5)
         init.uniform_(self.key.weight, -0.05 / c**0.5, 0.05 / c**0.5)
         init.uniform_(self.value.weight, -0.5 / c**0.5, 0.5 / c**0.5)
-        init.zeros_(self.output.weight)
-        for lin in (self.receptance, self.key, self.value, self.output):
-            if lin.bias is not None:
-                init.zeros_(lin.bias)
-        init.constant_(self.ln_x.weight, ((1 + self.layer_idx) / self.num_layers) ** 0.7)  # RWKV-LM layer_scale
-        init.zeros_(self.ln_x.bias)
+        self._init_projections_and_norm()
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None, v_first: torch.Tensor | None = None,

@@ -221,10 +221,12 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         cache = self._checked_cache(past_key_values, use_cache)
         seq_len = inputs_embeds.shape[1]
+        # Packed documents only come with the caller's position_ids; detecting them costs a
+        # device sync, so derived positions skip it.
+        documents = DocumentBatch.detect(position_ids, attention_mask, inputs_embeds.shape[0])
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        documents = DocumentBatch.detect(position_ids, attention_mask, inputs_embeds.shape[0])
         if documents is not None and cache is not None:
             raise ValueError("position_ids restart inside a row (packed documents), which a cache "
                              "cannot hold: run packed batches with use_cache=False")
