@@ -20,10 +20,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @functools.lru_cache(maxsize=1)
 def _fla_ops() -> dict[str, Callable[..., Any]] | None:
-    # Imported lazily and guarded: fla needs triton and a GPU, and is an optional extra.
+    # Imported lazily and guarded: fla needs triton and a GPU, and is an optional extra. Our
+    # tuned kernel configs are set up first (fla_kernels.py), so a fresh node does not autotune.
+    from shared.student.ops.fla_kernels import cached_autotune, prepare_fla
+
     try:
-        from fla.ops.rwkv6 import chunk_rwkv6
-        from fla.ops.rwkv7 import chunk_rwkv7
+        prepare_fla()
+        with cached_autotune():
+            from fla.ops.rwkv6 import chunk_rwkv6
+            from fla.ops.rwkv7 import chunk_rwkv7
     except Exception:  # noqa: BLE001 - any import failure simply means "no fla"
         return None
     return {"chunk_rwkv6": chunk_rwkv6, "chunk_rwkv7": chunk_rwkv7}
