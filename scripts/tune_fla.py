@@ -12,6 +12,11 @@ for this GPU, shared/student/ops/fla_configs/<GPU>/). Autotune keys hold block s
 counts and dtypes, not the sequence length or batch, so one shape per head layout covers them.
 Anyone can rerun it for another GPU and commit the directory it writes.
 
+Compiling every candidate config dominates tuning (> 6 min for rwkv7 on one H200 process), so
+``--compile-workers N`` first runs N processes that each compile (and run) only every N-th
+candidate of every kernel, filling Triton's on-disk cache in parallel on the CPU cores; the
+tuning run then only loads and times them.
+
 ``check`` points ``TRITON_CACHE_DIR`` at an empty directory, loads the configs (strict mode) and
 times the first fwd+bwd per mixer, as on a fresh machine; it reports kernels that still tuned.
 """
@@ -48,7 +53,45 @@ def fwd_bwd(mixer: str, heads: int, head_size: int, batch: int, length: int) -> 
     return time.perf_counter() - start
 
 
+def compile_shard(args: argparse.Namespace) -> None:
+    """Compile every ``shard_count``-th candidate config of each kernel (into Triton's cache)."""
+    os.environ["FLA_CACHE_MODE"] = "disabled"
+    from shared.student.ops import fla_kernels
+
+    index, count = args.shard
+    cache = fla_kernels._load_cache_module()
+    if cache is None:
+        sys.exit("flash-linear-attention is not installed")
+    full = cache.fla_cache_autotune
+
+    def shard(configs, *rest, **kwargs):
+        mine = configs[index::count] or configs[index % len(configs):][:1]
+        return full(mine, *rest, **kwargs)
+    cache.fla_cache_autotune = shard
+    for mixer in args.mixer:
+        for head_size in args.head_size:
+            fwd_bwd(mixer, args.heads, head_size, args.batch, args.length)
+
+
+def compile_in_parallel(args: argparse.Namespace, workers: int) -> None:
+    import subprocess
+
+    start = time.perf_counter()
+    common = ["--mixer", *args.mixer, "--heads", str(args.heads), "--head-size",
+              *map(str, args.head_size), "--batch", str(args.batch), "--length", str(args.length)]
+    procs = [subprocess.Popen([sys.executable, __file__, "compile-shard", "--shard", str(i),
+                               str(workers), *common], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(workers)]
+    failed = [p.communicate()[1][-2000:] for p in procs if p.wait() != 0]
+    print(f"compiled the candidates of {' '.join(args.mixer)} in {workers} processes: "
+          f"{time.perf_counter() - start:.0f} s ({len(failed)} failed)", flush=True)
+    if failed:
+        print(failed[0], flush=True)
+
+
 def tune(args: argparse.Namespace) -> None:
+    if args.compile_workers > 1:
+        compile_in_parallel(args, args.compile_workers)
     os.environ["FLA_CACHE_MODE"] = "disabled"  # measure everything afresh
     from shared.student.ops.common import fla_available
     from shared.student.ops.fla_kernels import dump_tuned, shipped_config_dir, SHIPPED_DIR, gpu_dir_name
@@ -109,7 +152,7 @@ def check(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("tune", "check"):
+    for name in ("tune", "check", "compile-shard"):
         p = sub.add_parser(name)
         p.add_argument("--mixer", nargs="+", default=["rwkv7", "rwkv6"], choices=["rwkv6", "rwkv7"])
         p.add_argument("--heads", type=int, default=32)
@@ -117,10 +160,14 @@ def main() -> None:
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--length", type=int, default=2048)
     sub.choices["tune"].add_argument("--out", default=None, help="config dir (default: shipped)")
+    sub.choices["tune"].add_argument("--compile-workers", type=int, default=1,
+                                     help="processes that compile the candidates first")
+    sub.choices["compile-shard"].add_argument("--shard", type=int, nargs=2, required=True,
+                                              metavar=("INDEX", "COUNT"))
     sub.choices["check"].add_argument("--config-dir", default=None,
                                       help="FLA_CONFIG_DIR to check (default: shipped)")
     args = parser.parse_args()
-    tune(args) if args.command == "tune" else check(args)
+    {"tune": tune, "check": check, "compile-shard": compile_shard}[args.command](args)
 
 
 if __name__ == "__main__":

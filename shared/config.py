@@ -57,6 +57,9 @@ class LinkConfig:
     """Transport; auto = NCCL when the teacher and trainers use CUDA, Gloo otherwise."""
     timeout_seconds: float = 120.0
     """Bound on every wait for a peer: join, a request's answer, a silent peer's heartbeat."""
+    reconnect_seconds: float = 900.0
+    """How long a trainer that lost its teacher waits for the teacher's next generation (a
+    restarted or recovered teacher) before it gives up with an error."""
     heartbeat_seconds: float = 2.0
     """How often each side touches its heartbeat file in the rendezvous directory."""
     mode: Literal["service", "in_process"] = "service"

@@ -49,7 +49,8 @@ def main() -> int:
         torch.cuda.set_device(device)
     client = TeacherClient(cfg.link, group, index, device,
                            tokenizer_fingerprint(cfg.teacher.model_path),
-                           vocab_size=int(sys.argv[6]) if len(sys.argv) > 6 else None)
+                           vocab_size=int(sys.argv[6]) if len(sys.argv) > 6 else None,
+                           on_reconnect=lambda s: print(f"RECONNECTED after {s:.1f}s", flush=True))
     try:
         client.connect()
     except LinkError as err:
@@ -90,19 +91,22 @@ def main() -> int:
                 nxt.result()
                 times[-1]["teacher_forward"] = list(nxt.teacher_forward)
                 handle = nxt
-        elif scenario == "hold":   # send one request, then wait for the peer to die
-            client.request(torch.randint(0, 500, (1, 8)), torch.tensor([8]),
-                           RequestSpec()).result()
+        elif scenario == "hold":   # the same request over and over until out_dir/stop exists
+            ids, lengths = torch.randint(0, 500, (1, 8), generator=gen), torch.tensor([8])
+            first = client.request(ids, lengths, RequestSpec()).result()["logits"].clone()
             print("READY", flush=True)
             t0 = time.time()
-            while True:
+            while not (out_dir / "stop").exists():
                 try:
-                    client.request(torch.randint(0, 500, (1, 8)), torch.tensor([8]),
-                                   RequestSpec()).result()
+                    handle = client.request(ids, lengths, RequestSpec())
+                    time.sleep(0.02)  # a request in flight while the peer may die
+                    answer = handle.result()["logits"]
                 except LinkError as err:
                     print(f"LINK_ERROR after {time.time() - t0:.1f}s: {err}", flush=True)
                     return 3
-                time.sleep(0.05)
+                if not torch.equal(answer, first):
+                    print("MISMATCH: the same ids gave another answer", flush=True)
+                    return 4
         elif scenario == "bad":
             errors = []
             for ids, lengths, pos in (

@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,13 +22,15 @@ from conftest import (ROOT, free_port, service_env, start_teacher, wait_for, wai
 WORKER = str(ROOT / "tests" / "link_worker.py")
 
 
-def make_config(tmp_path: Path, model: Path, trainers: int, timeout: float = 10.0) -> tuple[Path, int]:
+def make_config(tmp_path: Path, model: Path, trainers: int, timeout: float = 10.0,
+                reconnect: float = 60.0) -> tuple[Path, int]:
     port = free_port()
     cfg = write_config(tmp_path / "link.yaml", {
         "teacher": {"model_path": str(model), "metrics_port": port, "max_batch_tokens": 24,
                     "gather_window_seconds": 2.0},
         "link": {"rendezvous_dir": str(tmp_path / "rdv"), "trainers_per_group": trainers,
-                 "timeout_seconds": timeout, "heartbeat_seconds": 0.5},
+                 "timeout_seconds": timeout, "heartbeat_seconds": 0.5,
+                 "reconnect_seconds": reconnect},
     })
     return cfg, port
 
@@ -228,30 +231,75 @@ def test_no_teacher_is_a_clear_error_within_timeout(tmp_path, tiny_llama):
     assert time.monotonic() - t0 < 30
 
 
-def test_killed_trainer_and_killed_teacher(tmp_path, tiny_llama):
-    cfg, port = make_config(tmp_path, tiny_llama, trainers=2, timeout=8)
+def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    """Output of ``proc`` up to the first new line containing ``marker`` (bounded even when
+    the worker falls silent: a thread reads its stdout)."""
+    state = proc.__dict__.setdefault("_lines", {"lines": [], "cursor": 0})
+    if "thread" not in state:
+        def pump() -> None:
+            for line in proc.stdout:
+                state["lines"].append(line)
+        state["thread"] = threading.Thread(target=pump, daemon=True)
+        state["thread"].start()
+
+    def found() -> bool:
+        new = state["lines"][state["cursor"]:]
+        return any(marker in line for line in new)
+    try:
+        wait_for(found, timeout, f"{marker!r} from a worker")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; it printed: {''.join(state['lines'])[-3000:]}") from None
+    new = state["lines"][state["cursor"]:]
+    end = next(i for i, line in enumerate(new) if marker in line) + 1
+    state["cursor"] += end
+    return "".join(new[:end])
+
+
+def test_trainers_outlive_a_killed_trainer_a_killed_teacher_and_a_hung_teacher(tmp_path, tiny_llama):
+    """Killed trainer (restarted): the group re-forms. Killed teacher (restarted): every trainer
+    rejoins its new generation. Hung teacher (SIGSTOP past the timeout, then SIGCONT): noticed
+    and rejoined. No teacher coming back: a clear error after link.reconnect_seconds. The same
+    request always gets the same answer (the worker checks it)."""
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=2, timeout=6, reconnect=12)
     teacher = start_teacher(cfg, 0, tmp_path / "teacher.log")
     wait_healthy(port, teacher)
+    out = tmp_path / "out"
+    procs = []
     try:
-        procs = run_workers(cfg, 1, 2, "hold", tmp_path / "out")
+        procs = run_workers(cfg, 1, 2, "hold", out)
         for p in procs:
-            assert p.stdout.readline().startswith("READY")
+            read_until(p, "READY", 60)
         gen = scrape(port)['distill_teacher_generation{group="0"}']
-        procs[0].kill()                     # a trainer dies
-        out = finish(procs[1:], timeout=60)[0]
-        assert "LINK_ERROR" in out and "generation" in out, out
-        wait_for(lambda: scrape(port)['distill_teacher_generation{group="0"}'] > gen, 30,
-                 "a new generation after the lost trainer")
-        assert teacher.poll() is None       # the teacher keeps its model and serves on
+        procs[0].kill()                          # a trainer dies and is started again
+        procs[0].wait()
+        procs[0] = run_workers(cfg, 1, 2, "hold", out)[0]
+        read_until(procs[0], "READY", 60)
+        read_until(procs[1], "RECONNECTED", 60)
+        assert scrape(port)['distill_teacher_generation{group="0"}'] > gen
 
-        procs = run_workers(cfg, 1, 2, "hold", tmp_path / "out2")
+        teacher.kill()                           # the teacher dies and is started again
+        teacher.wait()
+        teacher = start_teacher(cfg, 0, tmp_path / "teacher2.log")
         for p in procs:
-            assert p.stdout.readline().startswith("READY")
-        teacher.kill()                      # the teacher dies
-        for out in finish(procs, timeout=60):
-            assert "LINK_ERROR" in out and "teacher of group 0" in out, out
-            seconds = float(out.split("after ")[1].split("s:")[0])
-            assert seconds < 8 + 5, out
+            read_until(p, "RECONNECTED", 90)
+
+        teacher.send_signal(signal.SIGSTOP)      # the teacher hangs past link.timeout_seconds
+        time.sleep(6 + 4)
+        teacher.send_signal(signal.SIGCONT)
+        for p in procs:
+            read_until(p, "RECONNECTED", 60)
+
+        teacher.kill()                           # the teacher dies for good
+        t0 = time.monotonic()
+        for p in procs:
+            text = read_until(p, "LINK_ERROR", 60)
+            assert "did not come back within 12 s" in text and str(tmp_path / "rdv") in text, text
+            assert "heartbeat" in text, text
+        assert time.monotonic() - t0 < 6 + 12 + 10
+        assert all(p.wait(10) == 3 for p in procs)
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
         if teacher.poll() is None:
             teacher.kill()

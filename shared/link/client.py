@@ -1,11 +1,18 @@
-"""The trainer's end of the teacher link: join a group, send requests, wait for answers.
+"""The trainer's end of the teacher link: join a group, send requests, collect answers.
 
     client = TeacherClient(link_cfg, group=rank // n, index=rank % n, device=dev,
-                           tokenizer_fingerprint=fp, vocab_size=V)
+                           tokenizer_fingerprint=fp, vocab_size=V, on_reconnect=metrics_cb)
     client.connect()                                  # handshake + join, bounded
-    handle = client.request(ids, lengths, spec)       # returns at once
+    handle = client.request(ids, lengths, spec)       # returns at once (control channel only)
     ...train on the previous step...
     out = handle.result()                             # {"logits"|"topk_*"|"hidden_states"}
+
+The trainer outlives its teacher: when a transfer fails, the teacher's heartbeat goes stale or
+the teacher opens a new generation, ``result()`` aborts the link's process groups, waits
+(at most ``link.reconnect_seconds``) for a live teacher's new generation, rejoins it with the
+other trainers of the group, sends the requests still in flight again (the same ids give the
+same answer) and returns the answer as if nothing happened, apart from a log line and
+``on_reconnect(seconds_lost)``.
 
 ``InProcessTeacher`` offers the same ``request`` API with the model in the trainer's process.
 """
@@ -13,17 +20,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from shared.config import LinkConfig
 from shared.link.channel import Completion, PeerLost, wait_all
-from shared.link.protocol import (ERROR_CODES, MAGIC, PROTOCOL_VERSION, STATUS_LEN, STATUS_OK,
-                                  LinkError, RequestSpec, check_batch, encode_bye,
+from shared.link.protocol import (ERROR_CODES, KIND_BYE, KIND_GO, PROTOCOL_VERSION, STATUS_LEN,
+                                  TAG_BODY, TAG_HEADER, TAG_PAYLOAD, TAG_STATUS, LinkError,
+                                  RequestSpec, Status, check_batch, decode_status, encode_control,
                                   encode_request, response_layout)
-from shared.link.rendezvous import (GroupRendezvous, Heartbeat, abort_process_group,
-                                    make_process_group, peer_state, resolve_backend)
-from shared.link.teacher_model import TeacherModel
+from shared.link.rendezvous import (GroupRendezvous, Heartbeat, LinkGroups, abort_link_groups,
+                                    make_link_groups, peer_state, read_json, resolve_backend)
+from shared.link.teacher_model import TeacherModel, TeacherRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,54 +42,46 @@ log = logging.getLogger(__name__)
 class TeacherHandle:
     """An answer on its way. ``result()`` waits (bounded); ``ready()`` never blocks."""
 
-    def __init__(self, client: "TeacherClient | None", completions: list[Completion],
-                 status: torch.Tensor | None, payload: dict[str, torch.Tensor],
-                 keep_alive: list[torch.Tensor], seq: int) -> None:
+    def __init__(self, client: TeacherClient | None, seq: int,
+                 answer: dict[str, torch.Tensor] | None = None,
+                 teacher_forward: tuple[float, float] | None = None) -> None:
         self._client = client
-        self._completions = completions
-        self._status = status
-        self._payload = payload
-        self._keep_alive = keep_alive  # tensors being sent must outlive the send
         self.seq = seq
-        self.sent_at = time.time()
-        self.arrived_at: float | None = None
-        self.teacher_forward: tuple[float, float] | None = None
+        self._answer = answer
+        self.teacher_forward = teacher_forward  # the teacher's forward, wall-clock seconds
 
     def ready(self) -> bool:
-        if all(c.done() for c in self._completions):
-            if self.arrived_at is None:
-                self.arrived_at = time.time()
-            return True
-        return False
+        """True once the teacher has computed the answer (it then travels within result())."""
+        return self._client is None or self._client._poll_status(self.seq)
 
     def result(self) -> dict[str, torch.Tensor]:
-        if self._client is not None and self.arrived_at is None:
-            c = self._client
-            try:
-                wait_all(self._completions, c.cfg.timeout_seconds, c.check_teacher,
-                         f"teacher of group {c.group}, request {self.seq}")
-            except PeerLost as err:
-                c.fail(err)
-        self.ready()
-        if self._status is not None:
-            status = self._status.tolist()
-            if status[0] != MAGIC or status[2] != self.seq:
-                raise LinkError(f"out-of-order answer from the teacher (seq {status[2]}, "
-                                f"expected {self.seq}): the link is corrupt; restart the job")
-            if status[1] != STATUS_OK:
-                raise LinkError(f"teacher of group {self._client.group}: "
-                                f"{ERROR_CODES.get(status[3], 'unknown error')}")
-            if status[4]:
-                self.teacher_forward = (status[4] / 1e6, status[5] / 1e6)
-        self._keep_alive = []
-        return self._payload
+        if self._client is not None and self._answer is None:
+            self._answer = self._client._result(self.seq)
+        return self._answer
+
+
+@dataclass
+class _InFlight:
+    """A request whose answer is not collected yet (kept whole for a re-send)."""
+
+    spec: RequestSpec
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    position_ids: torch.Tensor | None
+    handle: TeacherHandle
+    status: Status | None = None
+
+
+class _Retry(Exception):
+    """This generation cannot be joined; look for the next one."""
 
 
 class TeacherClient:
     """One trainer's connection to its group's teacher service."""
 
     def __init__(self, cfg: LinkConfig, group: int, index: int, device: torch.device,
-                 tokenizer_fingerprint: str, vocab_size: int | None = None) -> None:
+                 tokenizer_fingerprint: str, vocab_size: int | None = None,
+                 on_reconnect: Callable[[float], None] | None = None) -> None:
         if not 0 <= index < cfg.trainers_per_group:
             raise LinkError(f"trainer index {index} outside 0..{cfg.trainers_per_group - 1}")
         self.cfg = cfg
@@ -87,53 +90,104 @@ class TeacherClient:
         self.device = device
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.vocab_size = vocab_size
+        self.on_reconnect = on_reconnect
         self.backend = resolve_backend(cfg.backend, device)
         self.rendezvous = GroupRendezvous(cfg.rendezvous_dir, group)
+        self.teacher = cfg.trainers_per_group  # the teacher's rank in the group
         self.manifest: dict = {}
         self.generation = 0
-        self.pg = None
+        self.groups: LinkGroups | None = None
+        self.reconnects = 0
         self._heartbeat: Heartbeat | None = None
         self._seq = 0
-        self._broken: LinkError | None = None
+        self._in_flight: dict[int, _InFlight] = {}
+        # one status receive posted per request in flight (FIFO on the status tag), so a
+        # status is taken as soon as the teacher sends it (Gloo: a sleeping thread, no GPU)
+        self._status_recvs: deque[tuple[torch.Tensor, Completion]] = deque()
+        self._sends: list[Completion] = []  # control sends in progress (keep tensors alive)
+        self._recv_stream = torch.cuda.Stream(device) if self.backend == "nccl" else None
 
     # -- joining ---------------------------------------------------------------------------
     def connect(self) -> dict:
         """Find the live teacher of our group, check it serves our vocabulary, and join."""
+        self._join(self.cfg.timeout_seconds, after_generation=0)
+        return self.manifest
+
+    def _join(self, bound: float, after_generation: int) -> None:
         cfg, rdv = self.cfg, self.rendezvous
-        deadline = time.monotonic() + cfg.timeout_seconds
+        deadline = time.monotonic() + bound
         why = "no manifest yet"
         while True:
             manifest = rdv.read_manifest()
-            if manifest is not None:
+            if manifest is not None and manifest["generation"] > after_generation:
                 alive, why = peer_state(rdv.gen_dir(manifest["generation"]) / "teacher.alive",
                                         cfg.timeout_seconds)
                 if alive:
-                    break
+                    self._check_manifest(manifest)  # a refusal is final: no retry
+                    try:
+                        self._join_generation(manifest, deadline)
+                        return
+                    except _Retry as err:
+                        why = str(err)
+                        after_generation = manifest["generation"]
             if time.monotonic() > deadline:
-                raise LinkError(
-                    f"no live teacher for group {self.group} in {rdv.dir} within "
-                    f"{cfg.timeout_seconds:.0f} s ({why}): start it with `python -m "
-                    f"services.teacher --config CFG --group {self.group}` and check that "
-                    "link.rendezvous_dir is the same shared directory on both sides")
-            time.sleep(0.2)
-        self._check_manifest(manifest)
-        self.manifest = manifest
-        self.generation = manifest["generation"]
-        gen_dir = rdv.gen_dir(self.generation)
-        self._heartbeat = Heartbeat(gen_dir / f"trainer-{self.index}.alive",
-                                    cfg.heartbeat_seconds, {"generation": self.generation})
-        n = cfg.trainers_per_group
+                raise LinkError(self._no_teacher_message(bound, why, after_generation > 0))
+            time.sleep(0.1)
+
+    def _join_generation(self, manifest: dict, deadline: float) -> None:
+        cfg, rdv = self.cfg, self.rendezvous
+        generation = manifest["generation"]
+        gen_dir = rdv.gen_dir(generation)
+        heartbeat = Heartbeat(gen_dir / f"trainer-{self.index}.alive", cfg.heartbeat_seconds,
+                              {"generation": generation})
+        groups = None
         try:
-            self.pg = make_process_group(gen_dir / "store", self.index, n + 1, self.backend,
-                                         cfg.timeout_seconds)
-        except Exception as err:
-            self._heartbeat.stop()
-            raise LinkError(f"could not join teacher group {self.group} (generation "
-                            f"{self.generation}) within {cfg.timeout_seconds:.0f} s: {err}. "
-                            f"Are all {n} trainers of the group running?") from err
-        log.info("joined teacher group %d generation %d over %s", self.group,
-                 self.generation, self.backend)
-        return manifest
+            while not rdv.is_complete(generation):  # the teacher has all N heartbeats
+                current = rdv.read_manifest() or {}
+                if current.get("generation") != generation:
+                    raise _Retry(f"generation {generation} was replaced")
+                alive, why = peer_state(gen_dir / "teacher.alive", cfg.timeout_seconds)
+                if not alive:
+                    raise _Retry(f"teacher of generation {generation} gone: {why}")
+                if time.monotonic() > deadline:
+                    joined = rdv.joined_trainers(generation, cfg.trainers_per_group,
+                                                 cfg.timeout_seconds)
+                    raise _Retry(f"only trainers {joined} of 0..{cfg.trainers_per_group - 1} "
+                                 f"joined generation {generation}: are all trainers of the "
+                                 "group running?")
+                time.sleep(0.05)
+            groups = make_link_groups(gen_dir / "store", self.index, self.teacher + 1,
+                                      self.backend, cfg.timeout_seconds)
+            if self.backend == "nccl":  # the teacher connects the data channel now
+                one = torch.empty(1, device=self.device)
+                wait_all([Completion(groups.data.recv([one], self.teacher, 0), "nccl")],
+                         cfg.timeout_seconds, lambda: None, "connecting the data channel")
+        except (_Retry, RuntimeError, LinkError) as err:
+            heartbeat.stop()
+            abort_link_groups(groups)
+            raise _Retry(str(err)) from err
+        self.manifest, self.generation, self.groups = manifest, generation, groups
+        self._heartbeat = heartbeat
+        log.info("joined teacher group %d generation %d over %s", self.group, generation,
+                 self.backend)
+
+    def _no_teacher_message(self, bound: float, why: str, rejoining: bool) -> str:
+        rdv = self.rendezvous
+        manifest = rdv.read_manifest() or {}
+        beat = read_json(rdv.gen_dir(manifest.get("generation", 0)) / "teacher.alive")
+        age = (f"its last heartbeat is {time.time() - float(beat['time']):.0f} s old (pid "
+               f"{beat.get('pid')} on {beat.get('host')})" if beat else "no teacher heartbeat")
+        if rejoining:
+            return (f"teacher of group {self.group} did not come back within "
+                    f"{bound:.0f} s (link.reconnect_seconds): rendezvous {rdv.dir}, {age}; "
+                    f"last problem: {why}. Check that the teacher service of group {self.group} "
+                    "is running (its log; supervisorctl status or docker compose ps), that every "
+                    "trainer of the group is running, and that link.rendezvous_dir is the same "
+                    "shared directory on both sides")
+        return (f"no live teacher for group {self.group} in {rdv.dir} within {bound:.0f} s "
+                f"({why}; {age}): start it with `python -m services.teacher --config CFG "
+                f"--group {self.group}` and check that link.rendezvous_dir is the same shared "
+                "directory on both sides")
 
     def _check_manifest(self, m: dict) -> None:
         problems = []
@@ -168,59 +222,163 @@ class TeacherClient:
         manifest = self.rendezvous.read_manifest()
         if manifest is not None and manifest.get("generation") != self.generation:
             raise PeerLost(f"teacher of group {self.group} opened generation "
-                           f"{manifest.get('generation')} (we joined {self.generation}): a peer "
-                           "of the group was lost; restart the trainers to rejoin")
+                           f"{manifest.get('generation')} (we joined {self.generation})")
         if not alive:
             raise PeerLost(f"teacher of group {self.group} is gone: {why}")
 
-    def fail(self, err: LinkError) -> None:
-        self._broken = LinkError(f"teacher link of group {self.group} broken: {err}")
-        self.close(clean=False)
-        raise self._broken from err
+    def _reconnect(self, err: PeerLost) -> None:
+        start = time.monotonic()
+        log.warning("teacher link of group %d lost (%s); rejoining within %.0f s "
+                    "(link.reconnect_seconds)", self.group, err, self.cfg.reconnect_seconds)
+        lost_generation = self.generation
+        self._leave()
+        self._join(self.cfg.reconnect_seconds, after_generation=lost_generation)
+        try:
+            for seq, flight in sorted(self._in_flight.items()):
+                flight.status = None
+                self._send_request(seq, flight)
+        except PeerLost:
+            pass  # lost again at once: the next wait notices and rejoins once more
+        lost = time.monotonic() - start
+        self.reconnects += 1
+        log.warning("teacher link of group %d back on generation %d after %.1f s; %d requests "
+                    "sent again", self.group, self.generation, lost, len(self._in_flight))
+        if self.on_reconnect is not None:
+            self.on_reconnect(lost)
+
+    def _leave(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        abort_link_groups(self.groups)
+        self.groups, self._sends = None, []
+        self._status_recvs.clear()
 
     # -- requests --------------------------------------------------------------------------
     def request(self, input_ids: torch.Tensor, lengths: torch.Tensor, spec: RequestSpec,
                 position_ids: torch.Tensor | None = None) -> TeacherHandle:
         """Send one batch; ``position_ids`` (restarting at each document) for packed rows."""
-        if self._broken is not None:
-            raise self._broken
-        if self.pg is None:
+        if self.groups is None:
             raise LinkError("TeacherClient.request() before connect()")
         fp = self.manifest["fingerprint"]
         check_batch(input_ids, lengths, fp["vocab_size"],
                     self.manifest["limits"]["max_tokens_per_request"], fp["num_layers"], spec,
                     position_ids)
         self._seq += 1
-        batch, length = input_ids.shape
-        dev = self.device if self.backend == "nccl" else torch.device("cpu")
-        header = encode_request(spec, self._seq, batch, length, position_ids is not None).to(dev)
-        sent = [header] + [t.to(dev, torch.int64).contiguous()
-                           for t in (input_ids, lengths, position_ids) if t is not None]
-        teacher = self.cfg.trainers_per_group
-        comps = [Completion(self.pg.send([t], teacher, 0), self.backend) for t in sent]
-        status = torch.zeros(STATUS_LEN, dtype=torch.int64, device=dev)
-        payload = {name: torch.empty(shape, dtype=dtype, device=dev) for name, shape, dtype in
-                   response_layout(spec, batch, length, fp["vocab_size"], fp["hidden_size"])}
-        for t in (status, *payload.values()):
-            comps.append(Completion(self.pg.recv([t], teacher, 0), self.backend))
-        return TeacherHandle(self, comps, status, payload, sent, self._seq)
+        cpu = [None if t is None else t.to("cpu", torch.int64).contiguous()
+               for t in (input_ids, lengths, position_ids)]
+        flight = _InFlight(spec, *cpu, handle=TeacherHandle(self, self._seq))
+        self._in_flight[self._seq] = flight
+        try:
+            self._send_request(self._seq, flight)
+        except PeerLost:
+            pass  # the first wait on this answer rejoins and sends it again
+        return flight.handle
+
+    def _control(self, op: str, tensor: torch.Tensor, tag: int) -> Completion:
+        if self.groups is None:
+            raise PeerLost("no link (reconnecting)")
+        try:
+            work = getattr(self.groups.control, op)([tensor], self.teacher, tag)
+        except RuntimeError as err:  # Gloo raises at once on a closed connection
+            raise PeerLost(f"teacher of group {self.group}: {err}") from err
+        return Completion(work, "gloo")
+
+    def _send_request(self, seq: int, flight: _InFlight) -> None:
+        b, t = flight.input_ids.shape
+        header = encode_request(flight.spec, seq, b, t, flight.position_ids is not None)
+        self._sends = [c for c in self._sends if not c.done()]
+        self._sends.append(self._control("send", header, TAG_HEADER))
+        for tensor in (flight.input_ids, flight.lengths, flight.position_ids):
+            if tensor is not None:
+                self._sends.append(self._control("send", tensor, TAG_BODY))
+        status = torch.zeros(STATUS_LEN, dtype=torch.int64)
+        self._status_recvs.append((status, self._control("recv", status, TAG_STATUS)))
+
+    def _poll_status(self, seq: int) -> bool:
+        """Take every status that has arrived; True once ``seq``'s has."""
+        flight = self._in_flight.get(seq)
+        if flight is None:
+            return True
+        try:
+            while flight.status is None:
+                if not self._status_recvs:
+                    raise PeerLost("no status receive posted (the request was not sent)")
+                status, completion = self._status_recvs[0]
+                if not completion.done():
+                    return False
+                self._status_recvs.popleft()
+                decoded = decode_status(status)
+                arrived = self._in_flight.get(decoded.seq)
+                if arrived is None:
+                    raise LinkError(f"status for request {decoded.seq}, which is not in flight: "
+                                    "the link is corrupt; restart the job")
+                arrived.status = decoded
+                arrived.handle.teacher_forward = decoded.forward
+        except PeerLost:
+            return False  # result() will notice and reconnect
+        return True
+
+    def _result(self, seq: int) -> dict[str, torch.Tensor]:
+        flight = self._in_flight.get(seq)
+        if flight is None:
+            raise LinkError(f"request {seq} was already collected (result() twice?)")
+        what = f"teacher of group {self.group}, request {seq}"
+        while True:
+            try:
+                while not self._poll_status(seq):
+                    if self.groups is None or not self._status_recvs:
+                        raise PeerLost("the control channel failed")
+                    wait_all([self._status_recvs[0][1]], self.cfg.timeout_seconds,
+                             self.check_teacher, what)
+                if not flight.status.ok:
+                    del self._in_flight[seq]
+                    raise LinkError(f"teacher of group {self.group}: "
+                                    f"{ERROR_CODES.get(flight.status.code, 'unknown error')}")
+                answer = self._receive(seq, flight, what)
+                del self._in_flight[seq]
+                return answer
+            except PeerLost as err:
+                self._reconnect(err)
+
+    def _receive(self, seq: int, flight: _InFlight, what: str) -> dict[str, torch.Tensor]:
+        """Say GO and receive the answer's tensors (the teacher sends them on GO)."""
+        fp = self.manifest["fingerprint"]
+        b, t = flight.input_ids.shape
+        layout = response_layout(flight.spec, b, t, fp["vocab_size"], fp["hidden_size"])
+        if not layout:
+            return {}
+        self._sends.append(self._control("send", encode_control(KIND_GO, seq), TAG_HEADER))
+        if self._recv_stream is None:
+            answer = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in layout}
+            comps = [self._control("recv", tensor, TAG_PAYLOAD) for tensor in answer.values()]
+            wait_all(comps, self.cfg.timeout_seconds, self.check_teacher, what)
+            return answer
+        # Allocated and received on a stream of our own, so the transfer neither waits for nor
+        # races with the work still queued on the compute stream (the last optimizer step).
+        with torch.cuda.stream(self._recv_stream):
+            answer = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                      for name, shape, dtype in layout}
+            try:
+                comps = [Completion(self.groups.data.recv([tensor], self.teacher, 0), "nccl")
+                         for tensor in answer.values()]
+            except RuntimeError as err:
+                raise PeerLost(f"{what}: {err}") from err
+        wait_all(comps, self.cfg.timeout_seconds, self.check_teacher, what)
+        compute = torch.cuda.current_stream(self.device)
+        for tensor in answer.values():
+            tensor.record_stream(compute)  # freed memory must wait for the compute stream's use
+        return answer
 
     def close(self, clean: bool = True) -> None:
         """Leave the group; a clean close tells the teacher, which opens a new generation."""
-        if self.pg is not None and clean and self._broken is None:
+        if self.groups is not None and clean:
             try:
-                dev = self.device if self.backend == "nccl" else torch.device("cpu")
-                wait_all([Completion(self.pg.send([encode_bye(self._seq + 1).to(dev)],
-                                                  self.cfg.trainers_per_group, 0), self.backend)],
-                         5.0, lambda: None, "goodbye")
+                wait_all([self._control("send", encode_control(KIND_BYE, self._seq + 1),
+                                        TAG_HEADER)], 5.0, lambda: None, "goodbye")
             except LinkError:
                 pass
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if self.pg is not None and not clean:
-            abort_process_group(self.pg)
-        self.pg = None
+        self._leave()
 
 
 class InProcessTeacher:
@@ -242,10 +400,9 @@ class InProcessTeacher:
                     position_ids)
         self._seq += 1
         start = time.time()
-        (out,) = self.teacher.forward([(spec, input_ids, lengths, position_ids)])
-        handle = TeacherHandle(None, [], None, out, [], self._seq)
-        handle.sent_at, handle.teacher_forward = start, (start, time.time())
-        return handle
+        (out,) = self.teacher.forward([TeacherRequest(spec, input_ids, lengths.cpu(),
+                                                      position_ids)])
+        return TeacherHandle(None, self._seq, out, (start, time.time()))
 
     def close(self, clean: bool = True) -> None:
         pass

@@ -1,27 +1,34 @@
 """The teacher link's wire protocol: what a request and a response are, as plain tensors.
 
-Nothing is pickled: a request is a fixed-size int64 header followed by the token ids, the
-row lengths and, for rows packing several documents, their position ids; a response is an
-int64 status header followed by the tensors the request asked for, whose shapes both ends
-derive from the request header. Every request carries its own (batch, length), so no buffer
-has a fixed shape and lengths vary freely between steps.
+Nothing is pickled. Two channels join a trainer and its teacher (rendezvous.py builds both):
 
-    trainer ── header[HEADER_LEN] ─▶ teacher     int64
-    trainer ── ids[B, T]          ─▶ teacher     int64
-    trainer ── lengths[B]         ─▶ teacher     int64 (real tokens per row; right padding)
-    trainer ── positions[B, T]    ─▶ teacher     int64, only when header says packed (position
-                                                  ids restart at each document: the teacher
-                                                  attends within documents only)
-    trainer ◀─ status[STATUS_LEN] ── teacher     int64
-    trainer ◀─ payload tensors    ── teacher     see ``response_layout``
+* **control** (Gloo, CPU tensors, always): fixed-size int64 headers, the request bodies (token
+  ids are small) and the teacher's status; a pending control receive costs a sleeping thread;
+* **data** (NCCL between GPUs, or the control group itself on CPU): the answer's tensors only,
+  posted on both ends at the same moment, when the trainer asks for them (``KIND_GO``), so no
+  NCCL kernel ever sits on a GPU waiting for a busy peer (they hold SMs while they wait).
+
+    trainer ── header[HEADER_LEN] kind=REQUEST ─▶ teacher    control, tag TAG_HEADER
+    trainer ── ids[B, T], lengths[B]           ─▶ teacher    control, tag TAG_BODY
+    trainer ── positions[B, T]                 ─▶ teacher    only when the header says packed
+                                                              (position ids restart at each
+                                                              document: attention within it)
+    trainer ◀─ status[STATUS_LEN]              ── teacher    control, tag TAG_STATUS, once the
+                                                              forward is done (or failed)
+    trainer ── header kind=GO (seq)            ─▶ teacher    control: "receiving seq now"
+    trainer ◀─ payload tensors                 ── teacher    data; see ``response_layout``
+
+Every request carries its own (batch, length) and sequence number, so no buffer has a fixed
+shape, lengths vary freely between steps, and answers may be collected in any order.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-PROTOCOL_VERSION = 2  # 2: packed rows (position ids) after the lengths
+PROTOCOL_VERSION = 3  # 2: packed rows; 3: control over Gloo, payload sent on GO
 MAGIC = 0x4C32524B  # "L2RK"
 MAX_HIDDEN_LAYERS = 128
 HEADER_LEN = 16 + MAX_HIDDEN_LAYERS
@@ -29,6 +36,10 @@ STATUS_LEN = 8
 
 KIND_REQUEST = 1
 KIND_BYE = 2  # a trainer leaves cleanly; the teacher opens a new generation for the group
+KIND_GO = 3   # the trainer posts its receives for answer ``seq`` now: the teacher sends it
+
+# Control-channel tags: one FIFO per (peer, tag), so bodies never pass headers.
+TAG_HEADER, TAG_BODY, TAG_STATUS, TAG_PAYLOAD = 0, 1, 2, 3
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -78,6 +89,17 @@ class RequestSpec:
         return torch.float32 if self.logits == "fp32" else torch.bfloat16
 
 
+def layer_io_states(layers: Iterable[int]) -> list[int]:
+    """Hidden-state indices of the inputs and outputs of ``layers`` (input of layer i is state i,
+    its output state i + 1): what per-layer alignment asks the teacher for."""
+    return sorted({s for i in layers for s in (i, i + 1)})
+
+
+def layer_output_states(num_layers: int) -> list[int]:
+    """Hidden-state indices of every decoder layer's output (states 1..L)."""
+    return list(range(1, num_layers + 1))
+
+
 def encode_request(spec: RequestSpec, seq: int, batch: int, length: int,
                    packed: bool = False) -> torch.Tensor:
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -92,9 +114,10 @@ def encode_request(spec: RequestSpec, seq: int, batch: int, length: int,
     return header
 
 
-def encode_bye(seq: int) -> torch.Tensor:
+def encode_control(kind: int, seq: int) -> torch.Tensor:
+    """A header without a body: ``KIND_BYE`` or ``KIND_GO``."""
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[0], header[1], header[2], header[3] = MAGIC, PROTOCOL_VERSION, KIND_BYE, seq
+    header[0], header[1], header[2], header[3] = MAGIC, PROTOCOL_VERSION, kind, seq
     return header
 
 
@@ -122,10 +145,31 @@ def decode_request(header: torch.Tensor) -> Request:
     return Request(kind=h[2], seq=h[3], batch=h[4], length=h[5], spec=spec, packed=bool(h[10]))
 
 
-def encode_status(seq: int, ok: bool, code: int = 0) -> torch.Tensor:
+def encode_status(seq: int, ok: bool, code: int = 0, started: float = 0.0,
+                  finished: float = 0.0) -> torch.Tensor:
+    """``started``/``finished``: wall-clock seconds of the forward (trainers log the overlap)."""
     status = torch.zeros(STATUS_LEN, dtype=torch.int64)
     status[0], status[1], status[2], status[3] = MAGIC, STATUS_OK if ok else STATUS_ERROR, seq, code
+    status[4], status[5] = int(started * 1e6), int(finished * 1e6)
     return status
+
+
+@dataclass
+class Status:
+    """A decoded status (the trainer's view)."""
+
+    seq: int
+    ok: bool
+    code: int
+    forward: tuple[float, float] | None  # the teacher's forward, wall-clock seconds
+
+
+def decode_status(status: torch.Tensor) -> Status:
+    s = status.tolist()
+    if s[0] != MAGIC:
+        raise LinkError(f"bad status from the teacher (magic {s[0]:#x}): the link is corrupt")
+    forward = (s[4] / 1e6, s[5] / 1e6) if s[4] else None
+    return Status(seq=s[2], ok=s[1] == STATUS_OK, code=s[3], forward=forward)
 
 
 ERROR_CODES = {1: "the teacher ran out of memory on this batch (lower micro_batch_size or "

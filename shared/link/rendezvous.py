@@ -2,13 +2,16 @@
 
     <rendezvous_dir>/group-<G>/
         manifest.json        written atomically by the teacher (tmp file + rename)
-        gen-<N>/store        torch FileStore of generation N (NCCL unique id / Gloo addresses)
+        gen-<N>/store        torch FileStore of generation N (Gloo addresses, NCCL unique ids)
         gen-<N>/teacher.alive, gen-<N>/trainer-<r>.alive   heartbeat files (JSON, rewritten
                              every heartbeat_seconds; a trainer's file is also its join)
+        gen-<N>/complete     the teacher saw every trainer's heartbeat: build the groups now
 
 Every teacher start, and every recovery after a lost peer, opens a new generation with a new
 store file, so nothing from an earlier run is ever joined: a trainer joins only the generation
-the manifest names, and only while that teacher's heartbeat is fresh.
+the manifest names, and only while that teacher's heartbeat is fresh. Nobody builds a process
+group before ``complete`` exists, so a trainer that dies while joining costs one generation
+(everyone times out on it and moves to the next), never a store left half-used.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from shared.link.protocol import LinkError
 
 MANIFEST = "manifest.json"
+COMPLETE = "complete"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -116,6 +120,20 @@ class GroupRendezvous:
         return read_json(self.manifest_path)
 
     # -- teacher side ---------------------------------------------------------------------
+    def claim(self) -> None:
+        """Refuse to serve a group another live teacher serves (teacher start)."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return
+        beat_path = self.gen_dir(int(manifest.get("generation", 0))) / "teacher.alive"
+        beat = read_json(beat_path) or {}
+        alive, _ = peer_state(beat_path, float(manifest.get("heartbeat_stale_seconds", 60)))
+        if alive and (beat.get("host"), beat.get("pid")) != (socket.gethostname(), os.getpid()):
+            raise LinkError(
+                f"group {self.group} in {self.dir} is already served by a live teacher (pid "
+                f"{beat.get('pid')} on {beat.get('host')}): stop it first, or give this teacher "
+                "another --group or link.rendezvous_dir")
+
     def open_generation(self, manifest: dict[str, Any]) -> int:
         """Create a new generation (store dir) and publish its manifest; return its number."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +151,12 @@ class GroupRendezvous:
                 shutil.rmtree(old, ignore_errors=True)
         return generation
 
+    def mark_complete(self, generation: int) -> None:
+        write_json_atomic(self.gen_dir(generation) / COMPLETE, {"time": time.time()})
+
+    def is_complete(self, generation: int) -> bool:
+        return (self.gen_dir(generation) / COMPLETE).is_file()
+
     def joined_trainers(self, generation: int, trainers: int, stale_after: float) -> list[int]:
         gen = self.gen_dir(generation)
         return [r for r in range(trainers)
@@ -145,32 +169,49 @@ class GroupRendezvous:
             pass
 
 
-def make_process_group(store_path: Path, rank: int, world_size: int, backend: str,
-                       timeout_seconds: float) -> dist.ProcessGroup:
-    """A process group of the link's own, on a FileStore, outside any default group."""
+class LinkGroups(NamedTuple):
+    """The two process groups of one generation (protocol.py says what travels on each)."""
+
+    control: dist.ProcessGroup  # Gloo: headers, request bodies, statuses (CPU tensors)
+    data: dist.ProcessGroup     # NCCL for GPU payloads; on CPU, the control group itself
+
+
+def make_link_groups(store_path: Path, rank: int, world_size: int, backend: str,
+                     timeout_seconds: float) -> LinkGroups:
+    """The link's own groups on a FileStore, outside any default group. Building the control
+    group waits (at most ``timeout_seconds``) for every rank; NCCL connects lazily, per pair."""
     store = dist.FileStore(str(store_path), world_size)
     store.set_timeout(timedelta(seconds=timeout_seconds))
+    # The timeout bounds the connection set-up; each receive is waited on with its own (long)
+    # timeout by channel.Completion, and our polling bounds it with the peer's liveness.
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world_size,
+                                    timedelta(seconds=timeout_seconds))
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_seconds))
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        # Our own bounded waits watch the peers; NCCL's watchdog must not kill the process
-        # while a teacher legitimately waits hours for a paused trainer.
-        options._timeout = timedelta(days=7)
-        return dist.ProcessGroupNCCL(store, rank, world_size, options)
-    raise LinkError(f"unknown link backend {backend!r}")
+        return LinkGroups(control, control)
+    if backend != "nccl":
+        raise LinkError(f"unknown link backend {backend!r}")
+    options = dist.ProcessGroupNCCL.Options()
+    # Our own bounded waits watch the peers; NCCL's watchdog must not kill the process
+    # while a teacher legitimately waits hours for a paused trainer.
+    options._timeout = timedelta(days=7)
+    return LinkGroups(control, dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank,
+                                                     world_size, options))
 
 
-def abort_process_group(pg: Any) -> None:
-    """Best effort: free a generation's communicators after a peer was lost."""
-    for name in ("abort", "_abort", "shutdown"):
-        fn = getattr(pg, name, None)
-        if fn is not None:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - aborting a broken group may itself fail
-                pass
-            return
+def abort_link_groups(groups: LinkGroups | None) -> None:
+    """Best effort: free a generation's connections and communicators after a peer was lost
+    (an NCCL abort also ends any kernel still waiting for the lost peer)."""
+    if groups is None:
+        return
+    for pg in dict.fromkeys((groups.data, groups.control)):  # data first; once if the same
+        for name in ("abort", "_abort", "shutdown"):
+            fn = getattr(pg, name, None)
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - aborting a broken group may itself fail
+                    pass
+                break
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

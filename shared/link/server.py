@@ -1,36 +1,72 @@
 """The teacher's end of the link: publish a generation, gather the group's requests, answer.
 
-One round: wait for a request header from any trainer of the group, give the others
-``gather_window_seconds`` to send theirs, receive the ids, run one packed forward for all of
-them, send each trainer its slice. A lost trainer (process gone, heartbeat stale, transfer
-failed, or a clean goodbye) ends the generation: the model stays loaded, a new generation is
-published, and the teacher waits for trainers again.
+An event loop per generation. Requests arrive on the control channel (Gloo, CPU): the first
+one opens a gather window of ``gather_window_seconds`` for the other trainers' (closed early
+once every trainer has one queued); then one packed forward answers all of them. When the
+forward is done the teacher tells each trainer its status; an answer leaves on the data
+channel only when its trainer says GO, so a send never waits on a busy GPU for its peer. While
+the GPU computes, the loop keeps serving: GOs, answers in flight, liveness checks.
+
+A lost trainer (process gone, heartbeat stale, transfer failed, or a clean goodbye) ends the
+generation: the model stays loaded, a new generation is published, and the teacher waits for
+the group to join again; trainers re-send what they had in flight.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from shared.config import LinkConfig, TeacherConfig
 from shared.link.channel import Completion, PeerLost, wait_all
-from shared.link.protocol import (HEADER_LEN, KIND_BYE, PROTOCOL_VERSION, LinkError,
-                                  decode_request, encode_status)
-from shared.link.rendezvous import (GroupRendezvous, Heartbeat, abort_process_group,
-                                    make_process_group, peer_state, resolve_backend)
-from shared.link.teacher_model import TeacherModel
+from shared.link.protocol import (HEADER_LEN, KIND_BYE, KIND_GO, KIND_REQUEST, PROTOCOL_VERSION,
+                                  TAG_BODY, TAG_HEADER, TAG_PAYLOAD, TAG_STATUS, LinkError,
+                                  Request, decode_request, encode_status)
+from shared.link.rendezvous import (GroupRendezvous, Heartbeat, LinkGroups, abort_link_groups,
+                                    make_link_groups, peer_state, resolve_backend)
+from shared.link.teacher_model import TeacherModel, TeacherRequest
 from shared.metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
 
+POLL_SECONDS = 0.0002  # an idle loop sleeps this long between polls
+CHECK_SECONDS = 0.5    # how often peers' heartbeats are read
+
 
 @dataclass
-class _Pending:
-    header: torch.Tensor
-    completion: Completion
+class Queued:
+    """A request received in full, waiting for the next forward."""
+
+    trainer: int
+    request: Request
+    tensors: TeacherRequest
+    arrived: float
+
+
+@dataclass
+class Answer:
+    """A finished (or failed) forward's output for one request, held until its trainer's GO."""
+
+    trainer: int
+    seq: int
+    tensors: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None
+    sending: list[Completion] = field(default_factory=list)
+    status_sent: Completion | None = None
+    sent_at: float = 0.0
+
+
+@dataclass
+class Forward:
+    """The batched forward running on the GPU."""
+
+    batch: list[Queued]
+    outputs: list[dict[str, torch.Tensor]]
+    started: float
+    timer: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA; None on CPU (already done)
 
 
 class TeacherServer:
@@ -48,7 +84,7 @@ class TeacherServer:
         self.trainers = link.trainers_per_group
         self.ready = False
         self.generation = 0
-        self._dev = teacher.device if self.backend == "nccl" else torch.device("cpu")
+        self._cuda = teacher.device.type == "cuda"
 
     def manifest(self) -> dict:
         return {
@@ -59,10 +95,12 @@ class TeacherServer:
                        "max_batch_tokens": self.teacher_cfg.max_batch_tokens},
             "trainers": self.trainers,
             "backend": self.backend,
+            "heartbeat_stale_seconds": self.link.timeout_seconds,
         }
 
     def serve(self, stop: threading.Event) -> None:
         """Open generation after generation until ``stop`` is set."""
+        self.rendezvous.claim()
         heartbeat = None
         try:
             while not stop.is_set():
@@ -79,7 +117,7 @@ class TeacherServer:
 
         The previous generation's heartbeat stops only after this generation's manifest is
         published: a trainer of the old generation that finds the teacher's heartbeat gone then
-        always finds the new generation in the manifest, and says so (not "teacher gone").
+        always finds the new generation in the manifest (and rejoins it).
         """
         rdv, link = self.rendezvous, self.link
         self.generation = rdv.open_generation(self.manifest())
@@ -93,18 +131,19 @@ class TeacherServer:
         self.ready = True
         log.info("group %d: generation %d published in %s, waiting for %d trainers",
                  self.group, self.generation, rdv.dir, self.trainers)
-        pg = None
+        groups = None
         try:
             while len(rdv.joined_trainers(self.generation, self.trainers,
                                           link.timeout_seconds)) < self.trainers:
-                if stop.wait(0.2):
+                if stop.wait(0.05):
                     return heartbeat
-            pg = make_process_group(gen_dir / "store", self.trainers, self.trainers + 1,
-                                    self.backend, link.timeout_seconds)
+            rdv.mark_complete(self.generation)
+            groups = make_link_groups(gen_dir / "store", self.trainers, self.trainers + 1,
+                                      self.backend, link.timeout_seconds)
             self.metrics.trainers_connected.set(self.trainers)
             log.info("group %d: %d trainers joined generation %d", self.group,
                      self.trainers, self.generation)
-            self._serve_rounds(pg, stop)
+            _GenerationLoop(self, groups).run(stop)
         except (PeerLost, LinkError, RuntimeError) as err:
             log.warning("group %d: generation %d ended: %s", self.group, self.generation, err)
         except BaseException:
@@ -112,101 +151,219 @@ class TeacherServer:
             raise
         finally:
             self.metrics.trainers_connected.set(0)
-            if pg is not None:
-                abort_process_group(pg)
+            abort_link_groups(groups)
         return heartbeat
 
-    # -- rounds ----------------------------------------------------------------------------
-    def _check_trainers(self, which: list[int] | None = None) -> None:
+    def check_trainers(self, which: list[int] | None = None) -> None:
         gen_dir = self.rendezvous.gen_dir(self.generation)
         for r in which if which is not None else range(self.trainers):
             alive, why = peer_state(gen_dir / f"trainer-{r}.alive", self.link.timeout_seconds)
             if not alive:
                 raise PeerLost(f"trainer {r} of group {self.group} is gone: {why}")
 
-    def _post_header(self, pg, r: int) -> _Pending:
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self._dev)
-        return _Pending(header, Completion(pg.recv([header], r, 0), self.backend))
 
-    def _serve_rounds(self, pg, stop: threading.Event) -> None:
-        pending = {r: self._post_header(pg, r) for r in range(self.trainers)}
-        m = self.metrics
-        while not stop.is_set():
-            wait_start = time.perf_counter()
-            ready = self._gather(pending, stop)
-            if not ready:
-                return  # stop requested while idle
-            m.wait_seconds.observe(time.perf_counter() - wait_start)
-            recv_start = time.perf_counter()
-            batches, comps = [], []
-            for r in ready:
-                req = decode_request(pending[r].header.cpu())
-                if req.kind == KIND_BYE:
-                    raise PeerLost(f"trainer {r} left the group")
-                ids = torch.empty(req.batch, req.length, dtype=torch.int64, device=self._dev)
-                lengths = torch.empty(req.batch, dtype=torch.int64, device=self._dev)
-                positions = torch.empty_like(ids) if req.packed else None
-                comps += [Completion(pg.recv([t], r, 0), self.backend)
-                          for t in (ids, lengths, positions) if t is not None]
-                batches.append((r, req, ids, lengths, positions))
-            wait_all(comps, self.link.timeout_seconds, lambda: self._check_trainers(ready),
-                     f"group {self.group}: receiving token ids")
-            m.recv_seconds.observe(time.perf_counter() - recv_start)
-            outputs, ok, code, started = self._forward(batches)
-            finished = time.time()
-            send_start = time.perf_counter()
-            comps = []
-            keep = []
-            for (r, req, *_), out in zip(batches, outputs):
-                status = encode_status(req.seq, ok, code)
-                status[4], status[5] = int(started * 1e6), int(finished * 1e6)
-                status = status.to(self._dev)
-                keep.append(status)
-                comps.append(Completion(pg.send([status], r, 0), self.backend))
-                for tensor in (out.values() if ok else ()):
-                    comps.append(Completion(pg.send([tensor], r, 0), self.backend))
-            wait_all(comps, self.link.timeout_seconds, lambda: self._check_trainers(ready),
-                     f"group {self.group}: sending results")
-            m.send_seconds.observe(time.perf_counter() - send_start)
-            for r in ready:
-                pending[r] = self._post_header(pg, r)
+class _GenerationLoop:
+    """The serving loop of one generation (state that dies with it)."""
 
-    def _gather(self, pending: dict[int, _Pending], stop: threading.Event) -> list[int]:
-        """Trainers whose request arrived: the first one, plus those within the window."""
+    def __init__(self, server: TeacherServer, groups: LinkGroups) -> None:
+        self.server = server
+        self.groups = groups
+        self.metrics = server.metrics
+        self.device = server.teacher.device
+        self.headers: dict[int, tuple[torch.Tensor, Completion]] = {}
+        self.queued: list[Queued] = []
+        self.answers: dict[tuple[int, int], Answer] = {}
+        self.go: set[tuple[int, int]] = set()       # GO received before the answer was ready
+        self.forward: Forward | None = None
+        self.send_stream = torch.cuda.Stream(self.device) if server._cuda else None
+        self.idle_since = time.perf_counter()
+
+    def _warm_up(self) -> None:
+        """Connect the data channel to every trainer now (NCCL connects a pair on its first
+        transfer, seconds), not inside the first answer's transfer."""
+        if self.send_stream is None:
+            return
+        one = torch.ones(1, device=self.device)
+        sends = [Completion(self.groups.data.send([one], r, 0), "nccl")
+                 for r in range(self.server.trainers)]
+        wait_all(sends, self.server.link.timeout_seconds, self.server.check_trainers,
+                 f"group {self.server.group}: connecting the data channel")
+
+    def _control(self, op: str, tensor: torch.Tensor, peer: int, tag: int) -> Completion:
+        try:
+            work = getattr(self.groups.control, op)([tensor], peer, tag)
+        except RuntimeError as err:  # Gloo raises at once on a closed connection
+            raise PeerLost(f"trainer {peer}: {err}") from err
+        return Completion(work, "gloo")
+
+    def _post_header(self, r: int) -> None:
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        self.headers[r] = (header, self._control("recv", header, r, TAG_HEADER))
+
+    def run(self, stop: threading.Event) -> None:
+        server = self.server
+        self._warm_up()
+        for r in range(server.trainers):
+            self._post_header(r)
         last_check = time.monotonic()
-        first_at = None
+        stop_deadline = None
         while True:
-            ready = [r for r, p in pending.items() if p.completion.done()]
+            busy = self._poll_headers()
+            busy |= self._poll_forward()
+            busy |= self._poll_sends()
+            if stop.is_set():
+                # finish the batch in flight and hand out its answers (bounded), start nothing
+                stop_deadline = stop_deadline or time.monotonic() + server.link.timeout_seconds
+                if (self.forward is None and not self.answers) or time.monotonic() > stop_deadline:
+                    return
+            elif self.forward is None and self._gather_due():
+                self._start_forward()
+                busy = True
             now = time.monotonic()
-            if ready and first_at is None:
-                first_at = now
-            if len(ready) == len(pending) or (
-                    first_at is not None and now - first_at >= self.teacher_cfg.gather_window_seconds):
-                return ready
-            if first_at is None and stop.is_set():
-                return []
-            if now - last_check > 0.5:
-                self._check_trainers()
+            if now - last_check > CHECK_SECONDS:
+                server.check_trainers()
                 last_check = now
-            time.sleep(0.0005)
+            if not busy:
+                time.sleep(POLL_SECONDS)
 
-    def _forward(self, batches) -> tuple[list[dict], bool, int, float]:
-        m = self.metrics
-        start = time.time()
+    # -- control messages ----------------------------------------------------------------
+    def _poll_headers(self) -> bool:
+        progressed = False
+        for r, (header, completion) in list(self.headers.items()):
+            if not completion.done():
+                continue
+            progressed = True
+            request = decode_request(header)
+            if request.kind == KIND_BYE:
+                raise PeerLost(f"trainer {r} left the group")
+            if request.kind == KIND_GO:
+                self.go.add((r, request.seq))
+            elif request.kind == KIND_REQUEST:
+                self._receive_body(r, request)
+            else:
+                raise LinkError(f"trainer {r} sent a message of unknown kind {request.kind}")
+            self._post_header(r)
+        for key in [k for k in self.go if k in self.answers and not self.answers[k].sending]:
+            self._send_answer(self.answers[key])
+        return progressed
+
+    def _receive_body(self, r: int, request: Request) -> None:
+        start = time.perf_counter()
+        ids = torch.empty(request.batch, request.length, dtype=torch.int64)
+        lengths = torch.empty(request.batch, dtype=torch.int64)
+        positions = torch.empty_like(ids) if request.packed else None
+        comps = [self._control("recv", t, r, TAG_BODY)
+                 for t in (ids, lengths, positions) if t is not None]
+        wait_all(comps, self.server.link.timeout_seconds, lambda: self.server.check_trainers([r]),
+                 f"group {self.server.group}: receiving the token ids of trainer {r}")
+        self.metrics.recv_seconds.observe(time.perf_counter() - start)
+        if not self.queued and self.forward is None:
+            self.metrics.wait_seconds.observe(time.perf_counter() - self.idle_since)
+        self.queued.append(Queued(r, request, TeacherRequest(request.spec, ids, lengths, positions),
+                                  time.monotonic()))
+
+    # -- forwards -------------------------------------------------------------------------
+    def _gather_due(self) -> bool:
+        if not self.queued:
+            return False
+        waiting = {q.trainer for q in self.queued}
+        window = self.server.teacher_cfg.gather_window_seconds
+        return (len(waiting) == self.server.trainers
+                or time.monotonic() - self.queued[0].arrived >= window)
+
+    def _start_forward(self) -> None:
+        batch, self.queued = self.queued, []
+        started = time.time()
+        timer = None
+        if self.server._cuda:
+            timer = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timer[0].record()
         t0 = time.perf_counter()
         try:
-            outputs = self.teacher.forward([(req.spec, ids, lengths, positions)
-                                            for _, req, ids, lengths, positions in batches])
-            if self.teacher.device.type == "cuda":
-                torch.cuda.synchronize(self.teacher.device)
-        except torch.OutOfMemoryError:
-            log.exception("group %d: out of memory", self.group)
+            outputs = self.server.teacher.forward([q.tensors for q in batch])
+        except Exception as err:  # noqa: BLE001 - reported to the trainers, the service stays up
+            self._fail_batch(batch, err, started)
+            return
+        if timer is not None:
+            timer[1].record()
+        else:
+            self.metrics.forward_seconds.observe(time.perf_counter() - t0)
+        self.forward = Forward(batch, outputs, started, timer)
+
+    def _fail_batch(self, batch: list[Queued], err: Exception, started: float) -> None:
+        oom = isinstance(err, torch.OutOfMemoryError)
+        log.error("group %d: forward failed: %s", self.server.group, err, exc_info=not oom)
+        if oom:
             torch.cuda.empty_cache()
-            return [{} for _ in batches], False, 1, start
-        except Exception:  # noqa: BLE001 - reported to the trainers, the service stays up
-            log.exception("group %d: forward failed", self.group)
-            return [{} for _ in batches], False, 2, start
-        m.forward_seconds.observe(time.perf_counter() - t0)
-        m.batches.inc()
-        m.tokens.inc(sum(int(lengths.sum()) for _, _, _, lengths, _ in batches))
-        return outputs, True, 0, start
+        for q in batch:
+            self._send_status(q.trainer, q.request.seq, False, 1 if oom else 2, started)
+        self.idle_since = time.perf_counter()
+
+    def _poll_forward(self) -> bool:
+        fwd = self.forward
+        if fwd is None:
+            return False
+        if fwd.timer is not None:
+            if not fwd.timer[1].query():
+                return False
+            self.metrics.forward_seconds.observe(fwd.timer[0].elapsed_time(fwd.timer[1]) / 1e3)
+        finished = time.time()
+        self.forward = None
+        self.metrics.batches.inc()
+        self.metrics.tokens.inc(sum(int(q.tensors.lengths.sum()) for q in fwd.batch))
+        for q, out in zip(fwd.batch, fwd.outputs):
+            answer = Answer(q.trainer, q.request.seq, out, fwd.timer[1] if fwd.timer else None)
+            self.answers[(q.trainer, q.request.seq)] = answer
+            answer.status_sent = self._send_status(q.trainer, q.request.seq, True, 0,
+                                                   fwd.started, finished)
+            if not out:
+                answer.sending = [_DONE]  # nothing to send: the status is the whole answer
+            elif (q.trainer, q.request.seq) in self.go:
+                self._send_answer(answer)
+        self.idle_since = time.perf_counter()
+        return True
+
+    def _send_status(self, r: int, seq: int, ok: bool, code: int, started: float,
+                     finished: float | None = None) -> Completion:
+        status = encode_status(seq, ok, code, started, finished or time.time())
+        return self._control("send", status, r, TAG_STATUS)
+
+    # -- answers --------------------------------------------------------------------------
+    def _send_answer(self, answer: Answer) -> None:
+        """Post the answer's sends now that its trainer has posted the receives."""
+        self.go.discard((answer.trainer, answer.seq))
+        answer.sent_at = time.perf_counter()
+        tensors = list(answer.tensors.values())
+        try:
+            if self.send_stream is None:
+                answer.sending = [self._control("send", t, answer.trainer, TAG_PAYLOAD)
+                                  for t in tensors]
+                return
+            # A stream of its own that waits only for this answer's forward: the NCCL send
+            # must not queue behind a later forward running for the other trainers.
+            with torch.cuda.stream(self.send_stream):
+                self.send_stream.wait_event(answer.ready)
+                answer.sending = [Completion(self.groups.data.send([t], answer.trainer, 0), "nccl")
+                                  for t in tensors]
+        except RuntimeError as err:
+            raise PeerLost(f"trainer {answer.trainer}: sending answer {answer.seq}: {err}") from err
+
+    def _poll_sends(self) -> bool:
+        progressed = False
+        for key, answer in list(self.answers.items()):
+            if answer.sending and all(c.done() for c in answer.sending) and (
+                    answer.status_sent is None or answer.status_sent.done()):
+                self.metrics.send_seconds.observe(time.perf_counter() - answer.sent_at)
+                del self.answers[key]
+                progressed = True
+        return progressed
+
+
+class _Done:
+    """A completion that is already complete (an answer with no tensors)."""
+
+    def done(self) -> bool:
+        return True
+
+
+_DONE = _Done()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,26 @@ LOGITS_SLICE_TOKENS = 2048  # log-softmax/top-k in fp32 over this many tokens at
 
 class _StopForward(Exception):
     """Raised from a hook once every wanted hidden state of a chunk is captured."""
+
+
+class TeacherRequest(NamedTuple):
+    """One trainer's request as the teacher model answers it."""
+
+    spec: RequestSpec
+    input_ids: torch.Tensor            # [B, T]
+    lengths: torch.Tensor | list[int]  # [B] real tokens per row (right padding), on the CPU
+    position_ids: torch.Tensor | None  # [B, T] for packed rows, else None
+
+
+class Row(NamedTuple):
+    """Row ``row`` of request ``request``, with ``length`` real tokens."""
+
+    request: int
+    row: int
+    length: int
+
+
+LAST = -1  # key of the last layer's output (before the final norm) in ``_run``'s states
 
 
 @dataclass
@@ -97,75 +118,80 @@ class TeacherModel:
         return cls(model, path, cfg.max_batch_tokens)
 
     @torch.inference_mode()
-    def forward(self, batches: list[tuple[RequestSpec, torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                ) -> list[dict[str, torch.Tensor]]:
-        """Answer several requests with one batched forward:
-        ``[(spec, ids[B,T], lengths[B], position_ids[B,T] or None)]``.
+    def forward(self, requests: list[TeacherRequest]) -> list[dict[str, torch.Tensor]]:
+        """Answer several requests with one batched forward.
 
-        Position ids that restart inside a row mark packed documents; each attends only to
-        itself (transformers builds the block-diagonal causal mask from the position ids)."""
+        ``lengths`` must be on the CPU (row lengths steer the packing). Position ids that restart
+        inside a row mark packed documents; each attends only to itself (transformers builds the
+        block-diagonal causal mask from the position ids). On CUDA the work is only enqueued:
+        nothing here waits for the GPU, so the caller can serve its peers meanwhile."""
         fp = self.fingerprint
+        on_device = [TeacherRequest(q.spec, q.input_ids.to(self.device),
+                                    [int(n) for n in q.lengths.tolist()],
+                                    None if q.position_ids is None else q.position_ids.to(self.device))
+                     for q in requests]
         outputs: list[dict[str, torch.Tensor]] = []
-        rows: list[tuple[int, int, int]] = []  # (request, row, length)
-        for r, (spec, ids, lengths, _) in enumerate(batches):
-            b, t = ids.shape
+        rows: list[Row] = []
+        for index, q in enumerate(on_device):
+            b, t = q.input_ids.shape
             outputs.append({name: torch.empty(shape, dtype=dtype, device=self.device)
                             for name, shape, dtype in
-                            response_layout(spec, b, t, fp.vocab_size, fp.hidden_size)})
-            rows += [(r, i, int(lengths[i])) for i in range(b)]
+                            response_layout(q.spec, b, t, fp.vocab_size, fp.hidden_size)})
+            rows += [Row(index, i, q.lengths[i]) for i in range(b)]
         # Longest rows first: each chunk is padded only to its own longest row.
-        rows.sort(key=lambda x: -x[2])
+        rows.sort(key=lambda row: -row.length)
         start = 0
         while start < len(rows):
-            chunk_len = rows[start][2]
+            chunk_len = rows[start].length
             n = max(1, min(len(rows) - start, self.max_batch_tokens // chunk_len))
-            self._forward_chunk(batches, outputs, rows[start:start + n], chunk_len)
+            self._forward_chunk(on_device, outputs, rows[start:start + n], chunk_len)
             start += n
-        for (spec, ids, lengths, _), out in zip(batches, outputs):
+        for q, out in zip(on_device, outputs):
             # Positions past a row's length carry no information: send zeros, not stale memory.
-            t = ids.shape[1]
-            pad = torch.arange(t, device=self.device)[None, :] >= lengths.to(self.device)[:, None]
-            if pad.any():
-                for name, tensor in out.items():
-                    if name == "hidden_states":
-                        tensor.masked_fill_(pad[None, :, :, None], 0)
-                    else:
-                        tensor.masked_fill_(pad[:, :, None], 0)
+            for i, length in enumerate(q.lengths):
+                if length < q.input_ids.shape[1]:
+                    for name, tensor in out.items():
+                        if name == "hidden_states":
+                            tensor[:, i, length:] = 0
+                        else:
+                            tensor[i, length:] = 0
         return outputs
 
-    def _forward_chunk(self, batches, outputs, rows, chunk_len: int) -> None:
+    def _forward_chunk(self, requests: list[TeacherRequest], outputs: list[dict[str, torch.Tensor]],
+                       rows: list[Row], chunk_len: int) -> None:
         device = self.device
         n = len(rows)
         ids = torch.zeros(n, chunk_len, dtype=torch.long, device=device)
         mask = torch.zeros(n, chunk_len, dtype=torch.long, device=device)
         positions = torch.arange(chunk_len, device=device).repeat(n, 1)
         packed = False
-        for j, (r, i, length) in enumerate(rows):
-            ids[j, :length] = batches[r][1][i, :length].to(device)
+        for j, row in enumerate(rows):
+            q, length = requests[row.request], row.length
+            ids[j, :length] = q.input_ids[row.row, :length]
             mask[j, :length] = 1
-            if batches[r][3] is not None:
+            if q.position_ids is not None:
                 packed = True
-                pos = batches[r][3][i, :length].to(device)
+                pos = q.position_ids[row.row, :length]
                 positions[j, :length] = pos
                 # padding continues the last document (never a new one): causal, so unseen
                 positions[j, length:] = pos[-1] + 1 + torch.arange(chunk_len - length, device=device)
-        specs = [batches[r][0] for r, _, _ in rows]
+        specs = [requests[row.request].spec for row in rows]
         wanted = sorted({layer for s in specs for layer in s.hidden_layers})
         need_logits = any(s.logits != "none" for s in specs)
         # Packed rows: no 2D mask, so transformers derives the per-document mask from positions.
         states = self._run(ids, None if packed else mask, positions if packed else None, wanted,
                            need_logits)
-        if need_logits:
-            final = self.model.get_decoder().norm(states.pop("last"))
-        for j, (r, i, length) in enumerate(rows):
-            spec, out = batches[r][0], outputs[r]
+        final = self.model.get_decoder().norm(states[LAST]) if need_logits else None
+        head = self.model.get_output_embeddings()
+        for j, row in enumerate(rows):
+            spec, out, i, length = requests[row.request].spec, outputs[row.request], row.row, row.length
             for slot, layer in enumerate(spec.hidden_layers):
                 out["hidden_states"][slot, i, :length] = states[layer][j, :length]
             if spec.logits == "none":
                 continue
             for s in range(0, length, LOGITS_SLICE_TOKENS):
                 e = min(length, s + LOGITS_SLICE_TOKENS)
-                logits = self.model.get_output_embeddings()(final[j, s:e])
+                logits = head(final[j, s:e])
                 if spec.logits in ("bf16", "fp32"):
                     out["logits"][i, s:e] = logits
                 else:
@@ -176,9 +202,9 @@ class TeacherModel:
                     out["topk_indices"][i, s:e] = indices.to(torch.int32)
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-             wanted: list[int], need_logits: bool) -> dict:
-        """Run the decoder, capturing states ``wanted`` (and 'last' when logits are needed)."""
-        states: dict = {}
+             wanted: list[int], need_logits: bool) -> dict[int, torch.Tensor]:
+        """Run the decoder, capturing states ``wanted`` (and ``LAST`` when logits are needed)."""
+        states: dict[int, torch.Tensor] = {}
         num_layers = len(self.layers)
         deepest = num_layers if need_logits else (max(wanted) if wanted else 0)
         hooks = []
@@ -193,7 +219,7 @@ class TeacherModel:
         def take_last(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             states[num_layers] = out
-            states["last"] = out
+            states[LAST] = out
 
         for index in wanted:
             if index < num_layers:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The device measurements, as named steps that fit one device call together (issues 3, 10, 11).
+# Each step has its own time limit and log; the logs come back as $OUT/logs.tgz and each step's
+# last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
+#   bash scripts/device_run.sh STEP[:SECONDS] ...
+# Steps:
+#   tune          fla configs for rwkv7 (head size 128) into shared/student/ops/fla_configs/<GPU>
+#                 (candidates compiled by 30 processes first), returned as $OUT/fla_configs.tgz
+#   check         first fla fwd+bwd on an empty Triton cache with the shipped configs
+#   pending       scripts/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
+#   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
+#   benchlink     scripts/bench_link.py: link transfer vs raw NCCL
+#   trainer       scripts/bench_trainer.py at the 8B layer shapes: prefetch on/off pairs,
+#                 the reference protocol, and the student alone (MFU)
+#   reconnect     scripts/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
+#   studenttests  tests/test_student_gpu.py
+#   kernels       scripts/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
+#   memory        scripts/bench_generation_memory.py (memory per generated token, 4k-32k)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-device-out}
+logs=$(mktemp -d)
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+status=0
+
+run_step() {
+  local name=${1%%:*} limit=${1#*:}
+  [ "$limit" = "$1" ] && limit=300
+  echo "== $name (limit ${limit}s) $(date +%T)"
+  local start=$(date +%s)
+  case $name in
+    tune) timeout "$limit" $py scripts/tune_fla.py tune --mixer rwkv7 --head-size 128 \
+            --compile-workers 30 && tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs ;;
+    check) timeout "$limit" $py scripts/tune_fla.py check --mixer rwkv7 rwkv6 --head-size 128 ;;
+    pending) timeout "$limit" $py scripts/bench_pending_nccl.py --trace "$logs" ;;
+    linktest) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_link_gpu.py ;;
+    benchlink) timeout "$limit" $py scripts/bench_link.py --reps 8 ;;
+    trainer) timeout "$limit" $py scripts/bench_trainer.py --tokenizer bench/tok \
+               --data bench/data2048 --config configs/bench_8b_layers.yaml --shape 8b-layers \
+               --pairs ${PAIRS:-2} --steps ${STEPS:-14} --trace "$logs" ;;
+    reconnect) timeout "$limit" $py scripts/bench_reconnect.py --tokenizer bench/tok \
+                 --data bench/data2048 ;;
+    studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py ;;
+    kernels) timeout "$limit" $py scripts/bench_kernels.py --batch 1 --reps 5 ;;
+    memory) timeout "$limit" $py scripts/bench_generation_memory.py ;;
+    *) echo "unknown step $name"; false ;;
+  esac >"$logs/$name.log" 2>&1
+  local rc=$?
+  grep -v -i "warn" "$logs/$name.log" | tail -n ${TAIL:-30}
+  echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+for step in "$@"; do run_step "$step"; done
+tar czf "$out/logs.tgz" -C "$logs" .
+exit $status
