@@ -1,13 +1,23 @@
-"""Trainer throughput with the teacher service, async prefetch on vs off, in one run.
+#!/usr/bin/env python
+"""Trainer throughput with the teacher service: prefetch on vs off in A/B pairs, the reference
+protocol, and the student alone, in one run.
 
-On a machine with N ≥ 2 GPUs: the teacher service on GPU 0, trainer ranks on GPUs 1..n-1
-(one teacher group), a 1B-class Llama-shaped teacher with random weights and its hybrid
-student (configs/bench_1b.yaml), stage kd on full bf16 logits. For each trainer count and
-each prefetch setting the same job runs; tokens/s and the teacher-wait share are measured
-over the steps after warm-up, the teacher busy share from its forward_seconds metric.
-Prints a markdown table last.
+On a machine with ≥ 2 GPUs: one teacher service on GPU 0 serves every arm (each trainer run
+joins a new generation); trainer ranks on GPUs 1..n; a Llama-shaped teacher with random weights
+(``--shape``) and its hybrid student (``--config``), stage kd.
 
-    python scripts/bench_trainer.py --tokenizer bench/tok --data bench/data2048 --gpus 2,4
+Arms, each run in a fresh output directory:
+  prefetch   link.prefetch true  (the default)        ┐ alternated --pairs times:
+  sync       link.prefetch false                      ┘ on, off, on, off, ...
+  reference  link.prefetch false, link.logits fp32    the reference project's serial protocol
+  student    scripts/bench_student.py on a trainer GPU: no teacher traffic (logits made once)
+
+Per run: tokens/s over the steps after warm-up, median step time, the share of step time spent
+waiting for the teacher, the teacher's mean forward time and its busy share (forward time over
+step time). Medians over the pairs. Prints a markdown table last.
+
+    python scripts/bench_trainer.py --tokenizer bench/tok --data bench/data2048 \\
+        --config configs/bench_8b_layers.yaml --shape 8b-layers --pairs 2 --steps 14
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.metrics import scrape  # noqa: E402
-WARMUP_STEPS = 5
+
+WARMUP_STEPS = 4
+TEACHER_PORT, TRAINER_PORT = 19400, 19500
+SHAPES = {  # hidden, layers, heads, kv heads, MLP, vocab
+    "1b": (2048, 16, 32, 8, 8192, 128256),
+    "8b-layers": (4096, 8, 32, 8, 14336, 128256),
+    "tiny": (128, 16, 4, 2, 256, 8000),  # CPU dry runs of this script
+}
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -38,88 +56,148 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> Non
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200:
                 return
         except OSError:
-            time.sleep(1)
+            time.sleep(0.5)
     raise RuntimeError("teacher not healthy in time")
 
 
-def run(args, model: Path, trainers: int, prefetch: bool, work: Path, env: dict) -> dict:
-    name = f"n{trainers}-{'prefetch' if prefetch else 'sync'}"
-    out = work / name
-    common = ["--config", "configs/bench_1b.yaml", "--teacher.model_path", str(model),
-              "--link.rendezvous_dir", str(work / f"rdv-{name}"),
-              "--link.trainers_per_group", str(trainers), "--link.prefetch", str(prefetch).lower(),
-              "--teacher.metrics_port", "19400", "--train.steps", str(args.steps),
-              "--student.kernel", args.kernel]
-    teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", *common, "--group", "0",
-                                "--device-id", "0"], cwd=ROOT, env=env,
-                               stdout=open(work / f"{name}-teacher.log", "w"),
-                               stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(19400, teacher)
-        t0 = time.time()
-        trainer = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-             str(trainers), "-m", "services.trainer", *common, "--data.train_dir", args.data,
-             "--train.output_dir", str(out), "--train.device_offset", "1",
-             "--train.metrics_port", "19500"], cwd=ROOT, env=env, capture_output=True, text=True)
-        (work / f"{name}-trainer.log").write_text(trainer.stdout + trainer.stderr)
-        if trainer.returncode != 0:
-            print(trainer.stdout[-3000:], trainer.stderr[-3000:])
-            raise RuntimeError(f"{name}: trainer failed")
-        metrics = scrape(19400)
-    finally:
-        teacher.send_signal(signal.SIGTERM)
-        teacher.wait(120)
-    rows = [[json.loads(line) for line in (out / f"steps-rank{r}.jsonl").read_text().splitlines()]
-            for r in range(trainers)]
-    steady = [[s for s in r if s["step"] > WARMUP_STEPS] for r in rows]
-    span = max(s["end"] for s in steady[0]) - min(s["start"] for s in steady[0])
-    tokens = sum(s["tokens"] for r in steady for s in r)
-    wait = sum(s["teacher_wait"] for s in steady[0])
-    step_time = sum(s["seconds"] for s in steady[0])
-    fwd = metrics['distill_teacher_forward_seconds_sum{group="0"}']
-    batches = metrics['distill_teacher_batches_total{group="0"}']
-    return {"run": name, "trainers": trainers, "prefetch": prefetch,
-            "tokens_per_s": tokens / span, "teacher_wait_share": wait / step_time,
-            "step_s": step_time / len(steady[0]),
-            "teacher_forward_ms": 1000 * fwd / max(batches, 1),
-            "teacher_busy_share_whole_run": fwd / max(time.time() - t0, 1e-9)}
+def teacher_forward() -> tuple[float, float]:
+    m = scrape(TEACHER_PORT)
+    return (m['distill_teacher_forward_seconds_sum{group="0"}'],
+            m['distill_teacher_forward_seconds_count{group="0"}'])
+
+
+def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path, env: dict,
+                trainers: int) -> dict:
+    out = work / name  # a fresh directory per run: nothing appended to an earlier steps file
+    before = teacher_forward()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(trainers), "-m", "services.trainer", *common, *extra, "--data.train_dir", args.data,
+         "--train.output_dir", str(out), "--train.device_offset", str(args.device_offset),
+         "--train.metrics_port", str(TRAINER_PORT)], cwd=ROOT, env=env, capture_output=True,
+        text=True)
+    (work / f"{name}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-3000:])
+        raise RuntimeError(f"{name}: trainer failed")
+    after = teacher_forward()
+    steps = [json.loads(line) for line in (out / "steps-rank0.jsonl").read_text().splitlines()]
+    steady = [s for s in steps if s["step"] > WARMUP_STEPS]
+    tokens = sum(s["tokens"] for s in steady) * trainers
+    span = max(s["end"] for s in steady) - min(s["start"] for s in steady)
+    step_s = statistics.median(s["seconds"] for s in steady)
+    fwd_ms = 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1)
+    return {"run": name, "tokens_per_s": tokens / span, "step_s": step_s,
+            "teacher_wait_share": sum(s["teacher_wait"] for s in steady)
+            / sum(s["seconds"] for s in steady),
+            "teacher_forward_ms": fwd_ms, "teacher_busy_share": fwd_ms / 1e3 / step_s}
+
+
+def run_student(args, model: Path, work: Path, env: dict) -> list[dict]:
+    cmd = [sys.executable, "scripts/bench_student.py", "--config", args.config, "--model",
+           str(model), "--data", args.data, "--steps", str(args.steps), "--train.device_offset",
+           str(args.device_offset), "--train.output_dir", str(work / "student"), "--modes", *args.student_modes]
+    if args.trace:
+        cmd += ["--trace", args.trace]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (work / "student.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-3000:])
+        raise RuntimeError("student-only run failed")
+    return [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--gpus", default="2", help="comma list of GPU counts to use")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--config", default="configs/bench_1b.yaml")
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--trainers", type=int, default=1, help="trainer ranks (GPUs 1..n)")
+    parser.add_argument("--pairs", type=int, default=2, help="prefetch on/off pairs")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--kernel", default=None, choices=["auto", "fla", "chunk"])
+    parser.add_argument("--student-modes", nargs="*", default=["none", "converted"],
+                        help="gradient checkpointing modes of the student-only arm ([] skips it)")
+    parser.add_argument("--trace", default=None, help="profiles (teacher, trainer, student) here")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--kernel", default="auto", choices=["auto", "fla", "chunk"])
     args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args.device_offset = 1 if cuda else 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "NCCL_NVLS_ENABLE": "0",
-           "OMP_NUM_THREADS": "4"}
-    model = work / "llama-1b"
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    hidden, layers, heads, kv, mlp, vocab = SHAPES[args.shape]
+    model = work / f"teacher-{args.shape}"
     if not (model / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "shared.tiny", "--output", str(model), "--tokenizer",
-                        args.tokenizer, "--hidden-size", "2048", "--layers", "16", "--heads", "32",
-                        "--kv-heads", "8", "--intermediate-size", "8192", "--model-vocab-size",
-                        "128256", "--dtype", "bfloat16", "--device", "cuda"], cwd=ROOT, env=env,
-                       check=True)
-    results = []
-    for n in [int(x) for x in args.gpus.split(",")]:
-        for prefetch in (True, False):
-            results.append(run(args, model, n - 1, prefetch, work, env))
-            print(json.dumps(results[-1]), flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
-    print()
-    print("| trainers | prefetch | tokens/s (all ranks) | teacher-wait share | step s | "
-          "teacher fwd ms | speed-up vs sync |")
+                        args.tokenizer, "--hidden-size", str(hidden), "--layers", str(layers),
+                        "--heads", str(heads), "--kv-heads", str(kv), "--intermediate-size",
+                        str(mlp), "--model-vocab-size", str(vocab), "--dtype",
+                        "bfloat16" if cuda else "float32", "--device", "cuda" if cuda else "cpu"], cwd=ROOT, env=env, check=True)
+    common = ["--config", args.config, "--teacher.model_path", str(model),
+              "--link.rendezvous_dir", str(work / "rdv"), "--link.trainers_per_group",
+              str(args.trainers), "--teacher.metrics_port", str(TEACHER_PORT), "--train.steps",
+              str(args.steps)]
+    if args.kernel:
+        common += ["--student.kernel", args.kernel]
+    teacher_extra = []
+    if args.trace:  # the teacher's forwards of the first run's steady steps
+        teacher_extra = ["--teacher.profile_batches", f"{WARMUP_STEPS + 3}-{WARMUP_STEPS + 4}",
+                         "--teacher.profile_dir", args.trace]
+    teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", *common, *teacher_extra,
+                                "--group", "0", "--device-id", "0"], cwd=ROOT, env=env,
+                               stdout=open(work / "teacher.log", "w"), stderr=subprocess.STDOUT)
+    arms = {"prefetch": ["--link.prefetch", "true"], "sync": ["--link.prefetch", "false"],
+            "reference": ["--link.prefetch", "false", "--link.logits", "fp32"]}
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    try:
+        wait_healthy(TEACHER_PORT, teacher)
+        order = [arm for _ in range(args.pairs) for arm in ("prefetch", "sync")] + ["reference"]
+        for i, arm in enumerate(order):
+            extra = list(arms[arm])
+            if args.trace and i < 2:  # the trainer's steady steps, prefetch on and off
+                extra += ["--train.profile_steps", f"{WARMUP_STEPS + 3}-{WARMUP_STEPS + 4}"]
+            runs[arm].append(run_trainer(args, common, f"run{i:02d}-{arm}", extra, work, env,
+                                         args.trainers))
+            for f in (work / f"run{i:02d}-{arm}").glob("trainer-rank0.*"):
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+                f.rename(Path(args.trace) / f"{arm}-{f.name}")
+            print(json.dumps(runs[arm][-1]), flush=True)
+    finally:
+        teacher.send_signal(signal.SIGTERM)
+        teacher.wait(120)
+    student = run_student(args, model, work, env) if args.student_modes else []
+    for r in student:
+        print(json.dumps(r), flush=True)
+
+    def med(arm: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[arm])
+    (work / "results.json").write_text(json.dumps({"runs": runs, "student": student}, indent=1))
+    print(f"\n{args.shape} shapes, {args.trainers} trainer rank(s), steps {WARMUP_STEPS + 1}-"
+          f"{args.steps} of each run, medians over {args.pairs} pair(s)\n")
+    print("| arm | runs | tokens/s | step s | teacher wait | teacher fwd ms | teacher busy |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
-        base = next(b for b in results if b["trainers"] == r["trainers"] and not b["prefetch"])
-        print(f"| {r['trainers']} | {'on' if r['prefetch'] else 'off'} | {r['tokens_per_s']:.0f} | "
-              f"{r['teacher_wait_share']:.1%} | {r['step_s']:.3f} | {r['teacher_forward_ms']:.0f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× |")
+    for arm in arms:
+        print(f"| {arm} | {len(runs[arm])} | {med(arm, 'tokens_per_s'):.0f} | "
+              f"{med(arm, 'step_s'):.3f} | {med(arm, 'teacher_wait_share'):.1%} | "
+              f"{med(arm, 'teacher_forward_ms'):.0f} | {med(arm, 'teacher_busy_share'):.0%} |")
+    for r in student:
+        print(f"| student alone, checkpointing {r['mode']} | 1 | {r['tokens_per_s']:.0f} | "
+              f"{r['step_s']:.3f} | - | - | - | MFU {r['mfu']:.3f} |")
+    print()
+    pairs = [p["tokens_per_s"] / s["tokens_per_s"] for p, s in zip(runs["prefetch"], runs["sync"])]
+    print(f"- prefetch vs sync tokens/s, per pair: {', '.join(f'{x:.2f}×' for x in pairs)}")
+    print(f"- prefetch vs reference tokens/s: "
+          f"{med('prefetch', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}×")
+    print(f"- teacher forward prefetch vs sync: "
+          f"{med('prefetch', 'teacher_forward_ms') / med('sync', 'teacher_forward_ms'):.2f}×")
+    alone = next((r for r in student if r["mode"] == "none"), None)
+    if alone:
+        print(f"- prefetch step vs student-alone step (same checkpointing): "
+              f"{med('prefetch', 'step_s') / alone['step_s']:.3f}×")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ run_step() {
     benchlink) timeout "$limit" $py scripts/bench_link.py --reps 8 ;;
     trainer) timeout "$limit" $py scripts/bench_trainer.py --tokenizer bench/tok \
                --data bench/data2048 --config configs/bench_8b_layers.yaml --shape 8b-layers \
-               --pairs ${PAIRS:-2} --steps ${STEPS:-14} --trace "$logs" ;;
+               --pairs ${PAIRS:-2} --steps ${STEPS:-14} --trace "$logs" \
+               --student-modes none converted all ;;
     reconnect) timeout "$limit" $py scripts/bench_reconnect.py --tokenizer bench/tok \
                  --data bench/data2048 ;;
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py ;;

@@ -41,6 +41,10 @@ class TeacherConfig:
     """Rows×length per forward chunk: bounds teacher memory when the group batch is large."""
     gather_window_seconds: float = 1.0
     """After the first request of a round, how long to wait for the rest of the group."""
+    profile_batches: str = ""
+    """Batched forwards to profile with torch.profiler, e.g. "10-12" (empty = none)."""
+    profile_dir: str = "runs/profiles"
+    """Where the teacher writes its profile (chrome trace + top-kernels table)."""
     metrics_port: int = 9400
     """Base port of the metrics + /healthz server; the teacher of group G uses base + G."""
     metrics_host: str = "127.0.0.1"
@@ -151,6 +155,9 @@ class TrainConfig:
     """Batches per validation."""
     log_every: int = 1
     """Progress line every N steps on rank 0."""
+    profile_steps: str = ""
+    """Optimizer steps to profile with torch.profiler, e.g. "6-7" (empty = none); the trace and
+    a top-kernels table go to output_dir."""
     device_offset: int = 0
     """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
     metrics_port: int = 9500

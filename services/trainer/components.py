@@ -94,10 +94,9 @@ def build_student(cfg: Config, device: torch.device):
         log.info("student converted from %s: layers %s -> %s (%s)", path,
                  student.converted_layers, cfg.student.mixer, cfg.student.mode)
     student.set_rwkv_backend(cfg.student.kernel)
-    if cfg.student.grad_checkpointing:
-        student.config.gradient_checkpointing = True
-        student.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Only the converted layers are recomputed (the documented behaviour): HF's
+    # gradient_checkpointing_enable() would also recompute every kept attention layer.
+    student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing
     return student
 
 

@@ -23,6 +23,7 @@ from shared.config import Config
 from shared.link import RequestSpec
 from shared.losses import IGNORE, ce_loss, kl_full, perplexity
 from shared.metrics import MetricsServer, TrainerMetrics
+from shared.profiling import StepProfiler
 from services.trainer import checkpoint
 from services.trainer.components import (build_student, dataset_fingerprint_check,
                                          init_distributed, init_engine, select_trainable,
@@ -205,8 +206,10 @@ def train(cfg: Config) -> dict:
                  len(trainable), sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters()),
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     totals = torch.zeros(3, dtype=torch.float64)  # tokens, teacher wait, step seconds
+    profiler = StepProfiler(cfg.train.profile_steps, out_dir, f"trainer-rank{place.rank}")
     try:
         while step < cfg.train.steps:
+            profiler.begin(step + 1)
             lr = learning_rate(cfg, step)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -226,6 +229,7 @@ def train(cfg: Config) -> dict:
                 losses.append({"total": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
             step += 1
             seconds = time.perf_counter() - t_step
+            profiler.end(step)
             parts = {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")

@@ -29,6 +29,7 @@ from shared.link.rendezvous import (GroupRendezvous, Heartbeat, LinkGroups, abor
                                     make_link_groups, peer_state, resolve_backend)
 from shared.link.teacher_model import TeacherModel, TeacherRequest
 from shared.metrics import TeacherMetrics
+from shared.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class TeacherServer:
         self.backend = resolve_backend(link.backend, teacher.device)
         self.rendezvous = GroupRendezvous(link.rendezvous_dir, group)
         self.trainers = link.trainers_per_group
+        self.profiler = StepProfiler(teacher_cfg.profile_batches, teacher_cfg.profile_dir,
+                                     f"teacher-group{group}")
+        self.batches = 0
         self.ready = False
         self.generation = 0
         self._cuda = teacher.device.type == "cuda"
@@ -174,9 +178,11 @@ class _GenerationLoop:
         self.queued: list[Queued] = []
         self.answers: dict[tuple[int, int], Answer] = {}
         self.go: set[tuple[int, int]] = set()       # GO received before the answer was ready
+        self.active = set(range(server.trainers))   # trainers that have not said goodbye
         self.forward: Forward | None = None
         self.send_stream = torch.cuda.Stream(self.device) if server._cuda else None
         self.idle_since = time.perf_counter()
+        self.profiler = server.profiler
 
     def _warm_up(self) -> None:
         """Connect the data channel to every trainer now (NCCL connects a pair on its first
@@ -221,7 +227,7 @@ class _GenerationLoop:
                 busy = True
             now = time.monotonic()
             if now - last_check > CHECK_SECONDS:
-                server.check_trainers()
+                server.check_trainers(sorted(self.active))
                 last_check = now
             if not busy:
                 time.sleep(POLL_SECONDS)
@@ -235,7 +241,14 @@ class _GenerationLoop:
             progressed = True
             request = decode_request(header)
             if request.kind == KIND_BYE:
-                raise PeerLost(f"trainer {r} left the group")
+                # The others may still have answers to collect: serve them until they leave
+                # too (or one is lost); then the generation ends and a new one is published.
+                self.active.discard(r)
+                del self.headers[r]
+                log.info("group %d: trainer %d left", self.server.group, r)
+                if not self.active:
+                    raise PeerLost("every trainer of the group left")
+                continue
             if request.kind == KIND_GO:
                 self.go.add((r, request.seq))
             elif request.kind == KIND_REQUEST:
@@ -268,11 +281,13 @@ class _GenerationLoop:
             return False
         waiting = {q.trainer for q in self.queued}
         window = self.server.teacher_cfg.gather_window_seconds
-        return (len(waiting) == self.server.trainers
+        return (waiting >= self.active
                 or time.monotonic() - self.queued[0].arrived >= window)
 
     def _start_forward(self) -> None:
         batch, self.queued = self.queued, []
+        self.server.batches += 1
+        self.profiler.begin(self.server.batches)
         started = time.time()
         timer = None
         if self.server._cuda:
@@ -309,6 +324,7 @@ class _GenerationLoop:
             self.metrics.forward_seconds.observe(fwd.timer[0].elapsed_time(fwd.timer[1]) / 1e3)
         finished = time.time()
         self.forward = None
+        self.profiler.end(self.server.batches)
         self.metrics.batches.inc()
         self.metrics.tokens.inc(sum(int(q.tensors.lengths.sum()) for q in fwd.batch))
         for q, out in zip(fwd.batch, fwd.outputs):

@@ -1,0 +1,69 @@
+"""torch.profiler over a window of steps, for the trainer (``train.profile_steps``) and the
+teacher (``teacher.profile_batches``): a chrome trace (open in chrome://tracing or Perfetto) and
+a table of the top kernels by device time, written when the window closes.
+
+    profiler = StepProfiler("6-7", out_dir, "trainer-rank0")
+    for step in ...:
+        profiler.begin(step)      # step numbers start at 1
+        ...
+        profiler.end(step)
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def parse_window(spec: str) -> tuple[int, int] | None:
+    """"6-7" -> (6, 7); "6" -> (6, 6); "" -> None."""
+    if not spec:
+        return None
+    first, _, last = spec.partition("-")
+    try:
+        window = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"profile window {spec!r}: write FIRST-LAST step numbers, e.g. 6-7") from None
+    if window[0] < 1 or window[1] < window[0]:
+        raise ValueError(f"profile window {spec!r}: steps count from 1 and FIRST <= LAST")
+    return window
+
+
+class StepProfiler:
+    """Profiles steps ``window`` (inclusive); does nothing when the window is empty."""
+
+    def __init__(self, window: str, out_dir: str | Path, name: str) -> None:
+        self.window = parse_window(window)
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self._prof: torch.profiler.profile | None = None
+
+    def begin(self, step: int) -> None:
+        if self.window is None or step != self.window[0] or self._prof is not None:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=activities, record_shapes=False)
+        self._prof.__enter__()
+
+    def end(self, step: int) -> None:
+        if self._prof is None or step < self.window[1]:
+            return
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / f"{self.name}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        (self.out_dir / f"{self.name}.kernels.txt").write_text(table)
+        log.info("profile of steps %d-%d written to %s.gz", *self.window, trace)
