@@ -10,7 +10,9 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from types import SimpleNamespace
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -60,7 +62,10 @@ def init_distributed(cfg: Config) -> Place:
         # DeepSpeed would bind the group to GPU LOCAL_RANK; with train.device_offset the
         # rank's GPU is offset + LOCAL_RANK, so we create the group bound to it ourselves.
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+        # While one group's trainers rejoin a restarted teacher (up to link.reconnect_seconds),
+        # the other ranks wait in the step's all-reduce: that wait must not time out first.
+        timeout = timedelta(seconds=max(1800.0, cfg.link.reconnect_seconds + 600.0))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     n = cfg.link.trainers_per_group
     if cfg.link.mode == "service" and cfg.train.stage != "sft" and world % n:
@@ -171,8 +176,10 @@ def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
     return engine
 
 
-def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int):
-    """The link client of this rank's group, or an in-process teacher."""
+def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int,
+                   on_reconnect: Callable[[float], None] | None = None):
+    """The link client of this rank's group, or an in-process teacher. ``on_reconnect(seconds)``
+    runs after the link rejoined a restarted teacher (metrics)."""
     from shared.link import InProcessTeacher, TeacherClient, TeacherModel
 
     if cfg.train.stage == "sft":
@@ -186,7 +193,7 @@ def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int)
             raise RuntimeError("the in-process teacher's tokenizer differs from the student's")
         return InProcessTeacher(teacher, cfg.teacher.max_tokens_per_request)
     client = TeacherClient(cfg.link, place.group, place.index_in_group, place.device,
-                           fingerprint, vocab_size)
+                           fingerprint, vocab_size, on_reconnect=on_reconnect)
     client.connect()
     return client
 
