@@ -6,7 +6,8 @@ On a machine with ≥ 2 GPUs: one teacher service on GPU 0 serves every arm (eac
 joins a new generation); trainer ranks on GPUs 1..n; a Llama-shaped teacher with random weights
 (``--shape``) and its hybrid student (``--config``), stage kd.
 
-Arms, each run in a fresh output directory:
+A first, unmeasured run warms the teacher's and Triton's caches. Arms, each run in a fresh
+output directory:
   prefetch   link.prefetch true  (the default)        ┐ alternated --pairs times:
   sync       link.prefetch false                      ┘ on, off, on, off, ...
   reference  link.prefetch false, link.logits fp32    the reference project's serial protocol
@@ -87,7 +88,11 @@ def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path
     span = max(s["end"] for s in steady) - min(s["start"] for s in steady)
     step_s = statistics.median(s["seconds"] for s in steady)
     fwd_ms = 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1)
-    return {"run": name, "tokens_per_s": tokens / span, "step_s": step_s,
+    mean_step = span / len(steady)
+    if mean_step > 1.2 * step_s:
+        print(f"warning: {name}: mean step {mean_step:.3f} s vs median {step_s:.3f} s: some steps "
+              "stalled (new shapes compiling?); use fixed-length data and more steps", flush=True)
+    return {"run": name, "tokens_per_s": tokens / span, "step_s": step_s, "mean_step_s": mean_step,
             "teacher_wait_share": sum(s["teacher_wait"] for s in steady)
             / sum(s["seconds"] for s in steady),
             "teacher_forward_ms": fwd_ms, "teacher_busy_share": fwd_ms / 1e3 / step_s}
@@ -155,6 +160,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     try:
         wait_healthy(TEACHER_PORT, teacher)
+        # An unmeasured first run: the teacher's per-shape caches (cuDNN attention plans) and
+        # Triton's disk cache fill here, not inside whichever arm would run first (2026-11-30:
+        # that made the first arm look 2-10x slower than the ones after it).
+        run_trainer(args, common, "warmup", arms["prefetch"], work, env, args.trainers)
         order = [arm for _ in range(args.pairs) for arm in ("prefetch", "sync")] + ["reference"]
         for i, arm in enumerate(order):
             extra = list(arms[arm])

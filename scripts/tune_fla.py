@@ -65,8 +65,12 @@ def compile_shard(args: argparse.Namespace) -> None:
     full = cache.fla_cache_autotune
 
     def shard(configs, *rest, **kwargs):
-        mine = configs[index::count] or configs[index % len(configs):][:1]
-        return full(mine, *rest, **kwargs)
+        mine = configs[index::count]
+        if len(mine) < 2 and len(configs) >= 2:
+            # keep two: the autotuner then skips a config that does not fit (out of shared
+            # memory) instead of failing the whole shard, as it does for a single config
+            mine = [configs[index % len(configs)], configs[(index + 1) % len(configs)]]
+        return full(mine or configs, *rest, **kwargs)
     cache.fla_cache_autotune = shard
     for mixer in args.mixer:
         for head_size in args.head_size:
