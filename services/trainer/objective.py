@@ -11,6 +11,7 @@ from torch import nn
 
 from shared.config import LinkConfig, TrainConfig
 from shared.link import RequestSpec
+from shared.link.protocol import layer_io_states, layer_output_states
 from shared.losses import align_loss, ce_loss, kl_full, kl_topk
 
 
@@ -21,10 +22,9 @@ def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
         return None
     if train.stage == "align":
         if train.align_mode == "teacher_forced":
-            # inputs of the converted layers and their outputs (state i + 1)
-            states = sorted({s for i in converted for s in (i, i + 1)})
+            states = layer_io_states(converted)
         else:
-            states = list(range(1, num_layers + 1))
+            states = layer_output_states(num_layers)
         return RequestSpec(logits="none", hidden_layers=states)
     if link.logits == "none":
         raise ValueError("train.stage=kd needs teacher logits: set link.logits to bf16, topk "
