@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from shared.labels import IGNORE
 
 
 def _real(mask_source: torch.Tensor) -> torch.Tensor:

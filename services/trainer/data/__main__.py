@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from .build import CARD_FORMAT, LABEL_CONVENTION, BuildOptions, build, prepare_output_dir, summary_line
+from shared.labels import LABEL_CONVENTION
+
+from .build import CARD_FORMAT, BuildOptions, build, prepare_output_dir, summary_line
 from .process import WorkerConfig
 from .render import PLAIN_TEMPLATE
 from .sources import (DataError, Interleaver, RawChunk, c4_files, check_json_field, chunk_tagged,

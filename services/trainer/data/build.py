@@ -21,17 +21,13 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
+from shared.labels import IGNORE
+
 from .process import ChunkResult, WorkerConfig, process_chunks
 from .sources import DataError, RawChunk
 
 CARD_NAME = "card.json"
 CARD_FORMAT = "llama2rwkv-data/1"
-LABEL_CONVENTION = (
-    "shifted next-token targets: labels[t] is the token to predict at position t "
-    "(= input_ids[t+1] inside a document) or -100 where not trained; the last position of a "
-    "document is -100, the last position of a truncated/split piece keeps its real next token")
-
-
 @dataclass
 class BuildOptions:
     output_dir: Path
@@ -154,7 +150,7 @@ class BucketWriter:
         self.buffer.append(sample)
         self.rows += 1
         self.tokens += len(sample[0])
-        self.trained += int((sample[1] != -100).sum())
+        self.trained += int((sample[1] != IGNORE).sum())
         if len(self.buffer) >= self.rows_per_batch:
             self._flush()
 

@@ -24,9 +24,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .build import CARD_FORMAT, CARD_NAME
+from shared.labels import IGNORE
 
-IGNORE = -100
+from .build import CARD_FORMAT, CARD_NAME
 
 
 class FingerprintMismatch(ValueError):

@@ -24,7 +24,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .render import IGNORE, ChatMasker, Drop, labels_from_targets, validate_messages
+from shared.labels import IGNORE
+
+from .render import ChatMasker, Drop, labels_from_targets, validate_messages
 from .sources import DataError, RawChunk
 
 SUB_BATCH_CHARS = 1 << 20

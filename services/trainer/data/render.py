@@ -14,7 +14,7 @@ template breaks the prefix property we fall back to searching the content after 
 turn and count it (``prefix_fallbacks`` in the card).
 
 This module runs in the tokenisation workers: it imports only tokenizers, jinja (through
-transformers' template compiler, which does not import torch) and numpy.
+transformers' template compiler, which does not import torch), numpy and shared.labels.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from shared.labels import IGNORE
 
 # The reference implementation's plain rendering ("User : ... Assistant : ..."), made a
 # template so that it goes through exactly the same masking code as real chat templates. An
@@ -36,8 +38,6 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant : ' }}{% endif %}"
 )
-
-IGNORE = -100
 
 
 class Drop(Exception):
