@@ -163,3 +163,25 @@ def test_loss_and_bf16_forward(teacher) -> None:
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     logits = student.to(torch.bfloat16)(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("mixer,decay_names", [("rwkv6", {"time_decay", "time_faaaa"}),
+                                               ("rwkv7", {"w0"})])
+def test_param_groups(teacher, mixer: str, decay_names: set[str]) -> None:
+    from shared.student.param_groups import param_groups
+
+    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer))
+    frozen = "model.layers.0.self_attn.q_proj.weight"
+    student.get_parameter(frozen).requires_grad_(False)
+    groups = {g["name"]: g for g in param_groups(student, weight_decay=0.1, time_decay_lr_scale=2.0)}
+    names = {id(p): n for n, p in student.named_parameters()}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert {n.rsplit(".", 1)[1] for n in members["time_decay"]} == decay_names
+    assert len(members["time_decay"]) == 2 * len(decay_names)  # one each in layers 1 and 3
+    assert (groups["time_decay"]["weight_decay"], groups["time_decay"]["lr_scale"]) == (0.0, 2.0)
+    assert all(student.get_parameter(n).ndim < 2 for n in members["no_decay"])
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["lr_scale"] == 1.0
+    assert all(student.get_parameter(n).ndim >= 2 for n in members["decay"])
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["decay"]["lr_scale"] == 1.0
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert set().union(*members.values()) == trainable and frozen not in trainable

@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
@@ -22,10 +21,6 @@ from shared.config import Config
 from shared.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger("trainer")
-
-# Parameters the reference trains with a larger learning rate (RWKV-LM's "lr_2x" set) and
-# that never get weight decay.
-TIME_DECAY = re.compile(r"\.(time_decay|time_faaaa|w0)$")
 
 
 @dataclass
@@ -120,24 +115,6 @@ def select_trainable(student, cfg: Config) -> list[str]:
     return sorted(names)
 
 
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """AdamW groups: decayed matrices; no decay for vectors; time-decay at a scaled lr."""
-    groups = {"decay": [], "no_decay": [], "time_decay": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if TIME_DECAY.search(name):
-            groups["time_decay"].append(p)
-        elif p.ndim < 2:
-            groups["no_decay"].append(p)
-        else:
-            groups["decay"].append(p)
-    settings = {"decay": (cfg.train.weight_decay, 1.0), "no_decay": (0.0, 1.0),
-                "time_decay": (0.0, cfg.train.time_decay_lr_scale)}
-    return [{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1],
-             "name": k} for k, ps in groups.items() if ps]
-
-
 def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict:
     """The JSON file's ZeRO settings, completed with the values our config owns."""
     path = Path(cfg.train.deepspeed_config)
@@ -166,12 +143,14 @@ def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict
 def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
     import deepspeed
 
+    from shared.student.param_groups import param_groups
+
     ds = deepspeed_config(cfg, place.device, place.world_size)
     # DeepSpeed puts the model on GPU LOCAL_RANK unless told otherwise; with
     # train.device_offset the rank's GPU is offset + LOCAL_RANK.
     args = SimpleNamespace(device_rank=place.device.index) if place.device.type == "cuda" else None
-    engine, _, _, _ = deepspeed.initialize(args=args, model=objective,
-                                           model_parameters=param_groups(objective, cfg),
+    groups = param_groups(objective, cfg.train.weight_decay, cfg.train.time_decay_lr_scale)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=objective, model_parameters=groups,
                                            config=copy.deepcopy(ds))
     return engine
 

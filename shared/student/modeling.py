@@ -16,7 +16,7 @@ final norm (transformers' own models put the normed output there instead).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -351,10 +351,6 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
             parts = (layer.names[1], layer.names[3]) if self.config.rwkv_ffn == "rwkv_cmix" else (layer.names[1],)
             names += [f"model.layers.{idx}.{n}" for n, _ in layer.named_parameters() if n.split(".")[0] in parts]
         return names
-
-    def mixer_parameters(self) -> Iterator[nn.Parameter]:
-        wanted = set(self.mixer_parameter_names())
-        return (p for n, p in self.named_parameters() if n in wanted)
 
     def converted_layer_parameter_names(self) -> list[str]:
         """Every parameter inside the converted layers (norms and a kept MLP included)."""
