@@ -158,6 +158,9 @@ class TrainConfig:
     profile_steps: str = ""
     """Optimizer steps to profile with torch.profiler, e.g. "6-7" (empty = none); the trace and
     a top-kernels table go to output_dir."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the trainer ranks run; auto = cuda when available. The teacher has its own
+    (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""
     device_offset: int = 0
     """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
     metrics_port: int = 9500
@@ -233,10 +236,6 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _section_hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
 def apply(config: Config, updates: dict[str, Any], source: str) -> Config:
     """Apply ``{"section": {"key": value}}`` or ``{"section.key": value}`` to ``config``."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -257,7 +256,7 @@ def apply(config: Config, updates: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: unknown key '{dotted}' "
                               f"(sections: {', '.join(sections)})")
         section = getattr(config, section_name)
-        hints = _section_hints(type(section))
+        hints = get_type_hints(type(section))
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{dotted}' (keys of '{section_name}': "
                               f"{', '.join(hints)})")
@@ -302,10 +301,6 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         result[name.replace("-", "_")] = value if isinstance(parsed, dict) else parsed
         i += 1
     return result
-
-
-def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def documented_keys() -> list[tuple[str, str, Any, str]]:

@@ -124,18 +124,15 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, port: int, host: str = "127.0.0.1",
                  is_ready: Callable[[], bool] = lambda: True) -> None:
-        registry_ = registry
-        ready = is_ready
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 if self.path.startswith("/healthz"):
-                    ok = ready()
+                    ok = is_ready()
                     body = b"ok\n" if ok else b"not ready\n"
                     self.send_response(200 if ok else 503)
                     self.send_header("Content-Type", "text/plain")
                 else:
-                    body = exposition.generate_latest(registry_)
+                    body = exposition.generate_latest(registry)
                     self.send_response(200)
                     self.send_header("Content-Type", exposition.CONTENT_TYPE_LATEST)
                 self.send_header("Content-Length", str(len(body)))

@@ -205,3 +205,15 @@ def test_two_simulated_nodes_train_one_model(tmp_path, tiny_llama, dataset, teac
     # one model: every rank saw the same loss-independent learning rate and grad norm
     norms = {steps(tmp_path / "run", r)[4]["grad_norm"] for r in range(4)}
     assert len(norms) == 1, norms
+
+
+def test_train_device_cuda_without_a_gpu_is_a_clear_error():
+    import torch
+
+    from services.trainer.components import init_distributed
+    from shared.config import load_config
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (checks the error a CPU machine gives)")
+    with pytest.raises(RuntimeError, match="train.device=cuda but no CUDA device is visible"):
+        init_distributed(load_config(None, ["--train.device", "cuda"]))

@@ -40,7 +40,10 @@ def init_distributed(cfg: Config) -> Place:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and cfg.teacher.device != "cpu":
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use "
+                           "--train.device cpu or check CUDA_VISIBLE_DEVICES")
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
         gpu = cfg.train.device_offset + local
         if gpu >= torch.cuda.device_count():
             raise RuntimeError(f"local rank {local} + train.device_offset "
@@ -183,8 +186,3 @@ def dataset_fingerprint_check(cfg: Config) -> str:
     fp = tokenizer_fingerprint(tokenizer_dir(cfg))
     check_tokenizer_fingerprint(cfg.data.train_dir, fp)
     return fp
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
