@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from shared.student import HybridRWKVCache, build_student  # noqa: E402
+from shared.student import HybridRWKVCache, convert_teacher  # noqa: E402
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                   num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, layers: int) -> list[tuple[str, int, dict]]:
     torch.manual_seed(0)
     with torch.device(args.device):
         teacher = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    student = build_student(teacher, dict(layers="all", mixer=args.mixer, mode="block", ffn=args.ffn)).eval()
+    student = convert_teacher(teacher, dict(layers="all", mixer=args.mixer, mode="block", ffn=args.ffn)).eval()
     rows = []
     try:
         for context in args.contexts:

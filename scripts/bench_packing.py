@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from shared.student import build_student  # noqa: E402
-from shared.student.testing import tiny_teacher  # noqa: E402
+from shared.student import convert_teacher  # noqa: E402
+from shared.tiny import tiny_teacher  # noqa: E402
 
 
 def pack(seq: int, rows: int, median: float, seed: int) -> list[list[int]]:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     dev = args.device
     for name, layers in (("every other layer", list(range(1, args.layers, 2))), ("all layers", "all")):
-        student = build_student(teacher, dict(layers=layers, mixer=args.mixer)).to(dev, dtype).train()
+        student = convert_teacher(teacher, dict(layers=layers, mixer=args.mixer)).to(dev, dtype).train()
 
         def step(**batch):
             def run():

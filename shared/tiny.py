@@ -1,10 +1,11 @@
-"""Make a tiny random Llama checkpoint directory: config + safetensors + a trained tokenizer.
+"""Tiny random teachers, built from transformers' config classes (nothing comes from a hub).
 
-Tests and the demo need a real Hugging Face model directory that our loading code reads
-exactly as it reads Llama-3.1-8B-Instruct; nothing may come from a hub. The tokenizer is a
-byte-level BPE trained with ``tokenizers`` on text that ships with every Debian system, with
-Llama-3-style special tokens and a chat template, so chat rendering and label masking are
-exercised for real.
+``tiny_teacher`` builds one in memory (Llama, Qwen2, Qwen3 or Mistral: the student's tests cover
+each family's quirks). ``make_tiny_llama`` writes a Llama checkpoint directory (config +
+safetensors + a trained tokenizer) that our loading code reads exactly as it reads
+Llama-3.1-8B-Instruct: tests, benchmarks and the demo use it. The tokenizer is a byte-level BPE
+trained with ``tokenizers`` on text that ships with every Debian system, with Llama-3-style
+special tokens and a chat template, so chat rendering and label masking are exercised for real.
 
     python -m shared.tiny --output /tmp/tiny-llama [--hidden-size 64 --layers 4 --vocab-size 512]
 """
@@ -14,7 +15,11 @@ import argparse
 import glob
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -89,6 +94,45 @@ def train_tokenizer(output_dir: str | Path, vocab_size: int = 512,
     fast.save_pretrained(str(output_dir))
 
 
+def tiny_teacher(kind: str = "llama", layers: int = 3, hidden: int = 64, heads: int = 4,
+                 kv_heads: int = 2, vocab: int = 101, seed: int = 0,
+                 dtype: torch.dtype | str = "float32", device: str = "cpu",
+                 **config: Any) -> PreTrainedModel:
+    """A random ``{Llama,Qwen2,Qwen3,Mistral}ForCausalLM`` in eval mode; ``config`` overrides
+    the config's fields (defaults: intermediate 1.5 x hidden, 512 positions, pad/bos/eos 0/1/2).
+
+    ``llama`` and ``mistral`` have GQA and no biases; ``qwen2`` has q/k/v biases; ``qwen3`` has a
+    head_dim that makes ``heads * head_dim != hidden`` (24 * 4 = 96 vs 64) plus q/k norms.
+    """
+    import torch
+    import transformers as tr
+
+    fields = dict(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    fields.update(config)
+    if kind == "llama":
+        cfg, cls = tr.LlamaConfig(**fields), tr.LlamaForCausalLM
+    elif kind == "mistral":
+        cfg, cls = tr.MistralConfig(**fields, sliding_window=None), tr.MistralForCausalLM
+    elif kind == "qwen2":
+        cfg, cls = tr.Qwen2Config(**fields), tr.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        cfg, cls = tr.Qwen3Config(**fields, head_dim=24), tr.Qwen3ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny teacher kind {kind!r}: llama, mistral, qwen2 or qwen3")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype).eval()
+    # transformers zero-inits biases; give them values so that copying them is actually checked
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    return model
+
+
 def make_tiny_llama(output_dir: str | Path, hidden_size: int = 64, layers: int = 4,
                     heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
                     vocab_size: int = 512, max_position_embeddings: int = 4096,
@@ -100,9 +144,6 @@ def make_tiny_llama(output_dir: str | Path, hidden_size: int = 64, layers: int =
     ``model_vocab_size`` pads the embedding beyond the tokenizer (as Llama-3's 128,256 rows do),
     so benchmarks can move real-sized logits with a tiny tokenizer.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from is not None:
@@ -117,22 +158,13 @@ def make_tiny_llama(output_dir: str | Path, hidden_size: int = 64, layers: int =
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    config = LlamaConfig(
-        vocab_size=max(real_vocab, len(tok), model_vocab_size or 0),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or hidden_size * 3,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model = tiny_teacher("llama", layers=layers, hidden=hidden_size, heads=heads, kv_heads=kv_heads,
+                         vocab=max(real_vocab, len(tok), model_vocab_size or 0), seed=seed,
+                         dtype=dtype, device=device,
+                         intermediate_size=intermediate_size or hidden_size * 3,
+                         max_position_embeddings=max_position_embeddings,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     model.save_pretrained(str(out))
     return out
 

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from shared.student import RWKVHybridForCausalLM, StudentSpec, build_student
-from shared.student.testing import tiny_teacher
+from shared.student import RWKVHybridForCausalLM, convert_teacher
+from shared.tiny import tiny_teacher
 
 COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
 CONVERTED = [0, 2]
@@ -28,7 +28,7 @@ def _per_head(t: torch.Tensor, heads: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_weights_copied(teacher, mixer: str, mode: str, ffn: str) -> None:
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = build_student(teacher, dict(layers=CONVERTED, mixer=mixer, mode=mode, ffn=ffn))
+    student = convert_teacher(teacher, dict(layers=CONVERTED, mixer=mixer, mode=mode, ffn=ffn))
     assert isinstance(student, RWKVHybridForCausalLM)
     assert student.converted_layers == CONVERTED
     t_sd, s_sd = teacher.state_dict(), student.state_dict()
@@ -75,7 +75,7 @@ def test_weights_copied(teacher, mixer: str, mode: str, ffn: str) -> None:
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 def test_rwkv_parameters_get_standard_init(teacher, mixer: str) -> None:
-    student = build_student(teacher, dict(layers=[0, 1, 2], mixer=mixer))
+    student = convert_teacher(teacher, dict(layers=[0, 1, 2], mixer=mixer))
     num_layers = teacher.config.num_hidden_layers
     for idx in range(num_layers):
         att = student.model.layers[idx].att
@@ -105,7 +105,7 @@ def test_qwen3_head_dim_differs_from_hidden() -> None:
     teacher = tiny_teacher("qwen3")
     assert teacher.config.head_dim * teacher.config.num_attention_heads != teacher.config.hidden_size
     for mixer in ("rwkv6", "rwkv7"):
-        student = build_student(teacher, dict(layers="all", mixer=mixer, ffn="rwkv_cmix"))
+        student = convert_teacher(teacher, dict(layers="all", mixer=mixer, ffn="rwkv_cmix"))
         att = student.model.layers[0].att
         assert tuple(att.receptance.weight.shape) == (96, 64) and tuple(att.output.weight.shape) == (64, 96)
         logits = student(torch.randint(0, 101, (2, 7))).logits
@@ -116,11 +116,13 @@ def test_spec_forms() -> None:
     from shared.config import StudentConfig
 
     teacher = tiny_teacher("llama")
-    for spec in (StudentSpec(layers=[1], mixer="rwkv7"), {"layers": [1], "mixer": "rwkv7"},
-                 StudentConfig(layers=[1], mixer="rwkv7", mode="block", ffn="mlp")):
-        student = build_student(teacher, spec)
+    for spec in ({"layers": [1], "mixer": "rwkv7", "kernel": "chunk"},
+                 StudentConfig(layers=[1], mixer="rwkv7", mode="block", ffn="mlp", kernel="chunk")):
+        student = convert_teacher(teacher, spec)
         assert student.converted_layers == [1] and student.config.rwkv_mixer == "rwkv7"
-    assert build_student(teacher).converted_layers == [0, 1, 2]  # default: all layers, rwkv6, block
+        assert student.config.rwkv_backend == "chunk"
+        assert student.model.layers[1].att.backend == "chunk"
+    assert convert_teacher(teacher).converted_layers == [0, 1, 2]  # default: all layers, rwkv6, block
 
 
 class _FakeTokenizer:
@@ -137,27 +139,28 @@ class _FakeTokenizer:
     (dict(mode="mamba"), "unknown mode"),
     (dict(ffn="moe"), "unknown ffn"),
     (dict(mode="attention_only", ffn="rwkv_cmix"), "needs mode='block'"),
-    (dict(heads=1), "unknown student spec keys"),
+    (dict(heads=1), r"unknown student option\(s\) \['heads'\]"),
+    (dict(init_from="runs/align/student"), "load it with load_student"),
 ])
 def test_bad_spec_is_a_clear_error(spec: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        build_student(tiny_teacher("llama"), spec)
+        convert_teacher(tiny_teacher("llama"), spec)
 
 
 def test_mismatches_are_clear_errors() -> None:
     teacher = tiny_teacher("llama")
     with pytest.raises(ValueError, match="tokenizer has 5000 tokens"):
-        build_student(teacher, tokenizer=_FakeTokenizer())
+        convert_teacher(teacher, tokenizer=_FakeTokenizer())
     broken = copy.deepcopy(teacher)
     broken.config.num_key_value_heads = 4  # config says 4 kv heads, weights have 2
     with pytest.raises(ValueError, match=r"k_proj.weight has shape \(32, 64\), expected \(64, 64\)"):
-        build_student(broken)
+        convert_teacher(broken)
     broken = copy.deepcopy(teacher)
     broken.config.vocab_size = 99
     with pytest.raises(ValueError, match="vocab_size=99"):
-        build_student(broken)
+        convert_teacher(broken)
 
     import transformers as tr
     gpt2 = tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="not supported"):
-        build_student(gpt2)
+        convert_teacher(gpt2)

@@ -21,10 +21,10 @@ SCRIPT = textwrap.dedent("""
     deepspeed.init_distributed(dist_backend="gloo")
     from transformers import initialization as hf_init
     import shared.student as S
-    from shared.student.testing import tiny_teacher
+    from shared.tiny import tiny_teacher
 
     torch.manual_seed(0)
-    student = S.build_student(tiny_teacher("llama"), dict(layers=[0, 2], mixer="rwkv7", ffn="rwkv_cmix")).eval()
+    student = S.convert_teacher(tiny_teacher("llama"), dict(layers=[0, 2], mixer="rwkv7", ffn="rwkv_cmix")).eval()
     ids = torch.randint(3, 101, (2, 9))
     expected = student(ids).logits
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from shared.student import HybridRWKVCache, RWKVStateLayer, build_student
-from shared.student.testing import tiny_teacher
+from shared.student import HybridRWKVCache, RWKVStateLayer, convert_teacher
+from shared.tiny import tiny_teacher
 
 COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
 VOCAB = 101
@@ -22,7 +22,7 @@ def teacher():
 
 def _student(teacher, **spec):
     # float64: greedy ties between the cached and the uncached path cannot flip a token
-    return build_student(teacher, dict(layers=[0, 2], **spec)).double().eval()
+    return convert_teacher(teacher, dict(layers=[0, 2], **spec)).double().eval()
 
 
 def _ids(batch: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
@@ -47,7 +47,7 @@ def test_cached_greedy_equals_recomputing_the_prefix(teacher, mixer: str, mode: 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_cached_greedy_other_bases(kind: str) -> None:
-    student = build_student(tiny_teacher(kind), dict(layers=[1], mixer="rwkv7")).double().eval()
+    student = convert_teacher(tiny_teacher(kind), dict(layers=[1], mixer="rwkv7")).double().eval()
     ids = _ids()
     assert torch.equal(_greedy(student, ids), _greedy(student, ids, use_cache=False))
 
@@ -89,7 +89,7 @@ def test_left_padded_batch_generation_equals_single_sequences(teacher, mixer: st
 
 
 def test_rwkv_state_does_not_grow(teacher) -> None:
-    student = build_student(teacher, dict(layers="all", mixer="rwkv7", ffn="rwkv_cmix")).eval()
+    student = convert_teacher(teacher, dict(layers="all", mixer="rwkv7", ffn="rwkv_cmix")).eval()
     cache = HybridRWKVCache(student.config)
     sizes = []
     with torch.no_grad():

@@ -93,12 +93,12 @@ def test_torch_chunked_path_on_cuda(mixer: str) -> None:
 def test_bf16_student_on_cuda(mixer: str) -> None:
     """A bf16 student on CUDA: fla path ~ PyTorch chunked path; chunked prefill, generation, align backward."""
     _require_fla()
-    from shared.student import HybridRWKVCache, build_student
-    from shared.student.testing import tiny_teacher
+    from shared.student import HybridRWKVCache, convert_teacher
+    from shared.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama", layers=4, hidden=256, heads=4, kv_heads=2, vocab=512).to(DEV)
     torch.manual_seed(0)
-    student = build_student(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).eval()
+    student = convert_teacher(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).eval()
     ids = torch.randint(3, 512, (2, 200), device=DEV)
     student.to(torch.bfloat16)
     with torch.no_grad():
@@ -124,11 +124,11 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
 def test_packed_documents_on_cuda(mixer: str) -> None:
     """Packed rows through the fla kernels (per-document re-layout) equal each document alone."""
     _require_fla()
-    from shared.student import build_student
-    from shared.student.testing import tiny_teacher
+    from shared.student import convert_teacher
+    from shared.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama", layers=3, hidden=256, heads=4, kv_heads=2, vocab=512).to(DEV)
-    student = build_student(teacher, dict(layers=[0, 2], mixer=mixer)).to(torch.bfloat16).eval()
+    student = convert_teacher(teacher, dict(layers=[0, 2], mixer=mixer)).to(torch.bfloat16).eval()
     lengths = [70, 33, 100]  # one row: three documents, one of them longer than a chunk multiple
     ids = torch.randint(3, 512, (1, sum(lengths)), device=DEV)
     positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]

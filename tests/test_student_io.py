@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from shared.student import RWKVHybridConfig, RWKVHybridForCausalLM, build_student, load_student, save_student
-from shared.student.testing import tiny_teacher
+from shared.student import RWKVHybridConfig, RWKVHybridForCausalLM, convert_teacher, load_student, save_student
+from shared.tiny import tiny_teacher
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
                                             ("rwkv7", "block", "mlp")])
 def test_round_trip_gives_identical_logits(tmp_path, mixer: str, mode: str, ffn: str) -> None:
     teacher = tiny_teacher("qwen2")
-    student = build_student(teacher, dict(layers=[0, 2], mixer=mixer, mode=mode, ffn=ffn,
+    student = convert_teacher(teacher, dict(layers=[0, 2], mixer=mixer, mode=mode, ffn=ffn,
                                           grad_checkpointing=True)).eval()
     ids = torch.randint(3, 101, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_real_checkpoint_with_tokenizer(tiny_llama, tmp_path) -> None:
     """From a checkpoint directory on disk (as the trainer does), through save_student and back."""
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    student = build_student(teacher, dict(layers=[1, 3], mixer="rwkv7"), tokenizer=tokenizer)
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer="rwkv7"), tokenizer=tokenizer)
     out = save_student(student, tokenizer, tmp_path / "student")
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.student import build_student
-from shared.student.testing import tiny_teacher
+from shared.student import convert_teacher
+from shared.tiny import tiny_teacher
 
 COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
 VOCAB = 101
@@ -23,7 +23,7 @@ def _ids(batch: int = 2, length: int = 19, seed: int = 0) -> torch.Tensor:
 
 
 def test_hidden_state_convention(teacher) -> None:
-    student = build_student(teacher, dict(layers=[3])).eval()
+    student = convert_teacher(teacher, dict(layers=[3])).eval()
     ids = _ids()
     with torch.no_grad():
         out = student(ids, output_hidden_states=True)
@@ -42,7 +42,7 @@ def test_hidden_state_convention(teacher) -> None:
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_align_forward_matches_full_forward(teacher, mixer: str, mode: str, ffn: str) -> None:
     """Fed the student's own layer inputs, align_forward reproduces the student's next states."""
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, 12:] = 0  # right padding on the first row
@@ -55,7 +55,7 @@ def test_align_forward_matches_full_forward(teacher, mixer: str, mode: str, ffn:
 
 
 def test_align_forward_errors(teacher) -> None:
-    student = build_student(teacher, dict(layers=[1, 3], mixer="rwkv7"))
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer="rwkv7"))
     x = torch.randn(2, 5, 64)
     with pytest.raises(ValueError, match="first converted layer \\(1\\)"):
         student.align_forward({3: x})
@@ -70,7 +70,7 @@ def test_align_forward_errors(teacher) -> None:
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_align_gradients_reach_exactly_the_mixer(teacher, mixer: str, mode: str, ffn: str) -> None:
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).train()
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).train()
     names = set(student.mixer_parameter_names())
     mixer_part = "self_attn" if mode == "attention_only" else "att"
     for name, _ in student.named_parameters():
@@ -88,7 +88,7 @@ def test_align_gradients_reach_exactly_the_mixer(teacher, mixer: str, mode: str,
 
 
 def test_align_gradients_never_reach_other_layers(teacher) -> None:
-    student = build_student(teacher, dict(layers=[1, 3], mixer="rwkv7", mode="block")).train()
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer="rwkv7", mode="block")).train()
     out = student.align_forward({i: torch.randn(2, 6, 64) for i in range(4)})
     sum(o.pow(2).mean() for o in out.values()).backward()
     for name, param in student.named_parameters():
@@ -102,7 +102,7 @@ def test_gradient_checkpointing_gives_same_gradients(teacher, mixer: str) -> Non
     grads = []
     for switch in ("off", "config", "hf"):
         torch.manual_seed(0)  # the RWKV init has random parts (orthogonal / uniform)
-        student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, grad_checkpointing=switch == "config"))
+        student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, grad_checkpointing=switch == "config"))
         student.train()
         if switch == "hf":
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,7 +117,7 @@ def test_gradient_checkpointing_gives_same_gradients(teacher, mixer: str) -> Non
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 def test_chunked_and_recurrent_backends_agree_in_float64(teacher, mixer: str) -> None:
-    student = build_student(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).double().eval()
+    student = convert_teacher(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).double().eval()
     ids = _ids(length=37)
     with torch.no_grad():
         student.set_rwkv_backend("chunk", chunk_size=8)
@@ -132,7 +132,7 @@ def test_chunked_and_recurrent_backends_agree_in_float64(teacher, mixer: str) ->
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_right_padding_does_not_change_real_tokens(teacher, mixer: str, mode: str, ffn: str) -> None:
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
     ids = _ids()
     padded, mask = ids.clone(), torch.ones_like(ids)
     padded[0, 12:], mask[0, 12:] = 7, 0  # arbitrary (non-zero) pad ids
@@ -146,7 +146,7 @@ def test_right_padding_does_not_change_real_tokens(teacher, mixer: str, mode: st
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_left_padding_leaves_no_trace_in_the_state(teacher, mixer: str, mode: str, ffn: str) -> None:
     # all layers RWKV, so positions do not matter and the forward alone shows the state is clean
-    student = build_student(teacher, dict(layers="all", mixer=mixer, mode=mode, ffn=ffn)).eval()
+    student = convert_teacher(teacher, dict(layers="all", mixer=mixer, mode=mode, ffn=ffn)).eval()
     ids = _ids(batch=1, length=12)
     padded = torch.cat([torch.full((1, 5), 9), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], dim=1)
@@ -157,7 +157,7 @@ def test_left_padding_leaves_no_trace_in_the_state(teacher, mixer: str, mode: st
 
 
 def test_loss_and_bf16_forward(teacher) -> None:
-    student = build_student(teacher, dict(layers=[0, 2], mixer="rwkv7"))
+    student = convert_teacher(teacher, dict(layers=[0, 2], mixer="rwkv7"))
     ids = _ids()
     out = student(ids, labels=ids)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -170,7 +170,7 @@ def test_loss_and_bf16_forward(teacher) -> None:
 def test_param_groups(teacher, mixer: str, decay_names: set[str]) -> None:
     from shared.student.param_groups import param_groups
 
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer))
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer))
     frozen = "model.layers.0.self_attn.q_proj.weight"
     student.get_parameter(frozen).requires_grad_(False)
     groups = {g["name"]: g for g in param_groups(student, weight_decay=0.1, time_decay_lr_scale=2.0)}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.student import build_student
+from shared.student import convert_teacher
 from shared.student.packing import DocumentBatch, document_starts
-from shared.student.testing import tiny_teacher
+from shared.tiny import tiny_teacher
 
 VOCAB = 101
 COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
@@ -70,7 +70,7 @@ def test_rows_without_restarts_are_not_packed() -> None:
 @pytest.mark.parametrize("mode,ffn", COMBOS)
 def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ffn: str) -> None:
     """Attention layers (block-diagonal mask) and RWKV layers (zero state per document) alike."""
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
     docs, batch = packed_batch()
     with torch.no_grad():
         packed = student(**batch, use_cache=False).logits
@@ -89,7 +89,7 @@ def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ff
 def test_packed_align_forward_and_gradients(teacher, mixer: str) -> None:
     """Teacher-forced alignment on packed rows: outputs and mixer gradients equal the per-document
     ones, and nothing flows between documents."""
-    student = build_student(teacher, dict(layers=[1, 3], mixer=mixer))
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer))
     docs, batch = packed_batch(seed=1)
     states = torch.randn(2, WIDTH, 64, generator=torch.Generator().manual_seed(2))
     inputs = {1: states, 3: states * 0.5}
@@ -116,7 +116,7 @@ def test_packed_align_forward_and_gradients(teacher, mixer: str) -> None:
 
 
 def test_packed_rows_refuse_a_cache(teacher) -> None:
-    student = build_student(teacher, dict(layers=[1])).eval()
+    student = convert_teacher(teacher, dict(layers=[1])).eval()
     _, batch = packed_batch()
     with pytest.raises(ValueError, match="use_cache=False"):
         student(**batch, use_cache=True)

@@ -11,7 +11,7 @@ from services.trainer.objective import DistillObjective, teacher_request
 from shared.config import LinkConfig, TrainConfig
 from shared.link import InProcessTeacher
 from shared.link.teacher_model import TeacherModel
-from shared.student import build_student
+from shared.student import convert_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,7 +45,7 @@ def teacher(tiny_llama):
 @pytest.mark.parametrize("stage,align_mode", [("kd", "teacher_forced"), ("align", "teacher_forced"),
                                               ("align", "free")])
 def test_packed_loss_equals_one_document_per_row(teacher, stage: str, align_mode: str) -> None:
-    student = build_student(teacher.teacher.model, dict(layers=[1, 2], mixer="rwkv7"))
+    student = convert_teacher(teacher.teacher.model, dict(layers=[1, 2], mixer="rwkv7"))
     train = TrainConfig(stage=stage, align_mode=align_mode)
     spec = teacher_request(train, LinkConfig(logits="bf16"), student.converted_layers,
                            student.config.num_hidden_layers)

@@ -77,10 +77,11 @@ def tokenizer_dir(cfg: Config) -> Path:
 
 
 def build_student(cfg: Config, device: torch.device):
-    """The student: converted from the teacher's weights, or a previous stage's export."""
+    """The student of ``cfg.student``: a previous stage's export (``init_from``) loaded, or the
+    teacher's weights converted (``shared.student.convert_teacher``)."""
     from transformers import AutoModelForCausalLM
 
-    from shared.student import build_student as convert, load_student
+    from shared.student import convert_teacher, load_student
 
     if cfg.student.init_from:
         student = load_student(cfg.student.init_from, dtype=torch.float32)
@@ -92,7 +93,7 @@ def build_student(cfg: Config, device: torch.device):
                                     "config.json: the student is converted from it")
         teacher = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, trust_remote_code=cfg.teacher.trust_remote_code)
-        student = convert(teacher, cfg.student)
+        student = convert_teacher(teacher, cfg.student)
         del teacher
         log.info("student converted from %s: layers %s -> %s (%s)", path,
                  student.converted_layers, cfg.student.mixer, cfg.student.mode)

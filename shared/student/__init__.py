@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from shared.student.cache import HybridRWKVCache, RWKVStateLayer
 from shared.student.configuration import FFNS, MIXERS, MODES, RWKVHybridConfig
-from shared.student.convert import StudentSpec, build_student, load_student, save_student
+from shared.student.convert import convert_teacher, load_student, save_student
 from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM, RWKVHybridModel
 
 AutoConfig.register(RWKVHybridConfig.model_type, RWKVHybridConfig, exist_ok=True)
@@ -25,8 +25,7 @@ __all__ = [
     "RWKVHybridForCausalLM",
     "RWKVHybridModel",
     "RWKVStateLayer",
-    "StudentSpec",
-    "build_student",
+    "convert_teacher",
     "load_student",
     "save_student",
 ]

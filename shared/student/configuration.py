@@ -7,20 +7,29 @@ come from.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from transformers import PreTrainedConfig
 
-MIXERS = ("rwkv6", "rwkv7")
-MODES = ("block", "attention_only")
-FFNS = ("mlp", "rwkv_cmix")
+from shared.config import StudentConfig
+
+# The student's options are defined once, in the config schema (shared.config.StudentConfig):
+# the allowed values and the defaults here are read from it.
+_OPTIONS = StudentConfig()
+_OPTION_TYPES = get_type_hints(StudentConfig)
+MIXERS: tuple[str, ...] = get_args(_OPTION_TYPES["mixer"])
+MODES: tuple[str, ...] = get_args(_OPTION_TYPES["mode"])
+FFNS: tuple[str, ...] = get_args(_OPTION_TYPES["ffn"])
 # PreTrainedConfig bookkeeping that must not be copied from the teacher's config
 _NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
 
 class RWKVHybridConfig(PreTrainedConfig):
     r"""Hybrid settings (all base-model fields are accepted as extra keyword arguments).
+
+    ``rwkv_layers``, ``rwkv_mixer``, ``rwkv_mode``, ``rwkv_ffn``, ``rwkv_gradient_checkpointing``
+    and ``rwkv_backend`` are the saved form of ``shared.config.StudentConfig``'s ``layers``,
+    ``mixer``, ``mode``, ``ffn``, ``grad_checkpointing`` and ``kernel`` (documented there).
 
     Args:
         base_model_type: ``model_type`` of the teacher (``llama``, ``qwen2``, ``qwen3``, ``mistral``).
@@ -43,13 +52,13 @@ class RWKVHybridConfig(PreTrainedConfig):
 
     base_model_type: str = "llama"
     rwkv_layers: list[int] | None = None
-    rwkv_mixer: str = "rwkv6"
-    rwkv_mode: str = "block"
-    rwkv_ffn: str = "mlp"
+    rwkv_mixer: str = _OPTIONS.mixer
+    rwkv_mode: str = _OPTIONS.mode
+    rwkv_ffn: str = _OPTIONS.ffn
     rwkv_head_size: int | None = None
-    rwkv_gradient_checkpointing: bool = False
+    rwkv_gradient_checkpointing: bool = _OPTIONS.grad_checkpointing
     rwkv_chunk_size: int = 16
-    rwkv_backend: str = "auto"
+    rwkv_backend: str = _OPTIONS.kernel
     rwkv_qkv_bias: bool = False
     rwkv_o_bias: bool = False
     rwkv_mlp_bias: bool = False
@@ -64,20 +73,22 @@ class RWKVHybridConfig(PreTrainedConfig):
             self.rwkv_head_size = self.head_dim
 
     @classmethod
-    def from_base_config(cls, base: PreTrainedConfig, layers: Iterable[int] | str = "all", mixer: str = "rwkv6",
-                         mode: str = "block", ffn: str = "mlp", grad_checkpointing: bool = False,
+    def from_base_config(cls, base: PreTrainedConfig, options: StudentConfig | None = None,
                          **extra: Any) -> RWKVHybridConfig:
-        """Flat hybrid config from a teacher config and a conversion spec."""
+        """Flat hybrid config from a teacher config and the student's options."""
+        options = options or StudentConfig()
         fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_COPIED}
-        num_layers = base.num_hidden_layers
+        layers = options.layers
         if isinstance(layers, str):
             if layers != "all":
                 raise ValueError(f"layers must be a list of layer indices or 'all', got {layers!r}")
-            layers = range(num_layers)
+            layers = range(base.num_hidden_layers)
         head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
         fields.update(head_dim=head_dim, base_model_type=base.model_type, rwkv_layers=list(layers),
-                      rwkv_mixer=mixer, rwkv_mode=mode, rwkv_ffn=ffn, rwkv_head_size=head_dim,
-                      rwkv_gradient_checkpointing=bool(grad_checkpointing), **extra)
+                      rwkv_mixer=options.mixer, rwkv_mode=options.mode, rwkv_ffn=options.ffn,
+                      rwkv_head_size=head_dim,
+                      rwkv_gradient_checkpointing=bool(options.grad_checkpointing),
+                      rwkv_backend=options.kernel, **extra)
         config = cls(**fields)
         config._attn_implementation = base._attn_implementation
         return config

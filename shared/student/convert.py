@@ -14,35 +14,28 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from shared.config import StudentConfig
 from shared.student.configuration import RWKVHybridConfig, validate_hybrid_settings
 from shared.student.layers import RWKV_MODULES
 from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM, base_classes
 
 
-@dataclasses.dataclass
-class StudentSpec:
-    """Which layers become RWKV and how (field names match ``shared.config.StudentConfig``)."""
-
-    layers: list[int] | str = "all"
-    mixer: str = "rwkv6"
-    mode: str = "block"
-    ffn: str = "mlp"
-    grad_checkpointing: bool = False
-
-    @classmethod
-    def coerce(cls, spec: Any) -> StudentSpec:
-        """Accept a StudentSpec, a mapping, or any object with these attributes (e.g. StudentConfig)."""
-        if spec is None:
-            return cls()
-        if isinstance(spec, cls):
-            return spec
-        names = [f.name for f in dataclasses.fields(cls)]
-        if isinstance(spec, Mapping):
-            unknown = set(spec) - set(names)
-            if unknown:
-                raise ValueError(f"unknown student spec keys {sorted(unknown)}; known: {names}")
-            return cls(**spec)
-        return cls(**{n: getattr(spec, n) for n in names if hasattr(spec, n)})
+def student_options(options: StudentConfig | Mapping[str, Any] | None) -> StudentConfig:
+    """The conversion's options as ``shared.config.StudentConfig`` (the one definition of them):
+    given as one, as a mapping of its keys, or ``None`` for the defaults."""
+    if options is None:
+        return StudentConfig()
+    if isinstance(options, StudentConfig):
+        return options
+    if isinstance(options, Mapping):
+        names = [f.name for f in dataclasses.fields(StudentConfig)]
+        unknown = set(options) - set(names)
+        if unknown:
+            raise ValueError(f"unknown student option(s) {sorted(unknown)}; the keys of "
+                             f"shared.config.StudentConfig are {names}")
+        return StudentConfig(**options)
+    raise TypeError(f"student options must be a shared.config.StudentConfig or a mapping of its "
+                    f"keys, got {type(options).__name__}")
 
 
 def _decoder_layers(teacher: PreTrainedModel) -> nn.ModuleList:
@@ -53,7 +46,7 @@ def _decoder_layers(teacher: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
-def _check_teacher(teacher: PreTrainedModel, spec: StudentSpec, tokenizer: Any) -> None:
+def _check_teacher(teacher: PreTrainedModel, spec: StudentConfig, tokenizer: Any) -> None:
     cfg = teacher.config
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -93,12 +86,11 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def _student_config(teacher: PreTrainedModel, spec: StudentSpec) -> RWKVHybridConfig:
+def _student_config(teacher: PreTrainedModel, spec: StudentConfig) -> RWKVHybridConfig:
     attn, mlp = _decoder_layers(teacher)[0].self_attn, _decoder_layers(teacher)[0].mlp
     up = getattr(mlp, "up_proj", None)
     return RWKVHybridConfig.from_base_config(
-        teacher.config, layers=spec.layers, mixer=spec.mixer, mode=spec.mode, ffn=spec.ffn,
-        grad_checkpointing=spec.grad_checkpointing,
+        teacher.config, spec,
         rwkv_qkv_bias=attn.q_proj.bias is not None, rwkv_o_bias=attn.o_proj.bias is not None,
         rwkv_mlp_bias=up is not None and up.bias is not None)
 
@@ -138,14 +130,19 @@ def _copy_mixer(layer: RWKVDecoderLayer, teacher_layer: nn.Module, heads: int, k
                     getattr(d, p).copy_(getattr(s, p))
 
 
-def build_student(teacher: PreTrainedModel, spec: Any = None, *, tokenizer: Any = None) -> RWKVHybridForCausalLM:
+def convert_teacher(teacher: PreTrainedModel, spec: StudentConfig | Mapping[str, Any] | None = None,
+                    *, tokenizer: Any = None) -> RWKVHybridForCausalLM:
     """Convert ``teacher`` into a hybrid student (the teacher is left untouched).
 
-    ``spec``: a ``StudentSpec``, a dict with its keys, or ``shared.config.StudentConfig``. Raises
-    ``ValueError`` on an unknown mixer/mode/ffn, a layer index out of range, a tokenizer larger than
-    the embedding, or weights whose shapes disagree with the teacher's config.
+    ``spec``: ``shared.config.StudentConfig`` or a dict of its keys (``init_from`` must be empty:
+    an export is loaded with ``load_student``). Raises ``ValueError`` on an unknown
+    mixer/mode/ffn, a layer index out of range, a tokenizer larger than the embedding, or weights
+    whose shapes disagree with the teacher's config.
     """
-    spec = StudentSpec.coerce(spec)
+    spec = student_options(spec)
+    if spec.init_from:
+        raise ValueError(f"init_from={spec.init_from!r} names an exported student: load it with "
+                         "load_student; convert_teacher builds a student from the teacher")
     num_layers = teacher.config.num_hidden_layers
     layers = list(range(num_layers)) if spec.layers == "all" else spec.layers
     if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):

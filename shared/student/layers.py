@@ -51,7 +51,7 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
 
 class _RWKVModule(nn.Module):
     """Common bits: the RWKV init is skipped while parameters hold no data — on the meta device
-    (``build_student``, ``from_pretrained``) or partitioned by DeepSpeed ZeRO-3 (empty tensors);
+    (``convert_teacher``, ``from_pretrained``) or partitioned by DeepSpeed ZeRO-3 (empty tensors);
     those weights are filled later (copied, loaded, or re-initialised through ``_init_weights``)."""
 
     def _on_meta(self) -> bool:
