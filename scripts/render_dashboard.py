@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Draw the Grafana dashboard's panels with matplotlib, from a live Prometheus.
 
+A stand-in for a screenshot: Grafana cannot be installed where the demo and CI run, so this
+draws what the dashboard would show, from the same queries. It is not a Grafana renderer (no
+thresholds, overrides or transformations); the real dashboard is Grafana's. Tests check it
+only through what it writes: the picture, its report line and its exit status.
+
     python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 \\
         [--dashboard deploy/grafana/dashboards/distill.json] [--start=-15m] [--end now] \\
         [--step auto] [--output docs/dashboard.png]
@@ -14,8 +19,9 @@ needed: the picture in docs/dashboard.png is made this way from the CPU demo
 (``make demo``, docs/demo.md).
 
 ``--start``/``--end`` take Unix seconds, an ISO time, ``now`` or ``now-15m``/``-15m``
-(s, m, h, d; write ``--start=-15m``, with ``=``, for a leading minus). Exit status 0 when the picture was written (even with empty panels), 2 when
-Prometheus cannot be reached or a query fails.
+(s, m, h, d; write ``--start=-15m``, with ``=``, for a leading minus). Exit status 0 when the
+picture was written (even with empty panels; the report line names them), 2 when Prometheus
+cannot be reached or a query fails.
 """
 from __future__ import annotations
 
