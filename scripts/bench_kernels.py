@@ -17,8 +17,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,8 +26,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from shared.student.layers import RWKV6TimeMix, RWKV7TimeMix  # noqa: E402
-from shared.student.ops import (RWKV7_LOG_DECAY_MIN, fla_available, rwkv6_chunked, rwkv6_fla,  # noqa: E402
-                                rwkv7_chunked, rwkv7_fla)
+from shared.student.ops import (  # noqa: E402
+    RWKV7_LOG_DECAY_MIN,
+    fla_available,
+    rwkv6_chunked,
+    rwkv6_fla,
+    rwkv7_chunked,
+    rwkv7_fla,
+)
 
 
 def make_inputs(mixer: str, b: int, t: int, h: int, d: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -93,7 +99,7 @@ def parity(mixer: str, path: str, b: int, args: argparse.Namespace) -> dict[str,
         results.append(fwd_bwd(fn, leaves, state.clone().requires_grad_(True), do))
     (o_ref, s_ref, g_ref), (o, s, g) = results
     names = list(inputs) + ["h0"]
-    return {"o": rel(o, o_ref), "state": rel(s, s_ref)} | {f"d{n}": rel(a, r) for n, a, r in zip(names, g, g_ref)}
+    return {"o": rel(o, o_ref), "state": rel(s, s_ref)} | {f"d{n}": rel(a, r) for n, a, r in zip(names, g, g_ref, strict=True)}
 
 
 def bench_op(mixer: str, path: str, b: int, args: argparse.Namespace) -> tuple[float, float, float]:

@@ -69,9 +69,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     assert torch.cuda.device_count() >= 2, "needs two GPUs"
+    from shared.config import load_config
     from shared.fingerprint import tokenizer_fingerprint
     from shared.link import RequestSpec, TeacherClient
-    from shared.config import load_config
     from shared.tiny import make_tiny_llama
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-link-"))

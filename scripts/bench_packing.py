@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, layers in (("every other layer", list(range(1, args.layers, 2))), ("all layers", "all")):
         student = convert_teacher(teacher, dict(layers=layers, mixer=args.mixer)).to(dev, dtype).train()
 
-        def step(**batch):
+        def step(model=student, **batch):  # model bound now: the closure outlives this iteration
             def run():
-                student.zero_grad(set_to_none=True)
-                student(**{k: v.to(dev) for k, v in batch.items()}, use_cache=False).logits.float().mean().backward()
+                model.zero_grad(set_to_none=True)
+                out = model(**{k: v.to(dev) for k, v in batch.items()}, use_cache=False)
+                out.logits.float().mean().backward()
             return run
 
         base = timed(step(input_ids=ids, attention_mask=mask), args.reps, dev)

@@ -80,8 +80,12 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="profile two steps of the first mode here")
     args, rest = parser.parse_known_args()
 
-    from services.trainer.components import (build_student, init_distributed, init_engine,
-                                             select_trainable)
+    from services.trainer.components import (
+        build_student,
+        init_distributed,
+        init_engine,
+        select_trainable,
+    )
     from services.trainer.data.loader import TrainBatches
     from services.trainer.objective import DistillObjective, teacher_request
     from shared.config import load_config

@@ -197,7 +197,7 @@ def main() -> None:
         print(f"| student alone, checkpointing {r['mode']} | 1 | {r['tokens_per_s']:.0f} | "
               f"{r['step_s']:.3f} | - | - | - | MFU {r['mfu']:.3f} |")
     print()
-    pairs = [p["tokens_per_s"] / s["tokens_per_s"] for p, s in zip(runs["prefetch"], runs["sync"])]
+    pairs = [p["tokens_per_s"] / s["tokens_per_s"] for p, s in zip(runs["prefetch"], runs["sync"], strict=True)]
     print(f"- prefetch vs sync tokens/s, per pair: {', '.join(f'{x:.2f}×' for x in pairs)}")
     print(f"- prefetch vs reference tokens/s: "
           f"{med('prefetch', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}×")

@@ -46,8 +46,7 @@ from typing import Any
 from demo_common import CONFIGS, ROOT, DemoError, say, step_title
 from demo_prepare import prepare
 from demo_report import generate, kl_summary, print_summary, stage_summary, validation_text
-from demo_stack import SERVICE_PORTS, Stack, ensure_prometheus, free_port, port_free, \
-    watch_trainer
+from demo_stack import SERVICE_PORTS, Stack, ensure_prometheus, free_port, port_free, watch_trainer
 
 STAGES = ("align", "kd")
 

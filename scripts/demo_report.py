@@ -15,7 +15,6 @@ from typing import Any
 
 from demo_common import COMPOSE, DemoError, quiet_transformers, say
 
-
 # --------------------------------------------------------------------------- generation
 
 

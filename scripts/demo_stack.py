@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo_common import (COMPOSE, CONFIGS, ROOT, TEACHER_NAME, DemoError, run, say,
-                         step_title)
+from demo_common import COMPOSE, CONFIGS, ROOT, TEACHER_NAME, DemoError, run, say, step_title
 
 # Fixed by compose.demo.yaml and deploy/prometheus/prometheus.demo.yml.
 SERVICE_PORTS = {"teacher": [9400], "trainer": [9500, 9501]}
@@ -135,7 +134,7 @@ def watch_trainer(stack: Stack, stage: str, timeout: float, offset: int = 0) -> 
     def follow() -> None:
         nonlocal offset, pending
         try:
-            with open(log, "r", errors="replace") as f:
+            with open(log, errors="replace") as f:
                 f.seek(offset)
                 chunk = f.read()
                 offset = f.tell()
@@ -151,10 +150,10 @@ def watch_trainer(stack: Stack, stage: str, timeout: float, offset: int = 0) -> 
         follow()
         try:
             state = stack.trainer_state()
-        except Exception:  # noqa: BLE001 - supervisord gone: the listener stopped the stack
+        except Exception as err:  # noqa: BLE001 - supervisord gone: the listener stopped the stack
             follow()
             raise DemoError(f"the stack stopped during stage {stage} (see "
-                            f"{stack.dir / 'exit-status.json'} and {stack.dir / 'logs'})")
+                            f"{stack.dir / 'exit-status.json'} and {stack.dir / 'logs'})") from err
         if state["statename"] in ("EXITED", "FATAL", "STOPPED", "BACKOFF"):
             break
         if time.monotonic() > deadline:

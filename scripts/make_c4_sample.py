@@ -28,8 +28,8 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 TRAIN_NAME = "c4-train.00000-of-01024.json.gz"
 VALIDATION_NAME = "c4-validation.00000-of-00008.json.gz"

@@ -97,9 +97,15 @@ def tune(args: argparse.Namespace) -> None:
     if args.compile_workers > 1:
         compile_in_parallel(args, args.compile_workers)
     os.environ["FLA_CACHE_MODE"] = "disabled"  # measure everything afresh
-    from shared.student.ops.common import fla_available
-    from shared.student.ops.fla_kernels import dump_tuned, shipped_config_dir, SHIPPED_DIR, gpu_dir_name
     import torch
+
+    from shared.student.ops.common import fla_available
+    from shared.student.ops.fla_kernels import (
+        SHIPPED_DIR,
+        dump_tuned,
+        gpu_dir_name,
+        shipped_config_dir,
+    )
 
     out = Path(args.out) if args.out else (shipped_config_dir()
                                            or SHIPPED_DIR / gpu_dir_name(torch.cuda.get_device_name()))

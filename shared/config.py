@@ -314,7 +314,7 @@ def documented_keys() -> list[tuple[str, str, Any, str]]:
         tree = ast.parse(inspect.getsource(cls))
         docs: dict[str, str] = {}
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:] + [None]):
+        for node, nxt in zip(body, body[1:] + [None], strict=True):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
                 docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
         defaults = cls()

@@ -40,11 +40,17 @@ distill_trainer_val_loss                    gauge      last validation loss, lab
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, exposition)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    exposition,
+)
 
 # The *_created series double every counter and histogram for no use in our dashboards.
 disable_created_metrics()

@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
+# The data tests' tokenizer and dataset fixtures, available to every test module by name.
+pytest_plugins = ["test_data_fixtures"]
+
 
 @pytest.fixture(scope="module")
 def single_thread():

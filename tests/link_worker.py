@@ -80,7 +80,7 @@ def main() -> int:
             batch = lambda: (torch.randint(0, 500, (2, 16), generator=gen),  # noqa: E731
                              torch.tensor([16, 16]))
             handle = client.request(*batch(), spec)
-            for step in range(4):
+            for _ in range(4):
                 handle.result()
                 nxt = client.request(*batch(), spec)     # ask for step k+1 ...
                 t0 = time.time()

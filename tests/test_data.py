@@ -16,10 +16,20 @@ import pytest
 
 from services.trainer.data.render import ChatMasker
 from services.trainer.data.sources import DataError
-from test_data_fixtures import (DOCS, EOT, NON_INCREMENTAL_TEMPLATE, QWEN_LIKE_TEMPLATE,  # noqa: F401,F811
-                                assert_shifted, conversation, invalid_utf8_string_array, packed_dir,
-                                prep, tok_dir, tokenizer, trained_text, write_c4, write_jsonl,
-                                write_ultrachat)
+from test_data_fixtures import (
+    DOCS,
+    EOT,
+    NON_INCREMENTAL_TEMPLATE,
+    QWEN_LIKE_TEMPLATE,
+    assert_shifted,
+    conversation,
+    invalid_utf8_string_array,
+    prep,
+    trained_text,
+    write_c4,
+    write_jsonl,
+    write_ultrachat,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +48,7 @@ def test_ultrachat_trains_exactly_the_assistant_turns(tok_dir, tokenizer, tmp_pa
     data = datasets.load_from_disk(str(tmp_path / "out"))
     assert len(data["train"]) == 12 and len(data["validation"]) == 1
     expected = convs[0::2] + convs[1::2]  # shard 0, then shard 1
-    for row, conv in zip(data["train"], expected):
+    for row, conv in zip(data["train"], expected, strict=True):
         rendered = tokenizer.apply_chat_template(conv, tokenize=False)
         assert row["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
         assert trained_text(tokenizer, row) == "".join(

@@ -1,11 +1,13 @@
 """Shared by the data tests: corpus builders in exactly the hub layouts, tokenizer and dataset
-fixtures (import the fixtures into the test module that uses them)."""
+fixtures (conftest.py registers this module as a plugin, so tests name the fixtures without
+importing them)."""
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

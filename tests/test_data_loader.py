@@ -7,10 +7,15 @@ from collections import Counter
 import pytest
 import torch
 
-from services.trainer.data.loader import (BucketBatchSampler, FingerprintMismatch, TrainBatches,
-                                          check_tokenizer_fingerprint, collate, validation_batches)
+from services.trainer.data.loader import (
+    BucketBatchSampler,
+    FingerprintMismatch,
+    TrainBatches,
+    check_tokenizer_fingerprint,
+    collate,
+    validation_batches,
+)
 from shared.fingerprint import tokenizer_fingerprint
-from test_data_fixtures import packed_dir, tok_dir, tokenizer  # noqa: F401,F811 - fixtures
 
 
 def test_collate_pads_from_lengths_never_from_token_values(tokenizer):
@@ -39,7 +44,7 @@ def test_sampler_ranks_stay_in_step():
                     for r in range(3)]
         plans = [s.plan(0) for s in samplers]
         assert len({len(p) for p in plans}) == 1 and len(plans[0]) == len(samplers[0])
-        for step in zip(*plans):
+        for step in zip(*plans, strict=True):
             assert len({b for b, _ in step}) == 1  # same bucket on every rank at every step
             assert all(len(idx) == 2 for _, idx in step)
         seen = [(b, int(i)) for plan in plans for b, idx in plan for i in idx]
@@ -74,7 +79,7 @@ def test_train_batches_resume_and_fingerprint(packed_dir, tok_dir):
     resumed = TrainBatches(packed_dir, micro_batch_size=2, seed=3)
     resumed.load_state_dict(state)
     got = [b["input_ids"] for b in resumed]
-    assert len(got) == len(expected) > 0 and all(torch.equal(x, y) for x, y in zip(got, expected))
+    assert len(got) == len(expected) > 0 and all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
     assert batches.epoch == 1 and resumed.epoch == 1
     with pytest.raises(FingerprintMismatch) as err:
         check_tokenizer_fingerprint(packed_dir, "0123456789abcdef")
@@ -91,7 +96,7 @@ def test_validation_batches_cover_every_sample_once(packed_dir):
         batches = list(validation_batches(packed_dir, micro_batch_size=2, world_size=2, rank=rank))
         counts.append(len(batches))
         for batch in batches:
-            for ids, real in zip(batch["input_ids"], batch["sample_mask"]):
+            for ids, real in zip(batch["input_ids"], batch["sample_mask"], strict=True):
                 if real:
                     seen[tuple(ids.tolist())] += 1
     assert counts[0] == counts[1] and sum(seen.values()) == 3 and set(seen.values()) == {1}

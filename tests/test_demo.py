@@ -239,7 +239,7 @@ def test_every_dashboard_expression_returns_data(demo):
         if not any(math.isfinite(v) for _, v in result):
             empty.append(f"{title}: {expr} -> {result}")
     assert checked >= 15
-    assert not empty, "no data at t={:.0f}:\n".format(at) + "\n".join(empty)
+    assert not empty, f"no data at t={at:.0f}:\n" + "\n".join(empty)
 
 
 def test_every_alert_rule_is_loaded_and_its_metrics_return_data(demo):

@@ -172,7 +172,7 @@ def _compose_ports(compose: Path) -> set[int]:
     for svc in doc["services"].values():
         cmd = [str(c) for c in svc.get("command") or []]
 
-        def flag(name: str) -> str | None:
+        def flag(name: str, cmd: list[str] = cmd) -> str | None:
             return cmd[cmd.index(name) + 1] if name in cmd else None
 
         if "services.teacher" in cmd:

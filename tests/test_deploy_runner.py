@@ -22,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.runner.cli import main as runner_main  # noqa: E402
-from services.runner.compose import (ComposeError, Project, interpolate,  # noqa: E402
-                                     parse_dotenv, parse_duration)
-from services.runner.render import (build_plan, conf_command, conf_environment,  # noqa: E402
-                                    render_conf, write_conf)
+from services.runner.compose import ComposeError, Project, interpolate, parse_dotenv, parse_duration  # noqa: E402
+from services.runner.render import (  # noqa: E402
+    build_plan,
+    conf_command,
+    conf_environment,
+    render_conf,
+    write_conf,
+)
 
 OUR_IMAGE_SERVICES = {"compose.yaml": {"teacher-0", "teacher-1", "trainer"},
                       "compose.demo.yaml": {"teacher", "trainer"}}
@@ -71,7 +75,7 @@ def reference_services(compose: Path, variables: dict[str, str], run_dir: Path):
             mapping.append((dst, host))
         mapping.sort(key=lambda p: -len(p[0]))
 
-        def mapped(value: str) -> str:
+        def mapped(value: str, mapping: list[tuple[str, str]] = mapping) -> str:
             for dst, host in mapping:
                 if value == dst or value.startswith(dst + "/"):
                     return host + value[len(dst):]

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, wait_for
-from services.runner.cli import main as runner_main, rpc_proxy
+from services.runner.cli import main as runner_main
+from services.runner.cli import rpc_proxy
 from services.runner.render import socket_path
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.py"

@@ -14,10 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import (
+    ROOT,
+    free_port,
+    service_env,
+    start_teacher,
+    wait_for,
+    wait_healthy,
+    write_config,
+)
 from shared.metrics import scrape
-
-from conftest import (ROOT, free_port, service_env, start_teacher, wait_for, wait_healthy,
-                      write_config)
 
 WORKER = str(ROOT / "tests" / "link_worker.py")
 
@@ -79,7 +85,7 @@ def check_against_direct_forward(model, path: Path, bf16_tol: float = 2e-2,
         if "positions" in data:
             pos = data["positions"][row, :n]
             bounds = [0] + [t for t in range(1, n) if pos[t] != pos[t - 1] + 1] + [n]
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             check_document(model, data, spec, row, s, e, bf16_tol, exact_tol)
         if n < ids.shape[1]:  # padding positions are zeros, never stale memory
             for key, tensor in data.items():

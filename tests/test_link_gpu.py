@@ -6,7 +6,6 @@ teacher's NCCL_DEBUG=INFO log must show a P2P transport (not NET, not SHM).
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -23,8 +22,9 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 
 @needs_two_gpus
 def test_link_over_nccl_matches_direct_forward_and_uses_p2p(tmp_path, tiny_llama):
-    from test_link import check_against_direct_forward
     from transformers import AutoModelForCausalLM
+
+    from test_link import check_against_direct_forward
 
     cfg = write_config(tmp_path / "link.yaml", {
         "teacher": {"model_path": str(tiny_llama), "device": "cuda", "dtype": "bfloat16",

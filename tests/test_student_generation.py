@@ -64,7 +64,7 @@ def test_chunked_prefill_equals_prefill_at_once(teacher, mixer: str, mode: str, 
         parts = [student(ids[:, a:b], past_key_values=cache, use_cache=True).logits
                  for a, b in ((0, 9), (9, 10), (10, 23))]
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-10)
-    for mine, ref in zip(cache.layers, whole_cache.layers):
+    for mine, ref in zip(cache.layers, whole_cache.layers, strict=True):
         if isinstance(ref, RWKVStateLayer):
             for name in ("att_shift", "wkv", "ffn_shift"):
                 a, b = getattr(mine, name), getattr(ref, name)

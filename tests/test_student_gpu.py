@@ -10,8 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.student.ops import (RWKV7_LOG_DECAY_MIN, fla_available, rwkv6_chunked, rwkv6_fla, rwkv6_recurrent,
-                                rwkv7_chunked, rwkv7_fla, rwkv7_recurrent)
+from shared.student.ops import (
+    RWKV7_LOG_DECAY_MIN,
+    fla_available,
+    rwkv6_chunked,
+    rwkv6_fla,
+    rwkv6_recurrent,
+    rwkv7_chunked,
+    rwkv7_fla,
+    rwkv7_recurrent,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TOL = 2e-2  # relative error ||a - b|| / ||b|| that bf16 inputs and outputs allow

@@ -7,9 +7,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from shared.student import RWKVHybridConfig, RWKVHybridForCausalLM, convert_teacher, load_student, save_student
+from shared.student import (
+    RWKVHybridConfig,
+    RWKVHybridForCausalLM,
+    convert_teacher,
+    load_student,
+    save_student,
+)
 from shared.tiny import tiny_teacher
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,7 +43,7 @@ def test_round_trip_gives_identical_logits(tmp_path, mixer: str, mode: str, ffn:
         with torch.no_grad():
             got = loaded(ids, output_hidden_states=True)
         assert torch.equal(got.logits, expected.logits)
-        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states, strict=True))
     assert isinstance(AutoConfig.from_pretrained(tmp_path), RWKVHybridConfig)
 
 

@@ -5,8 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.student.ops import (RWKV7_LOG_DECAY_MIN, fla_available, rwkv6_chunked, rwkv6_op, rwkv6_recurrent,
-                                rwkv7_chunked, rwkv7_op, rwkv7_recurrent)
+from shared.student.ops import (
+    RWKV7_LOG_DECAY_MIN,
+    fla_available,
+    rwkv6_chunked,
+    rwkv6_op,
+    rwkv6_recurrent,
+    rwkv7_chunked,
+    rwkv7_op,
+    rwkv7_recurrent,
+)
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -73,7 +81,7 @@ def test_chunked_gradients_equal_recurrent(mixer: str) -> None:
         weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)  # a non-trivial output grad
         ((o * weights).sum() + (s * s).sum()).backward()
         grads.append([x.grad for x in args] + [s0.grad])
-    for g_ref, g in zip(*grads):
+    for g_ref, g in zip(*grads, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-9)
 
 

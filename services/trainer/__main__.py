@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         logging.getLogger("trainer").error("%s", err)
         return 2
-    from shared.link import LinkError
     from services.trainer.loop import train
+    from shared.link import LinkError
 
     try:
         train(cfg)

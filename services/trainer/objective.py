@@ -67,7 +67,7 @@ class DistillObjective(nn.Module):
 
     def _align(self, input_ids, attention_mask, position_ids, teacher):
         assert teacher is not None and self.request is not None
-        states = dict(zip(self.request.hidden_layers, teacher["hidden_states"]))
+        states = dict(zip(self.request.hidden_layers, teacher["hidden_states"], strict=True))
         if self.train_cfg.align_mode == "teacher_forced":
             layers = self.student.converted_layers
             outputs = self.student.align_forward({i: states[i] for i in layers}, attention_mask,

@@ -32,10 +32,15 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from shared.student.cache import HybridRWKVCache
 from shared.student.configuration import RWKVHybridConfig
+from shared.student.layers import (
+    RWKV_MODULES,
+    RWKV6ChannelMix,
+    RWKV6TimeMix,
+    RWKV7ChannelMix,
+    RWKV7TimeMix,
+)
 from shared.student.ops import BACKENDS
 from shared.student.packing import DocumentBatch
-from shared.student.layers import (RWKV_MODULES, RWKV6ChannelMix, RWKV6TimeMix, RWKV7ChannelMix,
-                                   RWKV7TimeMix)
 
 SUPPORTED_BASES = ("llama", "qwen2", "qwen3", "mistral")
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
@@ -84,7 +89,7 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
             cmix = RWKV7ChannelMix if config.rwkv_mixer == "rwkv7" else RWKV6ChannelMix
             ffn = cmix(c, config.intermediate_size, layer_idx, num_layers, bias=config.rwkv_mlp_bias)
         norms = [classes["norm"](c, eps=config.rms_norm_eps) for _ in range(2)]
-        for name, module in zip(self.names, (norms[0], mixer, norms[1], ffn)):
+        for name, module in zip(self.names, (norms[0], mixer, norms[1], ffn), strict=True):
             self.add_module(name, module)
 
     @property
@@ -178,7 +183,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
                                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one converted layer on packed rows, every document from a zero RNN state."""
         outs, firsts = [], []
-        for h, vf in zip(documents.split(hidden), documents.split(v_first)):
+        for h, vf in zip(documents.split(hidden), documents.split(v_first), strict=True):
             out, vf = self.run_rwkv_layer(layer, h, vf, None, None, False)
             outs.append(out)
             firsts.append(vf)

@@ -71,7 +71,7 @@ class DocumentBatch:
 
     @classmethod
     def detect(cls, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-               batch_size: int) -> "DocumentBatch | None":
+               batch_size: int) -> DocumentBatch | None:
         """The documents when some row holds more than one, else None (nothing to do).
 
         Only a restart between two real tokens counts: generation's left padding makes the first
@@ -102,11 +102,11 @@ class DocumentBatch:
             raise ValueError(f"expected [{self.batch}, {self.seq}, ...], got {tuple(x.shape)}")
         flat = x.reshape(self.batch * self.seq, *x.shape[2:])
         return [flat.index_select(0, index.to(x.device)).view(n, length, *x.shape[2:])
-                for index, (n, length) in zip(self.gather, self.shapes)]
+                for index, (n, length) in zip(self.gather, self.shapes, strict=True)]
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of ``split``: per-group outputs -> ``[B, T, *]`` (padding outputs dropped)."""
         rest = parts[0].shape[2:]
         real = torch.cat([p.reshape(-1, *rest).index_select(0, keep.to(p.device))
-                          for p, keep in zip(parts, self.kept)])
+                          for p, keep in zip(parts, self.kept, strict=True)])
         return real.index_select(0, self.restore.to(real.device)).view(self.batch, self.seq, *rest)

@@ -16,17 +16,30 @@ import itertools
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shared.labels import LABEL_CONVENTION
 
 from .build import CARD_FORMAT, BuildOptions, build, prepare_output_dir, summary_line
 from .process import WorkerConfig
 from .render import PLAIN_TEMPLATE
-from .sources import (DataError, Interleaver, RawChunk, c4_files, check_json_field, chunk_tagged,
-                      file_chunks, iter_json_lines, limit_chunks, parquet_column, parquet_rows,
-                      text_files, ultrachat_files)
+from .sources import (
+    DataError,
+    Interleaver,
+    RawChunk,
+    c4_files,
+    check_json_field,
+    chunk_tagged,
+    file_chunks,
+    iter_json_lines,
+    limit_chunks,
+    parquet_column,
+    parquet_rows,
+    text_files,
+    ultrachat_files,
+)
 
 
 def load_tokenizer(path: str) -> tuple[Any, dict[str, Any]]:

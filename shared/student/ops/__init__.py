@@ -10,7 +10,13 @@ Each operator has three paths with identical conventions (those of flash-linear-
 """
 from shared.student.ops.common import BACKENDS, fla_available
 from shared.student.ops.rwkv6 import rwkv6_chunked, rwkv6_fla, rwkv6_op, rwkv6_recurrent
-from shared.student.ops.rwkv7 import RWKV7_LOG_DECAY_MIN, rwkv7_chunked, rwkv7_fla, rwkv7_op, rwkv7_recurrent
+from shared.student.ops.rwkv7 import (
+    RWKV7_LOG_DECAY_MIN,
+    rwkv7_chunked,
+    rwkv7_fla,
+    rwkv7_op,
+    rwkv7_recurrent,
+)
 
 __all__ = [
     "BACKENDS",

@@ -25,9 +25,10 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 SHIPPED_DIR = Path(__file__).with_name("fla_configs")
 DEFAULT_CACHE_MODE = "strict"
