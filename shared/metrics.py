@@ -6,12 +6,14 @@ One port per process is simpler and more robust than prometheus_client's multipr
 
 Teacher metrics, each labelled ``group``:
 
-==========================================  =========  ==============================================
+==========================================  =========  =============================================
 name                                        type       meaning
-==========================================  =========  ==============================================
-distill_teacher_ready                       gauge      1 while the model is loaded and the rendezvous
-                                                       of the current generation is published
-distill_teacher_trainers_connected          gauge      trainers of the group joined to this generation
+==========================================  =========  =============================================
+distill_teacher_ready                       gauge      1 while the model is loaded and the
+                                                       rendezvous of the current generation is
+                                                       published
+distill_teacher_trainers_connected          gauge      trainers of the group joined to this
+                                                       generation
 distill_teacher_generation                  gauge      rendezvous generation (grows at every restart
                                                        of the group's link)
 distill_teacher_batches_total               counter    batched forwards run
@@ -20,11 +22,11 @@ distill_teacher_forward_seconds             histogram  time of one batched forwa
 distill_teacher_wait_seconds                histogram  time spent waiting for the group's requests
 distill_teacher_transfer_seconds            histogram  time receiving requests / sending results,
                                                        label ``direction`` = recv | send
-==========================================  =========  ==============================================
+==========================================  =========  =============================================
 
 Trainer metrics, each labelled ``rank``:
 
-==========================================  =========  ==============================================
+==========================================  =========  =============================================
 distill_trainer_steps_total                 counter    optimizer steps done
 distill_trainer_tokens_total                counter    real tokens trained on
 distill_trainer_step_seconds                histogram  wall time of one optimizer step
@@ -35,7 +37,7 @@ distill_trainer_learning_rate               gauge      current learning rate
 distill_trainer_grad_norm                   gauge      gradient norm before clipping
 distill_trainer_val_loss                    gauge      last validation loss, label ``model`` =
                                                        student | teacher
-==========================================  =========  ==============================================
+==========================================  =========  =============================================
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def parse_window(spec: str) -> tuple[int, int] | None:
     try:
         window = int(first), int(last or first)
     except ValueError:
-        raise ValueError(f"profile window {spec!r}: write FIRST-LAST step numbers, e.g. 6-7") from None
+        raise ValueError(f"profile window {spec!r}: write FIRST-LAST step numbers, "
+                         "e.g. 6-7") from None
     if window[0] < 1 or window[1] < window[0]:
         raise ValueError(f"profile window {spec!r}: steps count from 1 and FIRST <= LAST")
     return window

@@ -1,4 +1,5 @@
-"""Generation cache for the hybrid student: a KV cache for attention layers, an RNN state for RWKV layers.
+"""Generation cache for the hybrid student: a KV cache for attention layers, an RNN state for RWKV
+layers.
 
 Built on transformers v5's layer-based ``Cache``: attention layers get the stock ``DynamicLayer``
 (or ``DynamicSlidingWindowLayer`` where the base config says so), RWKV layers get
@@ -45,10 +46,11 @@ class RWKVStateLayer(CacheLayerMixin):
         """Nothing to pre-allocate: the state tensors are set by ``update_state``."""
 
     def update(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("RWKV layers keep a recurrent state, not keys/values; use update_state()")
+        raise NotImplementedError("RWKV layers keep a recurrent state, not keys/values; use "
+                                  "update_state()")
 
-    def update_state(self, att_shift: torch.Tensor, wkv: torch.Tensor, ffn_shift: torch.Tensor | None,
-                     num_tokens: int) -> None:
+    def update_state(self, att_shift: torch.Tensor, wkv: torch.Tensor,
+                     ffn_shift: torch.Tensor | None, num_tokens: int) -> None:
         """Store the state after a forward over ``num_tokens`` more tokens."""
         self.att_shift, self.wkv, self.ffn_shift = att_shift, wkv, ffn_shift
         self.num_tokens += num_tokens
@@ -93,7 +95,8 @@ class RWKVStateLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
-            raise NotImplementedError("an RWKV state cannot be cropped (it is not a per-token cache)")
+            raise NotImplementedError("an RWKV state cannot be cropped (it is not a per-token "
+                                      "cache)")
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -104,7 +107,8 @@ class RWKVStateLayer(CacheLayerMixin):
 
 
 class HybridRWKVCache(Cache):
-    """One cache layer per decoder layer: ``RWKVStateLayer`` for converted layers, KV layers otherwise."""
+    """One cache layer per decoder layer: ``RWKVStateLayer`` for converted layers, KV layers
+    otherwise."""
 
     def __init__(self, config: PreTrainedConfig) -> None:
         from transformers.cache_utils import get_layer_types_and_kwargs
@@ -116,7 +120,8 @@ class HybridRWKVCache(Cache):
             if idx in rwkv:
                 layers.append(RWKVStateLayer())
             elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(DynamicSlidingWindowLayer(sliding_window=layer_kwargs["sliding_window"]))
+                window = layer_kwargs["sliding_window"]
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
@@ -130,7 +135,8 @@ class HybridRWKVCache(Cache):
         total = 0
         for layer in self.layers:
             if not isinstance(layer, RWKVStateLayer) and getattr(layer, "is_initialized", False):
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+                             if t is not None)
         return total
 
     def nbytes(self) -> int:

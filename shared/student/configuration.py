@@ -32,14 +32,16 @@ class RWKVHybridConfig(PreTrainedConfig):
     ``mixer``, ``mode``, ``ffn``, ``grad_checkpointing`` and ``kernel`` (documented there).
 
     Args:
-        base_model_type: ``model_type`` of the teacher (``llama``, ``qwen2``, ``qwen3``, ``mistral``).
+        base_model_type: ``model_type`` of the teacher (``llama``, ``qwen2``, ``qwen3``,
+            ``mistral``).
         rwkv_layers: indices of the decoder layers replaced by RWKV (sorted, unique).
         rwkv_mixer: ``rwkv6`` (RWKV-LM x060 formulas) or ``rwkv7`` (x070 formulas).
         rwkv_mode: ``block`` (the whole layer is an RWKV block: ln1/att/ln2/ffn) or
             ``attention_only`` (only ``self_attn`` is replaced; norms and MLP stay).
         rwkv_ffn: block mode's FFN: ``mlp`` (the teacher's MLP, kept) or ``rwkv_cmix`` (an RWKV
             channel-mix initialised from ``mlp.up_proj``/``mlp.down_proj``).
-        rwkv_head_size: RWKV head size (= the teacher's ``head_dim``); heads = ``num_attention_heads``.
+        rwkv_head_size: RWKV head size (= the teacher's ``head_dim``); heads =
+            ``num_attention_heads``.
         rwkv_gradient_checkpointing: recompute converted layers in backward (non-reentrant).
         rwkv_chunk_size: chunk length of the pure-PyTorch chunked path.
         rwkv_backend: ``auto`` | ``fla`` | ``chunk`` | ``recurrent`` (see ``shared.student.ops``).
@@ -94,7 +96,8 @@ class RWKVHybridConfig(PreTrainedConfig):
         return config
 
 
-def validate_hybrid_settings(mixer: str, mode: str, ffn: str, layers: list[int], num_layers: int | None) -> None:
+def validate_hybrid_settings(mixer: str, mode: str, ffn: str, layers: list[int],
+                             num_layers: int | None) -> None:
     """Raise ValueError naming the bad setting and the allowed values."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}: choose one of {MIXERS}")
@@ -103,9 +106,10 @@ def validate_hybrid_settings(mixer: str, mode: str, ffn: str, layers: list[int],
     if ffn not in FFNS:
         raise ValueError(f"unknown ffn {ffn!r}: choose one of {FFNS}")
     if mode == "attention_only" and ffn != "mlp":
-        raise ValueError("ffn='rwkv_cmix' needs mode='block' (attention_only keeps the teacher's MLP)")
+        raise ValueError("ffn='rwkv_cmix' needs mode='block' (attention_only keeps the "
+                         "teacher's MLP)")
     if num_layers is not None:
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"layer index {bad} out of range: the teacher has {num_layers} decoder layers "
-                             f"(valid indices 0..{num_layers - 1})")
+            raise ValueError(f"layer index {bad} out of range: the teacher has {num_layers} "
+                             f"decoder layers (valid indices 0..{num_layers - 1})")

@@ -15,9 +15,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from shared.config import StudentConfig
+from shared.student.base_model import base_classes
 from shared.student.configuration import RWKVHybridConfig, validate_hybrid_settings
 from shared.student.layers import RWKV_MODULES
-from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM, base_classes
+from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM
 
 
 def student_options(options: StudentConfig | Mapping[str, Any] | None) -> StudentConfig:
@@ -41,41 +42,51 @@ def student_options(options: StudentConfig | Mapping[str, Any] | None) -> Studen
 def _decoder_layers(teacher: PreTrainedModel) -> nn.ModuleList:
     layers = getattr(getattr(teacher, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(teacher).__name__} is not a Llama-family causal LM (no model.layers); "
-                         "pass e.g. a LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM")
+        raise ValueError(f"{type(teacher).__name__} is not a Llama-family causal LM (no "
+                         "model.layers); pass e.g. a LlamaForCausalLM / Qwen2ForCausalLM / "
+                         "Qwen3ForCausalLM / MistralForCausalLM")
     return layers
+
+
+def _kv_heads(cfg: Any) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _check_teacher(teacher: PreTrainedModel, spec: StudentConfig, tokenizer: Any) -> None:
     cfg = teacher.config
-    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv_heads, hidden = cfg.num_attention_heads, _kv_heads(cfg), cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     if heads % kv_heads:
-        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    expected = {"q_proj": (heads * head_dim, cfg.hidden_size), "k_proj": (kv_heads * head_dim, cfg.hidden_size),
-                "v_proj": (kv_heads * head_dim, cfg.hidden_size), "o_proj": (cfg.hidden_size, heads * head_dim)}
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+    expected = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+                "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim)}
     for idx, layer in enumerate(_decoder_layers(teacher)):
         attn = getattr(layer, "self_attn", None)
         for name, shape in expected.items():
             weight = getattr(getattr(attn, name, None), "weight", None)
             if weight is None or tuple(weight.shape) != shape:
                 got = None if weight is None else tuple(weight.shape)
-                raise ValueError(f"teacher layer {idx} self_attn.{name}.weight has shape {got}, expected {shape} "
-                                 f"from its config (heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}); "
-                                 "fix the config or the checkpoint so they agree")
+                raise ValueError(f"teacher layer {idx} self_attn.{name}.weight has shape {got}, "
+                                 f"expected {shape} from its config (heads={heads}, "
+                                 f"kv_heads={kv_heads}, head_dim={head_dim}); fix the config or "
+                                 "the checkpoint so they agree")
         needed = ["mlp", "input_layernorm", "post_attention_layernorm"]
         if spec.ffn == "rwkv_cmix":
             needed += ["mlp.up_proj", "mlp.down_proj"]
         missing = [n for n in needed if not _has(layer, n)]
         if missing:
-            raise ValueError(f"teacher layer {idx} lacks {missing}: not a Llama-family decoder layer")
+            raise ValueError(f"teacher layer {idx} lacks {missing}: not a Llama-family decoder "
+                             "layer")
     vocab = teacher.get_input_embeddings().weight.shape[0]
     if vocab != cfg.vocab_size:
-        raise ValueError(f"teacher embedding has {vocab} rows but config.vocab_size={cfg.vocab_size}; "
-                         "fix the config (or call resize_token_embeddings) first")
+        raise ValueError(f"teacher embedding has {vocab} rows but "
+                         f"config.vocab_size={cfg.vocab_size}; fix the config (or call "
+                         "resize_token_embeddings) first")
     if tokenizer is not None and len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {vocab} rows; "
-                         "use the teacher's own tokenizer or resize the teacher's embeddings first")
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding "
+                         f"only {vocab} rows; use the teacher's own tokenizer or resize the "
+                         "teacher's embeddings first")
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -104,16 +115,20 @@ def _rename(name: str, mode: str, ffn: str) -> str | None:
     head, _, rest = name.partition(".")
     if head == "mlp":
         return f"ffn.{rest}" if ffn == "mlp" else None  # cmix takes up/down_proj separately
-    return {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"}.get(head, head) + (f".{rest}" if rest else "")
+    head = {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"}.get(head, head)
+    return f"{head}.{rest}" if rest else head
 
 
 def _repeat_kv(t: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
-    """GQA: query head h reads key/value head h // (heads // kv_heads), as transformers' repeat_kv."""
-    return t.reshape(kv_heads, -1, *t.shape[1:]).repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *t.shape[1:])
+    """GQA: query head h reads key/value head h // (heads // kv_heads), as transformers'
+    repeat_kv."""
+    per_head = t.reshape(kv_heads, -1, *t.shape[1:])
+    return per_head.repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *t.shape[1:])
 
 
 @torch.no_grad()
-def _copy_mixer(layer: RWKVDecoderLayer, teacher_layer: nn.Module, heads: int, kv_heads: int) -> None:
+def _copy_mixer(layer: RWKVDecoderLayer, teacher_layer: nn.Module, heads: int,
+                kv_heads: int) -> None:
     attn, mixer = teacher_layer.self_attn, layer.mixer
     for src, dst, repeat in (("q_proj", "receptance", False), ("k_proj", "key", True),
                              ("v_proj", "value", True), ("o_proj", "output", False)):
@@ -185,13 +200,14 @@ def convert_teacher(teacher: PreTrainedModel, spec: StudentConfig | Mapping[str,
             if name not in teacher_buffers:
                 raise RuntimeError(f"student buffer {name} has no counterpart in the teacher (bug)")
             buf.copy_(teacher_buffers[name])
-        kv_heads = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+        kv_heads = _kv_heads(teacher.config)
         for idx in config.rwkv_layers:
             layer = student.model.layers[idx]
             for mname, module in layer.named_modules():
                 if isinstance(module, RWKV_MODULES):  # RWKV-LM init for this layer index
                     module.reset_parameters()
-                    filled.update(f"model.layers.{idx}.{mname}.{p}" for p, _ in module.named_parameters())
+                    filled.update(f"model.layers.{idx}.{mname}.{p}"
+                                  for p, _ in module.named_parameters())
             _copy_mixer(layer, _decoder_layers(teacher)[idx], config.num_attention_heads, kv_heads)
     if config.tie_word_embeddings:
         student.tie_weights()
@@ -200,7 +216,8 @@ def convert_teacher(teacher: PreTrainedModel, spec: StudentConfig | Mapping[str,
     if missing:
         raise RuntimeError(f"conversion left parameters uninitialised (bug): {missing[:8]}")
     if getattr(teacher, "generation_config", None) is not None:
-        student.generation_config = type(teacher.generation_config).from_dict(teacher.generation_config.to_dict())
+        generation = teacher.generation_config
+        student.generation_config = type(generation).from_dict(generation.to_dict())
     return student.train(teacher.training)
 
 
@@ -216,8 +233,9 @@ def save_student(model: RWKVHybridForCausalLM, tokenizer: Any, output_dir: str |
 
 def load_student(path: str | Path, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None) -> RWKVHybridForCausalLM:
-    """Load a student saved by ``save_student`` (same as ``AutoModelForCausalLM.from_pretrained``)."""
-    model = RWKVHybridForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+    """Load a student saved by ``save_student`` (as ``AutoModelForCausalLM.from_pretrained``)."""
+    model = RWKVHybridForCausalLM.from_pretrained(str(path),
+                                                  dtype=dtype if dtype is not None else "auto")
     if device is not None:
         model = model.to(device)
     return model

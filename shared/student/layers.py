@@ -1,10 +1,11 @@
 """RWKV time-mix (RWKV-6 x060, RWKV-7 x070) and channel-mix modules.
 
 Parameter names and formulas follow BlinkDL/RWKV-LM (``RWKV_Tmix_x060`` / ``RWKV_Tmix_x070`` /
-``RWKV_CMix_x060`` / ``RWKV_CMix_x070``), generalised to an attention width ``A = heads * head_size``
-that may differ from the hidden size ``C`` (Qwen3). ``reset_parameters`` gives the standard RWKV
-initialisation for the layer index; the converter then overwrites receptance/key/value/output
-(and the channel-mix key/value) with the teacher's weights.
+``RWKV_CMix_x060`` / ``RWKV_CMix_x070``), generalised to an attention width
+``A = heads * head_size`` that may differ from the hidden size ``C`` (Qwen3).
+``reset_parameters`` gives the standard RWKV initialisation for the layer index; the converter
+then overwrites receptance/key/value/output (and the channel-mix key/value) with the teacher's
+weights.
 
 Every module takes the already-normalised input ``x [B, T, C]`` (zeroed at padded positions by
 the caller) plus its recurrent state, and returns its output and the new state.
@@ -74,9 +75,9 @@ class _RWKVModule(nn.Module):
 class RWKV6TimeMix(_RWKVModule):
     """RWKV-6 (x060) time mixing with data-dependent token shift and decay."""
 
-    def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int, num_layers: int,
-                 qkv_bias: bool = False, o_bias: bool = False, backend: str = "auto",
-                 chunk_size: int = 16) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int,
+                 num_layers: int, qkv_bias: bool = False, o_bias: bool = False,
+                 backend: str = "auto", chunk_size: int = 16) -> None:
         super().__init__()
         c, a = hidden_size, num_heads * head_size
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
@@ -119,13 +120,16 @@ class RWKV6TimeMix(_RWKVModule):
         init.zeros_(self.time_decay_w1)
         init.uniform_(self.time_decay_w2, -0.01, 0.01)
         zigzag = ((n + 1) % 3 - 1) * 0.1
-        init.copy_(self.time_faaaa, (r01 * (1 - n / max(a - 1, 1)) + zigzag).view(self.num_heads, self.head_size))
-        for lin, scale in ((self.receptance, 1.0), (self.key, 0.1), (self.value, 1.0), (self.gate, 0.1)):
+        faaaa = r01 * (1 - n / max(a - 1, 1)) + zigzag
+        init.copy_(self.time_faaaa, faaaa.view(self.num_heads, self.head_size))
+        for lin, scale in ((self.receptance, 1.0), (self.key, 0.1), (self.value, 1.0),
+                           (self.gate, 0.1)):
             _ortho(lin.weight, scale)
         self._init_projections_and_norm()
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, v_first: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                wkv: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                v_first: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         bsz, t, _ = x.shape
         h, n = self.num_heads, self.head_size
@@ -143,7 +147,8 @@ class RWKV6TimeMix(_RWKVModule):
         if token_mask is not None:  # a padded step must not write into the state (left padding)
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         o, wkv = rwkv6_op(r.view(bsz, t, h, n), k.view(bsz, t, h, n), v.view(bsz, t, h, n),
-                          log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.backend, self.chunk_size)
+                          log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.backend,
+                          self.chunk_size)
         o = self.ln_x(o.reshape(bsz * t, h * n)).view(bsz, t, h * n)
         return self.output(o * g), x[:, -1], wkv, v_first
 
@@ -151,9 +156,9 @@ class RWKV6TimeMix(_RWKVModule):
 class RWKV7TimeMix(_RWKVModule):
     """RWKV-7 (x070) time mixing; ``is_first`` marks the layer whose values become ``v_first``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int, num_layers: int,
-                 is_first: bool, qkv_bias: bool = False, o_bias: bool = False, backend: str = "auto",
-                 chunk_size: int = 16) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int,
+                 num_layers: int, is_first: bool, qkv_bias: bool = False, o_bias: bool = False,
+                 backend: str = "auto", chunk_size: int = 16) -> None:
         super().__init__()
         c, a = hidden_size, num_heads * head_size
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
@@ -161,8 +166,10 @@ class RWKV7TimeMix(_RWKVModule):
         self.backend, self.chunk_size = backend, chunk_size
         for name in ("r", "w", "k", "v", "a", "g"):
             setattr(self, f"x_{name}", nn.Parameter(torch.empty(c)))
-        lora = {"w": _lora_dim(2.5, c), "a": _lora_dim(2.5, c), "v": _lora_dim(1.7, c), "g": _lora_dim(5, c)}
-        # the first RWKV-7 layer has no value residual, so it gets no v0/v1/v2 (they would never train)
+        lora = {"w": _lora_dim(2.5, c), "a": _lora_dim(2.5, c), "v": _lora_dim(1.7, c),
+                "g": _lora_dim(5, c)}
+        # the first RWKV-7 layer has no value residual, so it gets no v0/v1/v2 (they would never
+        # train)
         for name in ("w", "a", "g") if is_first else ("w", "a", "v", "g"):
             setattr(self, f"{name}1", nn.Parameter(torch.empty(c, lora[name])))
             setattr(self, f"{name}2", nn.Parameter(torch.empty(lora[name], a)))
@@ -207,8 +214,9 @@ class RWKV7TimeMix(_RWKVModule):
         init.uniform_(self.value.weight, -0.5 / c**0.5, 0.5 / c**0.5)
         self._init_projections_and_norm()
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, wkv: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, v_first: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                wkv: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                v_first: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         bsz, t, _ = x.shape
         h, n = self.num_heads, self.head_size
@@ -216,14 +224,16 @@ class RWKV7TimeMix(_RWKVModule):
         xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, f"x_{m}") for m in "rwkvag")
         r = self.receptance(xr)
         # x070: w = -softplus(-(w0 + lora)) - 0.5, decay = exp(-exp(w)); i.e. log decay below:
-        log_w = RWKV7_LOG_DECAY_MIN * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        log_w = RWKV7_LOG_DECAY_MIN * torch.sigmoid(w.float())
         k = self.key(xk)
         v = self.value(xv)
         if self.is_first:
             v_first = v
         else:
             if v_first is None:
-                raise ValueError(f"RWKV-7 layer {self.layer_idx} needs v_first from the first converted layer")
+                raise ValueError(f"RWKV-7 layer {self.layer_idx} needs v_first from the first "
+                                 "converted layer")
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
@@ -232,7 +242,8 @@ class RWKV7TimeMix(_RWKVModule):
         if token_mask is not None:  # a padded step must not write into the state (left padding)
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         a4, r4, k4, v4 = (z.view(bsz, t, h, n) for z in (a, r, k, v))
-        o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.backend, self.chunk_size)
+        o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.backend,
+                          self.chunk_size)
         o = self.ln_x(o.reshape(bsz * t, h * n)).view(bsz, t, h * n)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
         o = o + bonus.reshape(bsz, t, h * n)
@@ -268,7 +279,8 @@ class RWKV6ChannelMix(_RWKVModule):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xx = token_shift(x, shift) - x
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
@@ -299,7 +311,8 @@ class RWKV7ChannelMix(_RWKVModule):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xx = token_shift(x, shift) - x
         return self.value(torch.relu(self.key(x + xx * self.x_k)) ** 2), x[:, -1]
 

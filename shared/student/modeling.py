@@ -15,7 +15,6 @@ final norm (transformers' own models put the normed output there instead).
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,9 +26,8 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.auto.configuration_auto import model_type_to_module_name
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
+from shared.student.base_model import base_classes
 from shared.student.cache import HybridRWKVCache
 from shared.student.configuration import RWKVHybridConfig
 from shared.student.layers import (
@@ -42,26 +40,7 @@ from shared.student.layers import (
 from shared.student.ops import BACKENDS
 from shared.student.packing import DocumentBatch
 
-SUPPORTED_BASES = ("llama", "qwen2", "qwen3", "mistral")
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
-
-
-def base_classes(model_type: str) -> dict[str, type[nn.Module]]:
-    """The decoder layer, MLP, RMSNorm and rotary embedding classes of a transformers architecture."""
-    model_name = MODEL_MAPPING_NAMES.get(model_type)
-    hint = (f"base model type {model_type!r} is not supported: the student needs a Llama-family "
-            f"architecture (decoder layers with self_attn.q/k/v/o_proj, an mlp and RMSNorms; tested: "
-            f"{', '.join(SUPPORTED_BASES)})")
-    if not isinstance(model_name, str) or not model_name.endswith("Model"):
-        raise ValueError(hint)
-    module_name = model_type_to_module_name(model_type)
-    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-    prefix = model_name[: -len("Model")]
-    classes = {key: getattr(module, prefix + suffix, None) for key, suffix in
-               (("decoder", "DecoderLayer"), ("mlp", "MLP"), ("norm", "RMSNorm"), ("rotary", "RotaryEmbedding"))}
-    if any(cls is None for cls in classes.values()):
-        raise ValueError(hint)
-    return classes
 
 
 class RWKVDecoderLayer(GradientCheckpointingLayer):
@@ -70,7 +49,8 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
     NAMES = {"block": ("ln1", "att", "ln2", "ffn"),
              "attention_only": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
 
-    def __init__(self, config: RWKVHybridConfig, layer_idx: int, classes: Mapping[str, type[nn.Module]]) -> None:
+    def __init__(self, config: RWKVHybridConfig, layer_idx: int,
+                 classes: Mapping[str, type[nn.Module]]) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.names = self.NAMES[config.rwkv_mode]
@@ -78,16 +58,19 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
         mixer_kwargs: dict[str, Any] = dict(
             hidden_size=c, num_heads=config.num_attention_heads, head_size=config.rwkv_head_size,
             layer_idx=layer_idx, num_layers=num_layers, qkv_bias=config.rwkv_qkv_bias,
-            o_bias=config.rwkv_o_bias, backend=config.rwkv_backend, chunk_size=config.rwkv_chunk_size)
+            o_bias=config.rwkv_o_bias, backend=config.rwkv_backend,
+            chunk_size=config.rwkv_chunk_size)
         if config.rwkv_mixer == "rwkv7":
-            mixer: nn.Module = RWKV7TimeMix(is_first=layer_idx == min(config.rwkv_layers), **mixer_kwargs)
+            is_first = layer_idx == min(config.rwkv_layers)
+            mixer: nn.Module = RWKV7TimeMix(is_first=is_first, **mixer_kwargs)
         else:
             mixer = RWKV6TimeMix(**mixer_kwargs)
         if config.rwkv_ffn == "mlp":
             ffn = classes["mlp"](config)
         else:
             cmix = RWKV7ChannelMix if config.rwkv_mixer == "rwkv7" else RWKV6ChannelMix
-            ffn = cmix(c, config.intermediate_size, layer_idx, num_layers, bias=config.rwkv_mlp_bias)
+            ffn = cmix(c, config.intermediate_size, layer_idx, num_layers,
+                       bias=config.rwkv_mlp_bias)
         norms = [classes["norm"](c, eps=config.rms_norm_eps) for _ in range(2)]
         for name, module in zip(self.names, (norms[0], mixer, norms[1], ffn), strict=True):
             self.add_module(name, module)
@@ -109,8 +92,8 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
         x = norm1(hidden_states)
         if keep is not None:  # zero the mixer input at padding so left padding leaves no trace
             x = x * keep
-        out, att_shift, wkv, v_first = mixer(x, getattr(state, "att_shift", None), getattr(state, "wkv", None),
-                                             token_mask, v_first)
+        out, att_shift, wkv, v_first = mixer(x, getattr(state, "att_shift", None),
+                                             getattr(state, "wkv", None), token_mask, v_first)
         hidden_states = hidden_states + out
         x = norm2(hidden_states)
         ffn_shift = None
@@ -152,9 +135,11 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         super().__init__(config)
         classes = base_classes(config.base_model_type)
         converted = set(config.rwkv_layers)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         getattr(config, "pad_token_id", None))
         self.layers = nn.ModuleList([RWKVDecoderLayer(config, i, classes) if i in converted
-                                     else classes["decoder"](config, i) for i in range(config.num_hidden_layers)])
+                                     else classes["decoder"](config, i)
+                                     for i in range(config.num_hidden_layers)])
         self.norm = classes["norm"](config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = classes["rotary"](config=config)
         self.layer_types = get_layer_types_and_kwargs(config)[0]
@@ -168,15 +153,18 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def run_rwkv_layer(self, layer: RWKVDecoderLayer, hidden: torch.Tensor, v_first: torch.Tensor | None,
-                       token_mask: torch.Tensor | None, cache: Cache | None,
-                       use_cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run_rwkv_layer(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
+                       v_first: torch.Tensor | None, token_mask: torch.Tensor | None,
+                       cache: Cache | None, use_cache: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one converted layer, recomputing it in backward if the config asks for it."""
         if (self.config.rwkv_gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and not layer.gradient_checkpointing):
-            # non-reentrant: works with DeepSpeed ZeRO-3's parameter hooks; no cache writes on replay
+            # non-reentrant: works with DeepSpeed ZeRO-3's parameter hooks; no cache writes on
+            # replay
             return checkpoint(layer, hidden, v_first, token_mask, None, False, use_reentrant=False)
-        return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache, use_cache=use_cache)
+        return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache,
+                     use_cache=use_cache)
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,
@@ -196,28 +184,34 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             return cache
         if isinstance(cache, Cache) and cache.get_seq_length() == 0:
             return HybridRWKVCache(self.config)  # e.g. an empty DynamicCache: swap in ours
-        raise ValueError(f"the RWKV student needs a shared.student.cache.HybridRWKVCache, got {type(cache).__name__}")
+        raise ValueError("the RWKV student needs a shared.student.cache.HybridRWKVCache, got "
+                         f"{type(cache).__name__}")
 
-    def _attention_masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
-                         position_ids: torch.Tensor) -> dict[str, Any]:
+    def _attention_masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                         cache: Cache | None, position_ids: torch.Tensor) -> dict[str, Any]:
         masks: dict[str, Any] = {}
         for idx, layer in enumerate(self.layers):
             kind = self.layer_types[idx]
             if isinstance(layer, RWKVDecoderLayer) or kind in masks:
                 continue
-            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = make(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                               past_key_values=cache, position_ids=position_ids, layer_idx=idx)
+            make = (create_sliding_window_causal_mask if kind == "sliding_attention"
+                    else create_causal_mask)
+            masks[kind] = make(config=self.config, inputs_embeds=embeds,
+                               attention_mask=attention_mask, past_key_values=cache,
+                               position_ids=position_ids, layer_idx=idx)
         return masks
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.LongTensor | None = None,
+                attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+                output_hidden_states: bool | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("the RWKV student takes a 2D [batch, seq] padding mask (1 = token, 0 = padding)")
+            raise ValueError("the RWKV student takes a 2D [batch, seq] padding mask "
+                             "(1 = token, 0 = padding)")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:  # like transformers, but no cache by default while training
@@ -231,14 +225,16 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         documents = DocumentBatch.detect(position_ids, attention_mask, inputs_embeds.shape[0])
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = torch.arange(past, past + seq_len,
+                                        device=inputs_embeds.device).unsqueeze(0)
         if documents is not None and cache is not None:
             raise ValueError("position_ids restart inside a row (packed documents), which a cache "
                              "cannot hold: run packed batches with use_cache=False")
         token_mask = None if attention_mask is None else attention_mask[:, -seq_len:]
         # Packed rows: without a 2D mask transformers builds the block-diagonal causal mask from
         # position_ids; the right padding then only ever follows the real tokens (causal).
-        masks = self._attention_masks(inputs_embeds, None if documents is not None else attention_mask, cache,
+        masks = self._attention_masks(inputs_embeds,
+                                      None if documents is not None else attention_mask, cache,
                                       position_ids)
         rope = self.rotary_emb(inputs_embeds, position_ids=position_ids) if masks else None
         base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE_LAYERS}
@@ -248,16 +244,20 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             if output_hidden_states:
                 states.append(hidden)
             if isinstance(layer, RWKVDecoderLayer) and documents is not None:
-                hidden, v_first = self.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
+                hidden, v_first = self.run_rwkv_layer_per_document(layer, hidden, v_first,
+                                                                   documents)
             elif isinstance(layer, RWKVDecoderLayer):
-                hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache, use_cache)
+                hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache,
+                                                      use_cache)
             else:
-                hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]], position_embeddings=rope,
-                               position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **base_kwargs)
+                hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]],
+                               position_embeddings=rope, position_ids=position_ids,
+                               past_key_values=cache, use_cache=use_cache, **base_kwargs)
         if output_hidden_states:
             states.append(hidden)  # before the final norm (see the module docstring)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache,
-                                       hidden_states=tuple(states) if output_hidden_states else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden), past_key_values=cache,
+            hidden_states=tuple(states) if output_hidden_states else None)
 
 
 class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
@@ -278,22 +278,27 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.LongTensor | None = None,
+                attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast | tuple:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
-            extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+            extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels")
+                     if k in kwargs}
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size, **extra)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                        past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result.to_tuple() if return_dict is False else result
 
@@ -303,10 +308,11 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         """Sorted indices of the RWKV (converted) decoder layers."""
         return list(self.config.rwkv_layers)
 
-    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor], attention_mask: torch.Tensor | None = None,
+    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor],
+                      attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs`` runs
-        alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
+        """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs``
+        runs alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
         ``{i: output}`` to compare with the teacher's hidden state ``i + 1``.
 
         Keys that are not converted layers are ignored. With ``rwkv7`` the layers' value residual
@@ -321,27 +327,31 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
             raise ValueError(f"layer_inputs has layer indices {bad} outside 0..{num_layers - 1}")
         todo = [i for i in self.converted_layers if i in layer_inputs]
         if not todo:
-            raise ValueError(f"layer_inputs has none of the converted layers {self.converted_layers}")
+            raise ValueError("layer_inputs has none of the converted layers "
+                             f"{self.converted_layers}")
         first = self.converted_layers[0]
         if self.config.rwkv_mixer == "rwkv7" and first not in layer_inputs:
-            raise ValueError(f"rwkv7 needs the input of the first converted layer ({first}) for v_first")
+            raise ValueError(f"rwkv7 needs the input of the first converted layer ({first}) "
+                             "for v_first")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a 2D [batch, seq] padding mask")
         dtype = self.model.embed_tokens.weight.dtype
         outputs: dict[int, torch.Tensor] = {}
         v_first = None
-        documents = DocumentBatch.detect(position_ids, attention_mask, layer_inputs[todo[0]].shape[0])
+        documents = DocumentBatch.detect(position_ids, attention_mask,
+                                         layer_inputs[todo[0]].shape[0])
         for idx in todo:
             hidden = layer_inputs[idx]
             if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"layer_inputs[{idx}] must be [batch, seq, {self.config.hidden_size}], "
-                                 f"got {tuple(hidden.shape)}")
+                raise ValueError(f"layer_inputs[{idx}] must be [batch, seq, "
+                                 f"{self.config.hidden_size}], got {tuple(hidden.shape)}")
             layer = self.model.layers[idx]
+            hidden = hidden.to(dtype)
             if documents is not None:
-                out, vf = self.model.run_rwkv_layer_per_document(layer, hidden.to(dtype), v_first, documents)
+                out, vf = self.model.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
             else:
                 mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
-                out, vf = self.model.run_rwkv_layer(layer, hidden.to(dtype), v_first, mask, None, False)
+                out, vf = self.model.run_rwkv_layer(layer, hidden, v_first, mask, None, False)
             if idx == first:
                 v_first = vf
             outputs[idx] = out
@@ -353,8 +363,11 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         names = []
         for idx in self.converted_layers:
             layer = self.model.layers[idx]
-            parts = (layer.names[1], layer.names[3]) if self.config.rwkv_ffn == "rwkv_cmix" else (layer.names[1],)
-            names += [f"model.layers.{idx}.{n}" for n, _ in layer.named_parameters() if n.split(".")[0] in parts]
+            parts = {layer.names[1]}
+            if self.config.rwkv_ffn == "rwkv_cmix":
+                parts.add(layer.names[3])
+            names += [f"model.layers.{idx}.{n}" for n, _ in layer.named_parameters()
+                      if n.split(".")[0] in parts]
         return names
 
     def converted_layer_parameter_names(self) -> list[str]:

@@ -25,7 +25,8 @@ import torch
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: True where a document begins (every row's first token included)."""
     if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(position_ids.shape)}")
+        raise ValueError("position_ids must be [batch, seq], got shape "
+                         f"{tuple(position_ids.shape)}")
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
     return starts

@@ -18,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float,
                  time_decay_lr_scale: float) -> list[dict]:
     """AdamW groups of the trainable parameters: ``decay`` (matrices, ``weight_decay``),
     ``no_decay`` (vectors), ``time_decay`` (no decay, ``lr_scale = time_decay_lr_scale``).
-    Each group carries its ``lr_scale`` for the learning-rate schedule; empty groups are left out."""
+    Each group carries its ``lr_scale`` for the learning-rate schedule; empty groups are left
+    out."""
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "time_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -15,7 +15,8 @@ BACKENDS = ("auto", "fla", "chunk", "recurrent")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """State and accumulation dtype: float64 stays float64 (tests), everything else runs in float32."""
+    """State and accumulation dtype: float64 stays float64 (tests), everything else runs in
+    float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -44,8 +45,9 @@ def fla_op(name: str) -> Callable[..., Any]:
     ops = _fla_ops()
     if ops is None:
         raise RuntimeError(
-            "backend 'fla' needs flash-linear-attention (pip install 'flash-linear-attention==0.6.0' "
-            "'fla-core==0.6.0') and a CUDA device; use backend='chunk' for the pure-PyTorch path"
+            "backend 'fla' needs flash-linear-attention (pip install "
+            "'flash-linear-attention==0.6.0' 'fla-core==0.6.0') and a CUDA device; use "
+            "backend='chunk' for the pure-PyTorch path"
         )
     return ops[name]
 

@@ -2,8 +2,10 @@
 
 Conventions (those of flash-linear-attention's ``chunk_rwkv6``):
 
-* ``r, k, w``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; ``u`` (RWKV-LM ``time_faaaa``): ``[H, K]``;
-* ``w`` is the **log** decay, ``w = -exp(time_decay + lora) <= 0``; the per-step decay is ``exp(w)``;
+* ``r, k, w``: ``[B, T, H, K]``; ``v``: ``[B, T, H, V]``; ``u`` (RWKV-LM ``time_faaaa``):
+  ``[H, K]``;
+* ``w`` is the **log** decay, ``w = -exp(time_decay + lora) <= 0``; the per-step decay is
+  ``exp(w)``;
 * state ``S``: ``[B, H, K, V]`` (key channel -> value channel), kept in float32 (float64 for tests).
 
 Recurrence (scale 1, as in RWKV-LM)::
@@ -28,8 +30,9 @@ from shared.student.ops.common import (
 State = torch.Tensor | None
 
 
-def rwkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-                    initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rwkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                    u: torch.Tensor, initial_state: State = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token reference. Returns ``(o [B,T,H,V] in r's dtype, final state)``."""
     b, t, h, dk = r.shape
     cd = compute_dtype(r.dtype)
@@ -43,8 +46,9 @@ def rwkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.
     return torch.stack(outs, dim=1).to(r.dtype), state
 
 
-def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-                  initial_state: State = None, chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                  u: torch.Tensor, initial_state: State = None,
+                  chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked pure-PyTorch path: exact (up to rounding) equal of ``rwkv6_recurrent``.
 
     Inside a chunk the causal scores are computed pairwise (see ``pairwise_decay``); across chunks
@@ -57,7 +61,8 @@ def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
     g = w_.cumsum(-2)          # log decay accumulated up to and including step t (within the chunk)
     g_excl = g - w_            # ... up to step t-1: what the state read at step t has seen
 
-    # intra-chunk: o_t += sum_{s<t} (sum_i r_ti k_si exp(g_excl_ti - g_si)) v_s  +  (r_t . u k_t) v_t
+    # intra-chunk:
+    #   o_t += sum_{s<t} (sum_i r_ti k_si exp(g_excl_ti - g_si)) v_s  +  (r_t . u k_t) v_t
     decay = pairwise_decay(g_excl, g, inclusive=False)                     # [B,H,N,L,L,K]
     scores = torch.einsum("bhntsk,bhnsk->bhnts", decay * r_.unsqueeze(-2), k_)
     out = scores @ v_ + (r_ * u_ * k_).sum(-1, keepdim=True) * v_
@@ -85,7 +90,8 @@ def rwkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor
     dt = r.dtype
     state = None if initial_state is None else initial_state.float().contiguous()
     o, final = chunk_rwkv6(
-        r.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), w.to(dt).contiguous(), u.to(dt),
+        r.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), w.to(dt).contiguous(),
+        u.to(dt),
         **supported_kwargs(chunk_rwkv6, scale=1.0, initial_state=state, output_final_state=True),
     )
     return o, final

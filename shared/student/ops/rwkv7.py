@@ -30,12 +30,14 @@ from shared.student.ops.common import (
 
 State = torch.Tensor | None
 
-# lower bound of x070's log decay: -exp(-0.5) (the soft clamp w = -softplus(-x) - 0.5, then exp(-exp(w)))
+# lower bound of x070's log decay: -exp(-0.5) (the soft clamp w = -softplus(-x) - 0.5, then
+# exp(-exp(w)))
 RWKV7_LOG_DECAY_MIN = -math.exp(-0.5)
 
 
-def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                    b: torch.Tensor, initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    a: torch.Tensor, b: torch.Tensor, initial_state: State = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token reference. Returns ``(o [B,T,H,V] in r's dtype, final state)``."""
     bsz, t, h, dk = r.shape
     cd = compute_dtype(r.dtype)
@@ -50,15 +52,16 @@ def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.
     return torch.stack(outs, dim=1).to(r.dtype), state
 
 
-def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                  b: torch.Tensor, initial_state: State = None,
+def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  a: torch.Tensor, b: torch.Tensor, initial_state: State = None,
                   chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked pure-PyTorch path (WY-style, as in fla's DPLR kernels), exact up to rounding.
 
     Within a chunk let ``q_s = a_s^T S_{s-1}`` (one row per step). Unrolling the recurrence gives
     a unit-lower-triangular system ``(I - A_ab) Q = (a * exp(g_excl)) S_0 + A_ak V`` that a
     triangular solve handles for all chunks at once; each chunk then maps its start state to its
-    end state by an affine map ``S_end = T S_0 + C``, so only a short scan over chunks is sequential.
+    end state by an affine map ``S_end = T S_0 + C``, so only a short scan over chunks is
+    sequential.
     """
     bsz, t, h, dk = r.shape
     cd = compute_dtype(r.dtype)
@@ -112,7 +115,8 @@ def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kwargs = supported_kwargs(chunk_rwkv7, scale=1.0, initial_state=state, output_final_state=True,
                               safe_gate=True, lower_bound=RWKV7_LOG_DECAY_MIN, chunk_size=64)
     o, final = chunk_rwkv7(r.contiguous(), w.to(dt).contiguous(), k.to(dt).contiguous(),
-                           v.to(dt).contiguous(), a.to(dt).contiguous(), b.to(dt).contiguous(), **kwargs)
+                           v.to(dt).contiguous(), a.to(dt).contiguous(), b.to(dt).contiguous(),
+                           **kwargs)
     return o, final
 
 
