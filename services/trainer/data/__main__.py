@@ -1,6 +1,7 @@
 """Prepare distillation data from local files (no hub access): ultrachat, c4 and text.
 
-    python -m services.trainer.data ultrachat --input DIR --tokenizer DIR --output_dir DIR --max_len 2048
+    python -m services.trainer.data ultrachat --input DIR --tokenizer DIR --output_dir DIR \\
+        --max_len 2048
     python -m services.trainer.data c4 --local_c4_dir DIR --languages en zh --tokenizer DIR \\
         --output_dir DIR --max_len 2048 --split train
     python -m services.trainer.data text --paths DIR_OR_FILE... --tokenizer DIR --output_dir DIR \\
@@ -79,7 +80,8 @@ def _special_ids(tokenizer: Any) -> list[int]:
 def chat_config(tokenizer: Any, fmt: str, max_len: int) -> WorkerConfig:
     if fmt == "plain":
         if tokenizer.eos_token is None:
-            raise DataError("--format plain closes assistant turns with EOS, but the tokenizer has none")
+            raise DataError("--format plain closes assistant turns with EOS, but the tokenizer "
+                            "has none")
         template = PLAIN_TEMPLATE
     else:
         template = tokenizer.chat_template
@@ -167,7 +169,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buckets", type=int, default=None, metavar="WIDTH",
                         help="write length buckets 1..WIDTH, WIDTH+1..2*WIDTH, ...")
     parser.add_argument("--pack", action="store_true",
-                        help="pack several samples per sequence (position_ids restart per document)")
+                        help="pack several samples per sequence (position_ids restart per "
+                             "document)")
     parser.add_argument("--validation_fraction", type=float, default=0.0)
     parser.add_argument("--validation_size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

@@ -158,11 +158,13 @@ class BucketWriter:
     def _flush(self) -> None:
         if not self.buffer:
             return
-        lengths = np.fromiter((len(s[0]) for s in self.buffer), dtype=np.int32, count=len(self.buffer))
+        lengths = np.fromiter((len(s[0]) for s in self.buffer), dtype=np.int32,
+                              count=len(self.buffer))
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
         def column(i: int) -> pa.Array:
-            return pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([s[i] for s in self.buffer])))
+            values = pa.array(np.concatenate([s[i] for s in self.buffer]))
+            return pa.ListArray.from_arrays(offsets, values)
 
         arrays = [column(0), column(1), pa.array(lengths)]
         if self.packed:

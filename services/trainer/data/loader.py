@@ -1,6 +1,7 @@
 """Trainer side: load a prepared dataset, sample batches bucket by bucket, pad, resume.
 
-    from services.trainer.data.loader import TrainBatches, validation_batches, check_tokenizer_fingerprint
+    from services.trainer.data.loader import (TrainBatches, check_tokenizer_fingerprint,
+                                              validation_batches)
 
     check_tokenizer_fingerprint(data_dir, teacher_manifest_fingerprint)   # refuse a mismatch
     batches = TrainBatches(data_dir, micro_batch_size=8, world_size=ws, rank=rank, seed=1234)
@@ -42,13 +43,15 @@ def read_card(dataset_dir: str | Path) -> dict[str, Any]:
             "or the run was interrupted (the card is written last); re-run the data command")
     card = json.loads(path.read_text())
     if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: card format {card.get('format')!r}, this loader reads {CARD_FORMAT!r}")
+        raise ValueError(f"{path}: card format {card.get('format')!r}, this loader reads "
+                         f"{CARD_FORMAT!r}")
     return card
 
 
 def check_tokenizer_fingerprint(dataset_dir: str | Path, expected: str,
                                 expected_from: str = "the teacher") -> dict[str, Any]:
-    """Refuse (FingerprintMismatch) a dataset whose tokenizer differs from ``expected``; return its card."""
+    """Refuse (FingerprintMismatch) a dataset whose tokenizer differs from ``expected``; return
+    its card."""
     card = read_card(dataset_dir)
     have = card["tokenizer"]["fingerprint"]
     if have != expected:
@@ -75,7 +78,8 @@ class PreparedSplit:
                            f"{', '.join(self.card['splits']) or 'none'})")
         self.split = split
         self.bucket_info = [b for b in self.card["splits"][split]["buckets"] if b["path"]]
-        self.buckets = [datasets.load_from_disk(str(self.root / b["path"])) for b in self.bucket_info]
+        self.buckets = [datasets.load_from_disk(str(self.root / b["path"]))
+                        for b in self.bucket_info]
         self.pad_token_id = int(self.card["tokenizer"]["pad_token_id"])
 
     @property
@@ -102,9 +106,11 @@ class BucketBatchSampler:
     """
 
     def __init__(self, bucket_sizes: Sequence[int], micro_batch_size: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True, remainder: str = "drop") -> None:
+                 rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 remainder: str = "drop") -> None:
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError("need micro_batch_size >= 1, world_size >= 1 and 0 <= rank < world_size")
+            raise ValueError("need micro_batch_size >= 1, world_size >= 1 and "
+                             "0 <= rank < world_size")
         if remainder not in ("drop", "wrap"):
             raise ValueError("remainder must be 'drop' or 'wrap'")
         self.bucket_sizes = [int(n) for n in bucket_sizes]
@@ -114,9 +120,9 @@ class BucketBatchSampler:
         self.position = 0  # batches of ``epoch`` already handed out
         self._plan_cache: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         if len(self) == 0:
-            raise ValueError(f"no full batch: buckets hold {self.bucket_sizes} samples but one step "
-                             f"needs {micro_batch_size * world_size} from a single bucket; use "
-                             "remainder='wrap', a smaller batch, or wider buckets")
+            raise ValueError(f"no full batch: buckets hold {self.bucket_sizes} samples but one "
+                             f"step needs {micro_batch_size * world_size} from a single bucket; "
+                             "use remainder='wrap', a smaller batch, or wider buckets")
 
     def _global_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -138,7 +144,8 @@ class BucketBatchSampler:
         """This rank's batches of ``epoch``."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             lo = self.rank * self.micro_batch_size
-            mine = [(b, idx[lo:lo + self.micro_batch_size]) for b, idx in self._global_batches(epoch)]
+            mine = [(b, idx[lo:lo + self.micro_batch_size])
+                    for b, idx in self._global_batches(epoch)]
             self._plan_cache = (epoch, mine)
         return self._plan_cache[1]
 
@@ -166,7 +173,8 @@ class BucketBatchSampler:
                 "remainder": self.remainder}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("seed", "micro_batch_size", "world_size", "bucket_sizes", "shuffle", "remainder"):
+        for key in ("seed", "micro_batch_size", "world_size", "bucket_sizes", "shuffle",
+                    "remainder"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(f"cannot resume exactly: saved {key}={state[key]!r}, now "
                                  f"{self.state_dict()[key]!r} (the batch order would change)")

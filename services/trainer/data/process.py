@@ -159,7 +159,8 @@ class Worker:
         start = 0
         while start < len(texts):
             stop, held = start, 0
-            while stop < len(texts) and (stop == start or held + len(texts[stop]) <= SUB_BATCH_CHARS):
+            while stop < len(texts) and (stop == start
+                                         or held + len(texts[stop]) <= SUB_BATCH_CHARS):
                 held += len(texts[stop])
                 stop += 1
             for enc in encode(texts[start:stop], add_special_tokens=True):
@@ -213,7 +214,8 @@ class Worker:
                     cut = max(fits) if fits else max_len
                     ids, labels = ids[:cut], labels[:cut]
                     if not (labels != IGNORE).any():
-                        raise Drop("too_long", f"no assistant token within the first {max_len} tokens")
+                        raise Drop("too_long",
+                                   f"no assistant token within the first {max_len} tokens")
                     result.truncated += 1
                 result.samples.append((ids, labels))
             except Drop as drop:

@@ -32,7 +32,8 @@ from shared.labels import IGNORE
 PLAIN_TEMPLATE = (
     "{{ bos_token or '' }}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}{{ 'Assistant : ' + m['content'] | trim + eos_token + '\n\n' }}"
+    "{% if m['role'] == 'assistant' %}"
+    "{{ 'Assistant : ' + m['content'] | trim + eos_token + '\n\n' }}"
     "{% elif m['role'] == 'system' %}{{ 'System : ' + m['content'] | trim + '\n\n' }}"
     "{% else %}{{ 'User : ' + m['content'] | trim + '\n\n' }}{% endif %}"
     "{% endfor %}"
@@ -102,7 +103,8 @@ class ChatMasker:
         except Exception:  # noqa: BLE001 - e.g. a template that refuses an empty conversation
             return None
 
-    def _char_spans(self, messages: list[dict[str, str]], full: str) -> tuple[list[tuple[int, int]], bool]:
+    def _char_spans(self, messages: list[dict[str, str]],
+                    full: str) -> tuple[list[tuple[int, int]], bool]:
         """(start, end) character span of each assistant turn's content in ``full``."""
         spans: list[tuple[int, int]] = []
         cursor = 0

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 
 class DataError(Exception):
-    """A problem with the user's input that we can explain; the CLI prints it without a traceback."""
+    """A problem with the user's input that we can explain; the CLI prints it without a
+    traceback."""
 
 
 @dataclass
@@ -55,7 +56,8 @@ _ULTRACHAT_RE = re.compile(r"^(train|test)_(sft|gen)-\d{5}-of-\d{5}(-.*)?\.parqu
 
 
 def ultrachat_files(input_dir: str | Path, splits: Sequence[str]) -> dict[str, list[Path]]:
-    """Parquet shards per UltraChat split, laid out as on the hub: data/{split}-NNNNN-of-NNNNN-*.parquet."""
+    """Parquet shards per UltraChat split, laid out as on the hub:
+    data/{split}-NNNNN-of-NNNNN-*.parquet."""
     root = Path(input_dir)
     if not root.is_dir():
         raise DataError(f"--input {root} is not a directory (expected a local copy of "
@@ -64,7 +66,8 @@ def ultrachat_files(input_dir: str | Path, splits: Sequence[str]) -> dict[str, l
     found: dict[str, list[Path]] = {}
     for split in splits:
         if split not in ULTRACHAT_SPLITS:
-            raise DataError(f"unknown UltraChat split {split!r}; choose from {', '.join(ULTRACHAT_SPLITS)}")
+            raise DataError(f"unknown UltraChat split {split!r}; choose from "
+                            f"{', '.join(ULTRACHAT_SPLITS)}")
         files = sorted(p for p in data.glob(f"{split}-*.parquet") if _ULTRACHAT_RE.match(p.name))
         if not files:
             raise DataError(f"no {split}-NNNNN-of-NNNNN-*.parquet files in {data}")
@@ -76,7 +79,8 @@ def c4_files(c4_dir: str | Path, language: str, split: str) -> list[Path]:
     """json.gz shards of one C4 language and split, laid out as allenai/c4 on the hub."""
     root = Path(c4_dir)
     if not root.is_dir():
-        raise DataError(f"--local_c4_dir {root} is not a directory (expected a local copy of allenai/c4)")
+        raise DataError(f"--local_c4_dir {root} is not a directory (expected a local copy of "
+                        "allenai/c4)")
     if split not in ("train", "validation"):
         raise DataError(f"--split must be train or validation, not {split!r}")
     if language == "en":
@@ -86,7 +90,8 @@ def c4_files(c4_dir: str | Path, language: str, split: str) -> list[Path]:
         folder = root / "multilingual"
         pattern = rf"^c4-{re.escape(language)}{suffix}\.tfrecord-\d{{5}}-of-\d{{5}}\.json\.gz$"
     regex = re.compile(pattern)
-    files = sorted(p for p in folder.glob("*.json.gz") if regex.match(p.name)) if folder.is_dir() else []
+    files = (sorted(p for p in folder.glob("*.json.gz") if regex.match(p.name))
+             if folder.is_dir() else [])
     if not files:
         example = (f"en/c4-{split}.00000-of-01024.json.gz" if language == "en" else
                    f"multilingual/c4-{language}{'' if split == 'train' else '-validation'}"
@@ -191,7 +196,8 @@ CHUNK_BYTES = 4 << 20
 
 def chunk_lines(lines: Iterable[bytes], size: int, field_name: str, split: str, source: str,
                 max_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
-    for chunk in chunk_tagged((("", line) for line in lines), size, field_name, split, source, max_bytes):
+    tagged = (("", line) for line in lines)
+    for chunk in chunk_tagged(tagged, size, field_name, split, source, max_bytes):
         chunk.tags = None
         yield chunk
 
