@@ -46,13 +46,14 @@ def install_packages() -> list[str]:
         for cmd in (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],):
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"apt-get install failed ({done.stderr.strip()[-300:]}); trying after apt-get update",
-                      file=sys.stderr)
+                print(f"apt-get install failed ({done.stderr.strip()[-300:]}); trying after "
+                      "apt-get update", file=sys.stderr)
                 subprocess.run(["apt-get", "update"], env=env, capture_output=True)
                 subprocess.run(cmd, env=env, capture_output=True)
     installed = []
     for pkg in PACKAGES:
-        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
+                                text=True)
         if "install ok installed" in status.stdout:
             installed.append(pkg)
     return installed
@@ -65,7 +66,9 @@ def with_doc_dependencies(packages: list[str]) -> list[str]:
         depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", pkg], capture_output=True,
                                  text=True).stdout
         for dep in re.findall(r"([a-z0-9][a-z0-9.+-]*-doc(?:-[0-9.]+)?)", depends):
-            if dep not in out and subprocess.run(["dpkg", "-L", dep], capture_output=True).returncode == 0:
+            if dep in out:
+                continue
+            if subprocess.run(["dpkg", "-L", dep], capture_output=True).returncode == 0:
                 out.append(dep)
     return out
 
@@ -74,7 +77,8 @@ def candidate_files(packages: list[str]) -> list[Path]:
     """Files of the installed packages (dpkg -L) first, then everything under the fallback dirs."""
     files: list[Path] = []
     for pkg in packages:
-        listing = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True).stdout.split("\n")
+        listing = subprocess.run(["dpkg", "-L", pkg], capture_output=True,
+                                 text=True).stdout.split("\n")
         files += sorted(Path(p) for p in listing if p)
     for folder in FALLBACK_DIRS:
         files += sorted(Path(folder).rglob("*"))
@@ -138,7 +142,8 @@ def tree_rss_kb(pid: int) -> int:
         p = stack.pop()
         try:
             status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"RssAnon:\s+(\d+)", status).group(1)) if "RssAnon" in status else 0
+            if "RssAnon" in status:
+                total += int(re.search(r"RssAnon:\s+(\d+)", status).group(1))
             for task in Path(f"/proc/{p}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, AttributeError):
@@ -154,8 +159,8 @@ def run_text(corpus: Path, tokenizer: Path, out: Path, num_proc: int, max_len: i
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = usage.ru_utime + usage.ru_stime
     started = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss_kb(proc.pid))
@@ -205,9 +210,10 @@ def main() -> None:
                 dst.write(json.loads(line)["text"] + "\n")
                 if dst.tell() > 20_000_000:
                     break
-        train_tokenizer(tok_dir, vocab_size=args.vocab_size, text_files=[str(sample)], max_bytes=20_000_000)
-    print(f"tokenizer: {tok_dir}: byte-level BPE (shared.tiny.train_tokenizer), vocab {args.vocab_size}, "
-          "trained on the first 20 MB of the corpus")
+        train_tokenizer(tok_dir, vocab_size=args.vocab_size, text_files=[str(sample)],
+                        max_bytes=20_000_000)
+    print(f"tokenizer: {tok_dir}: byte-level BPE (shared.tiny.train_tokenizer), vocab "
+          f"{args.vocab_size}, trained on the first 20 MB of the corpus")
 
     # Alternate the settings (1, 2, 1, 2, ...) and keep each one's best run: on a shared
     # machine other jobs slow runs down at random, and the best run is the least disturbed.
@@ -217,10 +223,10 @@ def main() -> None:
             runs[n].append(run_text(corpus, tok_dir, args.work_dir / f"out-{n}", n, args.max_len))
     best = {n: min(rs, key=lambda r: r["seconds"]) for n, rs in runs.items()}
     base = best[args.num_proc[0]]["tokens"] / best[args.num_proc[0]]["seconds"]
-    print(f"\n`text` sub-command, max_len {args.max_len}, --long_docs split, vocab {args.vocab_size}, "
-          f"{os.cpu_count()} CPUs, best of {args.repeats} alternated runs")
-    print("| num_proc | corpus bytes | docs | tokens | seconds | tokens/s | speed-up | CPU s | wall s "
-          "| all runs s | peak private RSS MB | load avg (1 min) |")
+    print(f"\n`text` sub-command, max_len {args.max_len}, --long_docs split, vocab "
+          f"{args.vocab_size}, {os.cpu_count()} CPUs, best of {args.repeats} alternated runs")
+    print("| num_proc | corpus bytes | docs | tokens | seconds | tokens/s | speed-up | CPU s "
+          "| wall s | all runs s | peak private RSS MB | load avg (1 min) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in best.items():
         rate = r["tokens"] / r["seconds"]

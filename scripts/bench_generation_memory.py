@@ -9,8 +9,8 @@ one at a time with its cache. Reported per model and context:
 * CUDA allocated-memory growth per generated token and the peak above the pre-decode level;
 * decode latency per token.
 
-    python scripts/bench_generation_memory.py            # GPU: Llama-3.1-8B shapes, bf16, 4k/16k/32k
-    python scripts/bench_generation_memory.py --smoke    # tiny shapes; runs on CPU too
+    python scripts/bench_generation_memory.py          # GPU: Llama-3.1-8B shapes, bf16, 4k/16k/32k
+    python scripts/bench_generation_memory.py --smoke  # tiny shapes; runs on CPU too
 
 If the full model does not fit, it retries with fewer layers and scales the per-layer figures
 back to the full depth (the table says so). The markdown table is printed last.
@@ -31,11 +31,13 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from shared.student import HybridRWKVCache, convert_teacher  # noqa: E402
 
-LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                  num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
-SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
+             tie_word_embeddings=False)
 
 
 def cache_nbytes(cache) -> int:  # noqa: ANN001
@@ -55,7 +57,8 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(model, cache, context: int, new_tokens: int, prefill_chunk: int, device: str, vocab: int) -> dict:  # noqa: ANN001
+def measure(model, cache, context: int, new_tokens: int, prefill_chunk: int,  # noqa: ANN001
+            device: str, vocab: int) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     logits = None
@@ -80,8 +83,10 @@ def measure(model, cache, context: int, new_tokens: int, prefill_chunk: int, dev
         times.append(time.perf_counter() - start)
     del logits
     sync(device)
-    row = {"cache_prefill": cache_before, "cache_growth": (cache_nbytes(cache) - cache_before) / new_tokens,
-           "decode_ms": statistics.median(times) * 1e3, "alloc_growth": float("nan"), "peak_above": float("nan")}
+    row = {"cache_prefill": cache_before,
+           "cache_growth": (cache_nbytes(cache) - cache_before) / new_tokens,
+           "decode_ms": statistics.median(times) * 1e3, "alloc_growth": float("nan"),
+           "peak_above": float("nan")}
     if device == "cuda":
         row["alloc_growth"] = (torch.cuda.memory_allocated() - alloc_before) / new_tokens
         row["peak_above"] = torch.cuda.max_memory_allocated() - alloc_before
@@ -95,14 +100,17 @@ def run(args: argparse.Namespace, layers: int) -> list[tuple[str, int, dict]]:
     torch.manual_seed(0)
     with torch.device(args.device):
         teacher = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    student = convert_teacher(teacher, dict(layers="all", mixer=args.mixer, mode="block", ffn=args.ffn)).eval()
+    spec = dict(layers="all", mixer=args.mixer, mode="block", ffn=args.ffn)
+    student = convert_teacher(teacher, spec).eval()
     rows = []
     try:
         for context in args.contexts:
             for name in ("teacher", "student"):
                 model = teacher if name == "teacher" else student
-                cache = DynamicCache(config=teacher.config) if name == "teacher" else HybridRWKVCache(student.config)
-                row = measure(model, cache, context, args.new_tokens, args.prefill_chunk, args.device, config.vocab_size)
+                cache = (DynamicCache(config=teacher.config) if name == "teacher"
+                         else HybridRWKVCache(student.config))
+                row = measure(model, cache, context, args.new_tokens, args.prefill_chunk,
+                              args.device, config.vocab_size)
                 del cache
                 gc.collect()
                 if args.device == "cuda":
@@ -119,11 +127,13 @@ def run(args: argparse.Namespace, layers: int) -> list[tuple[str, int, dict]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (runs on CPU too)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model and contexts (runs on CPU too)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers to build (full 8B: 32)")
+    parser.add_argument("--layers", type=int, default=32,
+                        help="decoder layers to build (full 8B: 32)")
     parser.add_argument("--mixer", default="rwkv7", choices=["rwkv6", "rwkv7"])
     parser.add_argument("--ffn", default="mlp", choices=["mlp", "rwkv_cmix"])
     args = parser.parse_args(argv)
@@ -142,19 +152,24 @@ def main(argv: list[str] | None = None) -> None:
         layers //= 2
         gc.collect()
         torch.cuda.empty_cache()
-        print(f"out of memory: retrying with {layers} layers and scaling per-layer figures", flush=True)
+        print(f"out of memory: retrying with {layers} layers and scaling per-layer figures",
+              flush=True)
     scale = full / layers
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"\n### Generation memory ({device}; {'smoke shapes' if args.smoke else 'Llama-3.1-8B shapes'}, "
+    shapes = "smoke shapes" if args.smoke else "Llama-3.1-8B shapes"
+    print(f"\n### Generation memory ({device}; {shapes}, "
           f"batch 1, {'fp32' if args.device == 'cpu' else 'bf16'}; {full} layers"
           + (f", measured with {layers} and scaled x{scale:g}" if scale != 1 else "")
-          + f"; student: all layers {args.mixer} block, ffn={args.ffn}; {args.new_tokens} new tokens)\n")
+          + f"; student: all layers {args.mixer} block, ffn={args.ffn}; {args.new_tokens} new "
+          "tokens)\n")
     print("| model | context | cache after prefill (MiB) | cache growth / token (KiB) | "
           "allocated growth / token (KiB) | decode peak above start (MiB) | decode ms / token |")
     print("|---|---|---|---|---|---|---|")
     for name, context, r in rows:
-        print(f"| {name} | {context} | {r['cache_prefill'] * scale / 2**20:.1f} | {r['cache_growth'] * scale / 2**10:.1f} | "
-              f"{r['alloc_growth'] * scale / 2**10:.1f} | {r['peak_above'] * scale / 2**20:.1f} | {r['decode_ms']:.2f} |")
+        mib, kib = scale / 2**20, scale / 2**10
+        print(f"| {name} | {context} | {r['cache_prefill'] * mib:.1f} | "
+              f"{r['cache_growth'] * kib:.1f} | {r['alloc_growth'] * kib:.1f} | "
+              f"{r['peak_above'] * mib:.1f} | {r['decode_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def main() -> None:
                     "max_tokens_per_request": 1 << 20, "max_batch_tokens": 1 << 16},
         "link": {"rendezvous_dir": str(work / "rdv"), "trainers_per_group": 1,
                  "timeout_seconds": 120}}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "NCCL_DEBUG": "INFO",
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "NCCL_DEBUG": "INFO",
            "NCCL_DEBUG_SUBSYS": "INIT,P2P", "NCCL_NVLS_ENABLE": "0"}
     log_path = work / "teacher.log"
     teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", "--config",
@@ -130,11 +131,16 @@ def main() -> None:
     transports = sorted(set(re.findall(r"via (P2P/\S+|NET/\S+|SHM\S*)", log)))
     print(f"teacher forward mean {fwd[0] / max(fwd[1], 1) * 1e3:.1f} ms over {int(fwd[1])} batches")
     print()
-    print(f"| what ({args.batch}×{args.length}×{args.vocab} bf16 = {nbytes / 1e9:.2f} GB) | seconds | GB/s |")
+    rtt = statistics.median(rtts)
+    print(f"| what ({args.batch}×{args.length}×{args.vocab} bf16 = {nbytes / 1e9:.2f} GB) "
+          "| seconds | GB/s |")
     print("|---|---|---|")
-    print(f"| raw NCCL send/recv GPU1→GPU0 (median of {args.reps}) | {raw:.4f} | {nbytes / raw / 1e9:.0f} |")
-    print(f"| link: teacher send of the logits (mean of {args.reps}) | {link_send:.4f} | {nbytes / link_send / 1e9:.0f} |")
-    print(f"| link: trainer round trip incl. forward (median) | {statistics.median(rtts):.4f} | {nbytes / statistics.median(rtts) / 1e9:.0f} |")
+    print(f"| raw NCCL send/recv GPU1→GPU0 (median of {args.reps}) | {raw:.4f} "
+          f"| {nbytes / raw / 1e9:.0f} |")
+    print(f"| link: teacher send of the logits (mean of {args.reps}) | {link_send:.4f} "
+          f"| {nbytes / link_send / 1e9:.0f} |")
+    print(f"| link: trainer round trip incl. forward (median) | {rtt:.4f} "
+          f"| {nbytes / rtt / 1e9:.0f} |")
     print(f"| link send / raw | {raw / link_send:.2f}× of raw bandwidth | |")
     print(f"| NCCL transport teacher↔trainer | {', '.join(transports) or 'not found in log'} | |")
 

@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     dev = args.device
-    for name, layers in (("every other layer", list(range(1, args.layers, 2))), ("all layers", "all")):
-        student = convert_teacher(teacher, dict(layers=layers, mixer=args.mixer)).to(dev, dtype).train()
+    for name, layers in (("every other layer", list(range(1, args.layers, 2))),
+                         ("all layers", "all")):
+        student = convert_teacher(teacher, dict(layers=layers, mixer=args.mixer))
+        student = student.to(dev, dtype).train()
 
         def step(model=student, **batch):  # model bound now: the closure outlives this iteration
             def run():
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             return run
 
         base = timed(step(input_ids=ids, attention_mask=mask), args.reps, dev)
-        reset = timed(step(input_ids=ids, attention_mask=mask, position_ids=positions), args.reps, dev)
+        reset = timed(step(input_ids=ids, attention_mask=mask, position_ids=positions),
+                      args.reps, dev)
         per_row = timed(step(input_ids=single, attention_mask=single_mask), args.reps, dev)
         for how, sec in (("no reset (baseline)", base), ("reset per document", reset),
                          ("one document per row", per_row)):

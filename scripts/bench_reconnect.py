@@ -63,7 +63,8 @@ def main() -> None:
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "services.teacher", *common, "--group",
                                  "0", "--device-id", "0"], cwd=ROOT, env=env,
-                                stdout=open(work / f"teacher{n}.log", "w"), stderr=subprocess.STDOUT)
+                                stdout=open(work / f"teacher{n}.log", "w"),
+                                stderr=subprocess.STDOUT)
         wait_healthy(TEACHER_PORT, proc)
         return proc, time.monotonic() - t0
 
@@ -100,7 +101,8 @@ def main() -> None:
     print(f"| teacher killed after step | {args.kill_at} |")
     print(f"| teacher start-up, first / after the kill (process to /healthz) | "
           f"{first_start:.1f} s / {restart or float('nan'):.1f} s |")
-    print(f"| trainer rejoined (its log) | {back[0][1] + ' s, generation ' + back[0][0] if back else 'no'} |")
+    rejoined = back[0][1] + " s, generation " + back[0][0] if back else "no"
+    print(f"| trainer rejoined (its log) | {rejoined} |")
     if first_after:
         print(f"| kill to the end of the next step | {first_after['end'] - killed_at:.1f} s "
               f"(a normal step: {after_kill[-1]['seconds']:.2f} s) |")

@@ -64,7 +64,8 @@ def flops_per_token(student, seq_len: int) -> tuple[float, int]:
 def set_checkpointing(student, mode: str) -> None:
     student.config.rwkv_gradient_checkpointing = mode == "converted"
     if mode == "all":
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     elif student.is_gradient_checkpointing:
         student.gradient_checkpointing_disable()
 

@@ -101,7 +101,8 @@ def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path
 def run_student(args, model: Path, work: Path, env: dict) -> list[dict]:
     cmd = [sys.executable, "scripts/bench_student.py", "--config", args.config, "--model",
            str(model), "--data", args.data, "--steps", str(args.steps), "--train.device_offset",
-           str(args.device_offset), "--train.output_dir", str(work / "student"), "--modes", *args.student_modes]
+           str(args.device_offset), "--train.output_dir", str(work / "student"), "--modes",
+           *args.student_modes]
     if args.trace:
         cmd += ["--trace", args.trace]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -109,7 +110,8 @@ def run_student(args, model: Path, work: Path, env: dict) -> list[dict]:
     if result.returncode != 0:
         print(result.stdout[-3000:], result.stderr[-3000:])
         raise RuntimeError("student-only run failed")
-    return [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    return [json.loads(line[7:]) for line in result.stdout.splitlines()
+            if line.startswith("RESULT ")]
 
 
 def main() -> None:
@@ -141,7 +143,8 @@ def main() -> None:
                         args.tokenizer, "--hidden-size", str(hidden), "--layers", str(layers),
                         "--heads", str(heads), "--kv-heads", str(kv), "--intermediate-size",
                         str(mlp), "--model-vocab-size", str(vocab), "--dtype",
-                        "bfloat16" if cuda else "float32", "--device", "cuda" if cuda else "cpu"], cwd=ROOT, env=env, check=True)
+                        "bfloat16" if cuda else "float32", "--device", "cuda" if cuda else "cpu"],
+                       cwd=ROOT, env=env, check=True)
     common = ["--config", args.config, "--teacher.model_path", str(model),
               "--link.rendezvous_dir", str(work / "rdv"), "--link.trainers_per_group",
               str(args.trainers), "--teacher.metrics_port", str(TEACHER_PORT), "--train.steps",
@@ -197,7 +200,8 @@ def main() -> None:
         print(f"| student alone, checkpointing {r['mode']} | 1 | {r['tokens_per_s']:.0f} | "
               f"{r['step_s']:.3f} | - | - | - | MFU {r['mfu']:.3f} |")
     print()
-    pairs = [p["tokens_per_s"] / s["tokens_per_s"] for p, s in zip(runs["prefetch"], runs["sync"], strict=True)]
+    pairs = [p["tokens_per_s"] / s["tokens_per_s"]
+             for p, s in zip(runs["prefetch"], runs["sync"], strict=True)]
     print(f"- prefetch vs sync tokens/s, per pair: {', '.join(f'{x:.2f}×' for x in pairs)}")
     print(f"- prefetch vs reference tokens/s: "
           f"{med('prefetch', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}×")

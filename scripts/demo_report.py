@@ -112,12 +112,14 @@ def print_summary(result: dict[str, Any]) -> None:
     say("\n" + "=" * 78)
     say("llama2rwkv demo: summary")
     say("=" * 78)
-    say(f"{'stage':6} {'steps':>5} {'tokens/s':>9} {'teacher wait':>13}  train loss (first → last)")
+    say(f"{'stage':6} {'steps':>5} {'tokens/s':>9} {'teacher wait':>13}  "
+        "train loss (first → last)")
     for name, s in st.items():
         part = "align" if name == "align" else "kl"
         say(f"{name:6} {s['steps']:>5} {s['tokens_per_second']:>9.0f} "
             f"{100 * s['teacher_wait_share']:>12.1f}%  {part} "
-            f"{_fmt(_get(s, 'train_first', part), '.4g')} → {_fmt(_get(s, 'train_last', part), '.4g')}")
+            f"{_fmt(_get(s, 'train_first', part), '.4g')} → "
+            f"{_fmt(_get(s, 'train_last', part), '.4g')}")
     kl = result["kl"]
     say("KL(teacher ‖ student) per token, held-out validation split:")
     say(f"  align: {_fmt(kl['align_val_first'])} (step {kl['align_val_first_step']}) → "
@@ -145,7 +147,8 @@ def print_summary(result: dict[str, Any]) -> None:
     say(f"Service logs:        {result['logs']}")
     if result.get("prometheus_url"):
         say(f"Prometheus:          {result['prometheus_url']}"
-            + ("" if result.get("kept_up") else " (stopped with the stack; it was up during the run)"))
+            + ("" if result.get("kept_up")
+               else " (stopped with the stack; it was up during the run)"))
     else:
         say(f"Prometheus:          not run ({result.get('prometheus_note')})")
     if result.get("dashboard"):
@@ -153,4 +156,5 @@ def print_summary(result: dict[str, Any]) -> None:
     say(f"Took {result['seconds']:.0f} s.")
     if result.get("kept_up"):
         say(f"The teacher and Prometheus are still up. Stop them with:\n  "
-            f"{sys.executable} -m services.runner down -f {COMPOSE} --run-dir {result['stack_dir']}")
+            f"{sys.executable} -m services.runner down -f {COMPOSE} "
+            f"--run-dir {result['stack_dir']}")

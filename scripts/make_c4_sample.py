@@ -12,9 +12,9 @@ licences (/usr/share/common-licenses), package copyright files, README/NEWS/chan
 /usr/share/doc (``.gz`` ones decompressed) and English man pages (roff stripped roughly). A
 source file becomes one or more documents of paragraphs (about 0.5-4 KB each, like C4's web
 pages), at most 16 KB per file; identical documents (the many verbatim GPL copies) are kept
-once; about 1 file in 10 goes to the validation shard, whole, so validation text is held out at the file level. The
-``url`` is the source's ``file://`` URL, the ``timestamp`` its modification time. Output is
-deterministic for a given system and seed.
+once; about 1 file in 10 goes to the validation shard, whole, so validation text is held out at
+the file level. The ``url`` is the source's ``file://`` URL, the ``timestamp`` its modification
+time. Output is deterministic for a given system and seed.
 """
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ class PrometheusError(RuntimeError):
 
 
 def parse_time(value: str, now: float | None = None) -> float:
-    """Unix seconds from ``1700000000``, ``2024-01-01T12:00:00Z``, ``now``, ``now-15m``, ``-15m``."""
+    """Unix seconds from ``1700000000``, ``2024-01-01T12:00:00Z``, ``now``, ``now-15m`` or
+    ``-15m``."""
     now = time.time() if now is None else now
     text = value.strip()
     if text == "now":
@@ -119,7 +120,8 @@ def query_range(prometheus: str, expr: str, start: float, end: float,
             for r in data["result"]]
 
 
-def query(prometheus: str, expr: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+def query(prometheus: str, expr: str,
+          at: float | None = None) -> list[tuple[dict[str, str], float]]:
     """``[(labels, value), ...]`` of an instant query (at ``at``, default now)."""
     params = {"query": expr}
     if at is not None:
@@ -151,7 +153,9 @@ def legend(fmt: str | None, labels: dict[str, str], expr: str) -> str:
     """Grafana's legendFormat: ``{{label}}`` replaced by the series' label values."""
     if not fmt or fmt == "__auto":
         inner = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if k != "__name__")
-        return f"{labels.get('__name__', '')}{{{inner}}}" if inner else (labels.get("__name__") or expr)
+        if not inner:
+            return labels.get("__name__") or expr
+        return f"{labels.get('__name__', '')}{{{inner}}}"
     return re.sub(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}",
                   lambda m: labels.get(m.group(1), ""), fmt)
 

@@ -107,8 +107,10 @@ def tune(args: argparse.Namespace) -> None:
         shipped_config_dir,
     )
 
-    out = Path(args.out) if args.out else (shipped_config_dir()
-                                           or SHIPPED_DIR / gpu_dir_name(torch.cuda.get_device_name()))
+    if args.out:
+        out = Path(args.out)
+    else:  # the GPU's name is only asked for here: with --out no CUDA device is needed yet
+        out = shipped_config_dir() or SHIPPED_DIR / gpu_dir_name(torch.cuda.get_device_name())
     if not fla_available():
         sys.exit("flash-linear-attention is not importable here (pip install fla-core==0.6.0 "
                  "flash-linear-attention==0.6.0) or there is no CUDA device")
@@ -117,7 +119,8 @@ def tune(args: argparse.Namespace) -> None:
             seconds = fwd_bwd(mixer, args.heads, head_size, args.batch, args.length)
             counts = dump_tuned(out)  # after each shape: a time limit keeps what finished
             print(f"tuned {mixer} H={args.heads} K={head_size}: {seconds:.1f} s; "
-                  f"{len(counts)} kernel files, {sum(counts.values())} entries in {out}", flush=True)
+                  f"{len(counts)} kernel files, {sum(counts.values())} entries in {out}",
+                  flush=True)
 
 
 class _Misses(logging.Handler):
@@ -148,7 +151,8 @@ def check(args: argparse.Namespace) -> None:
         sys.exit("flash-linear-attention is not importable here or there is no CUDA device")
     print(f"fla import {time.perf_counter() - t0:.1f} s; FLA_CONFIG_DIR={config_dir} "
           f"FLA_CACHE_MODE={os.environ.get('FLA_CACHE_MODE')}", flush=True)
-    print("| mixer | H | K | first fwd+bwd s (fresh Triton cache) | second s | kernels that tuned |")
+    print("| mixer | H | K | first fwd+bwd s (fresh Triton cache) | second s "
+          "| kernels that tuned |")
     print("|---|---|---|---|---|---|")
     for mixer in args.mixer:
         for head_size in args.head_size:
