@@ -82,7 +82,8 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 180) -> Non
         if proc.poll() is not None:
             raise AssertionError(f"the teacher exited with {proc.returncode} before it was ready")
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+            url = f"http://127.0.0.1:{port}/healthz"
+            return urllib.request.urlopen(url, timeout=2).status == 200
         except OSError:
             return False
 

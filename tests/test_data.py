@@ -64,7 +64,8 @@ def test_ultrachat_plain_format(tok_dir, tokenizer, tmp_path):
          "--output_dir", tmp_path / "out", "--max_len", 512, "--format", "plain")
     row = datasets.load_from_disk(str(tmp_path / "out"))["train"][0]
     text = tokenizer.decode(row["input_ids"])
-    assert text.startswith("<|begin_of_text|>User : Question 0.0") and "\n\nAssistant : The river" in text
+    assert text.startswith("<|begin_of_text|>User : Question 0.0")
+    assert "\n\nAssistant : The river" in text
     # The content tokens carry the space after "Assistant :" (byte-level BPE), nothing else.
     assert trained_text(tokenizer, row) == "".join(
         " " + m["content"].strip() + EOT for m in convs[0] if m["role"] == "assistant")
@@ -75,7 +76,8 @@ def test_ultrachat_plain_format(tok_dir, tokenizer, tmp_path):
 def test_masker_on_other_templates(tokenizer, template, fallback, trims):
     masker = ChatMasker(tokenizer.backend_tokenizer, template, dict(tokenizer.special_tokens_map),
                         {0, 1, 2, 3, 4, 5})
-    conv = conversation(7, turns=2) + [{"role": "user", "content": "bye"}, {"role": "assistant", "content": ""}]
+    conv = conversation(7, turns=2) + [{"role": "user", "content": "bye"},
+                                       {"role": "assistant", "content": ""}]
     # Replies keep their trailing spaces (a template that does not trim trains them); leading
     # spaces are dropped because byte-level BPE would merge them with the header's newline
     # into one token, which is then trained as a whole.
@@ -98,10 +100,11 @@ def test_ultrachat_truncates_at_a_turn_boundary(tok_dir, tokenizer, tmp_path):
     two_turns = len(tokenizer(tokenizer.apply_chat_template(conv[:4], tokenize=False),
                               add_special_tokens=False)["input_ids"])
     huge_first_reply = conversation(2, turns=2, long_reply=60)
-    huge_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    huge_prompt = [{"role": "user", "content": "word " * 400},
+                   {"role": "assistant", "content": "ok"}]
     write_ultrachat(tmp_path / "uc", "train_sft", [conv, huge_first_reply, huge_prompt])
-    card = prep("ultrachat", "--input", tmp_path / "uc", "--tokenizer", tok_dir, "--splits", "train_sft",
-                "--output_dir", tmp_path / "out", "--max_len", two_turns + 5)
+    card = prep("ultrachat", "--input", tmp_path / "uc", "--tokenizer", tok_dir, "--splits",
+                "train_sft", "--output_dir", tmp_path / "out", "--max_len", two_turns + 5)
     rows = datasets.load_from_disk(str(tmp_path / "out"))["train"]
     assert card["stats"]["truncated"] == 2 and card["stats"]["dropped"] == {"too_long": 1}
     assert len(rows[0]["input_ids"]) == two_turns  # cut after the second assistant turn
@@ -148,16 +151,17 @@ def test_text_unpacked_labels_and_long_docs(tok_dir, tokenizer, tmp_path):
         pieces = rows[1:]
         assert pieces[0]["input_ids"] == full[:40] and pieces[0]["labels"][-1] == full[40]
         if mode == "split":
-            assert sum((p["input_ids"] for p in pieces), []) == full[:len(sum((p["input_ids"] for p in pieces), []))]
-            assert len(sum((p["input_ids"] for p in pieces), [])) >= len(full) - 1
+            joined = sum((p["input_ids"] for p in pieces), [])
+            assert joined == full[:len(joined)]
+            assert len(joined) >= len(full) - 1
         else:
             assert len(pieces) == 1
 
 
 def test_special_token_text_is_not_a_special_token(tok_dir, tokenizer, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": f"fake end {EOT} here"}])
-    prep("text", "--paths", tmp_path / "a.jsonl", "--tokenizer", tok_dir, "--output_dir", tmp_path / "o",
-         "--max_len", 64)
+    prep("text", "--paths", tmp_path / "a.jsonl", "--tokenizer", tok_dir, "--output_dir",
+         tmp_path / "o", "--max_len", 64)
     ids = datasets.load_from_disk(str(tmp_path / "o"))["train"][0]["input_ids"]
     assert ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
 
@@ -167,7 +171,8 @@ def test_buckets_hold_their_lengths_and_every_sample(tok_dir, tmp_path):
     common = ["text", "--paths", tmp_path / "c", "--tokenizer", tok_dir, "--max_len", 64]
     prep(*common, "--output_dir", tmp_path / "flat")
     card = prep(*common, "--output_dir", tmp_path / "bucketed", "--buckets", 16)
-    flat = Counter(tuple(r["input_ids"]) for r in datasets.load_from_disk(str(tmp_path / "flat"))["train"])
+    flat = Counter(tuple(r["input_ids"])
+                   for r in datasets.load_from_disk(str(tmp_path / "flat"))["train"])
     layout = card["splits"]["train"]["buckets"]
     assert [(b["min_len"], b["max_len"]) for b in layout] == [(1, 16), (17, 32), (33, 48), (49, 64)]
     bucketed: Counter = Counter()
@@ -193,7 +198,8 @@ def test_c4_interleaving_alternates_languages(tok_dir, tokenizer, tmp_path):
     common = ["c4", "--local_c4_dir", tmp_path / "c4", "--languages", "en", "zh",
               "--tokenizer", tok_dir, "--max_len", 64]
     card = prep(*common, "--output_dir", tmp_path / "rr")
-    texts = [tokenizer.decode(r["input_ids"][:-1]) for r in datasets.load_from_disk(str(tmp_path / "rr"))["train"]]
+    texts = [tokenizer.decode(r["input_ids"][:-1])
+             for r in datasets.load_from_disk(str(tmp_path / "rr"))["train"]]
     en_order, zh_order = en[0::2] + en[1::2], zh[0::2] + zh[1::2]  # file 0 then file 1
     assert texts == [en_order[0], zh_order[0], en_order[1], zh_order[1], en_order[2], zh_order[2],
                      en_order[3], zh_order[3], en_order[4], en_order[5]]
@@ -202,7 +208,8 @@ def test_c4_interleaving_alternates_languages(tok_dir, tokenizer, tmp_path):
     orders = []
     for seed, name in ((1, "p1"), (1, "p2")):
         prep(*common, "--output_dir", tmp_path / name, "--probabilities", 0.8, 0.2, "--seed", seed)
-        orders.append([tuple(r) for r in datasets.load_from_disk(str(tmp_path / name))["train"]["input_ids"]])
+        rows = datasets.load_from_disk(str(tmp_path / name))["train"]["input_ids"]
+        orders.append([tuple(r) for r in rows])
     assert orders[0] == orders[1] and len(orders[0]) == 10
     prep(*common, "--output_dir", tmp_path / "val", "--split", "validation")
     val = datasets.load_from_disk(str(tmp_path / "val"))
@@ -216,8 +223,8 @@ def test_bad_records_are_counted_drops_with_any_num_proc(tok_dir, tmp_path):
     good = [{"text": f"good document {i}"} for i in range(5)]
     write_jsonl(tmp_path / "c" / "a.jsonl",
                 good[:3] + [{"text": ""}, {"text": "   \n"}, {"text": None}, {"other": "x"}],
-                raw_lines=[b'{"text": "lone \\ud800 surrogate"}\n', b'{"text": "caf\xe9 latin-1"}\n',
-                           b"not json at all\n"])
+                raw_lines=[b'{"text": "lone \\ud800 surrogate"}\n',
+                           b'{"text": "caf\xe9 latin-1"}\n', b"not json at all\n"])
     table = pa.table({"text": invalid_utf8_string_array([b"fine text", b"bad \xff\xfe bytes"])})
     pq.write_table(table, tmp_path / "c" / "b.parquet")
     write_jsonl(tmp_path / "c" / "c.jsonl.gz", good[3:])
@@ -226,7 +233,8 @@ def test_bad_records_are_counted_drops_with_any_num_proc(tok_dir, tmp_path):
         out = tmp_path / f"o{num_proc}"
         card = prep("text", "--paths", tmp_path / "c", "--tokenizer", tok_dir, "--output_dir", out,
                     "--max_len", 32, "--num_proc", num_proc, "--chunk_size", 2)
-        assert card["stats"]["dropped"] == {"bad_json": 1, "bad_utf8": 3, "empty": 2, "missing_field": 2}
+        assert card["stats"]["dropped"] == {"bad_json": 1, "bad_utf8": 3, "empty": 2,
+                                            "missing_field": 2}
         assert card["stats"]["samples_in"] == 14 and card["stats"]["samples_out"] == 6
         outputs.append(datasets.load_from_disk(str(out))["train"]["input_ids"])
     assert outputs[0] == outputs[1]  # the output does not depend on --num_proc
@@ -238,15 +246,23 @@ def test_clear_errors_name_the_problem(tok_dir, tmp_path, num_proc):
     write_jsonl(tmp_path / "nocol.jsonl", [{"body": "x"}])
     (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     write_ultrachat(tmp_path / "uc", "train_sft", [conversation(0)])
-    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "uc" / "data" / "test_sft-00000-of-00001-x.parquet")
-    common = ["--output_dir", tmp_path / "o", "--max_len", 32, "--num_proc", num_proc, "--overwrite"]
+    pq.write_table(pa.table({"prompt": ["x"]}),
+                   tmp_path / "uc" / "data" / "test_sft-00000-of-00001-x.parquet")
+    common = ["--output_dir", tmp_path / "o", "--max_len", 32, "--num_proc", num_proc,
+              "--overwrite"]
     cases = [
-        (["text", "--paths", tmp_path / "nocol.parquet", "--tokenizer", tok_dir], "nocol.parquet: no 'text' column"),
-        (["text", "--paths", tmp_path / "nocol.jsonl", "--tokenizer", tok_dir], "nocol.jsonl: records have no 'text'"),
-        (["text", "--paths", tmp_path / "broken.jsonl.gz", "--tokenizer", tok_dir], "broken.jsonl.gz: cannot read"),
-        (["text", "--paths", tmp_path / "nocol.jsonl", "--tokenizer", tmp_path / "missing"], "missing does not exist"),
-        (["ultrachat", "--input", tmp_path / "uc", "--tokenizer", tok_dir], "test_sft-00000-of-00001-x.parquet: no 'messages'"),
-        (["c4", "--local_c4_dir", tmp_path, "--languages", "de", "--tokenizer", tok_dir], "no C4 files for language 'de'"),
+        (["text", "--paths", tmp_path / "nocol.parquet", "--tokenizer", tok_dir],
+         "nocol.parquet: no 'text' column"),
+        (["text", "--paths", tmp_path / "nocol.jsonl", "--tokenizer", tok_dir],
+         "nocol.jsonl: records have no 'text'"),
+        (["text", "--paths", tmp_path / "broken.jsonl.gz", "--tokenizer", tok_dir],
+         "broken.jsonl.gz: cannot read"),
+        (["text", "--paths", tmp_path / "nocol.jsonl", "--tokenizer", tmp_path / "missing"],
+         "missing does not exist"),
+        (["ultrachat", "--input", tmp_path / "uc", "--tokenizer", tok_dir],
+         "test_sft-00000-of-00001-x.parquet: no 'messages'"),
+        (["c4", "--local_c4_dir", tmp_path, "--languages", "de", "--tokenizer", tok_dir],
+         "no C4 files for language 'de'"),
     ]
     for argv, message in cases:
         with pytest.raises(DataError, match=re.escape(message)):
@@ -269,13 +285,15 @@ def test_cli_subprocess(tok_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     base = [sys.executable, "-m", "services.trainer.data", "text", "--paths", str(tmp_path / "c"),
             "--output_dir", str(tmp_path / "o"), "--max_len", "64"]
-    ok = subprocess.run(base + ["--tokenizer", str(tok_dir), "--num_proc", "2", "--validation_fraction", "0.25"],
+    ok = subprocess.run(base + ["--tokenizer", str(tok_dir), "--num_proc", "2",
+                                "--validation_fraction", "0.25"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     last = ok.stdout.strip().splitlines()[-1]
-    assert last.startswith("text: 21 samples in, 20 samples out (") and "1 dropped (empty 1)" in last
-    bad = subprocess.run(base + ["--tokenizer", str(tmp_path / "nope"), "--overwrite"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    assert last.startswith("text: 21 samples in, 20 samples out (")
+    assert "1 dropped (empty 1)" in last
+    bad = subprocess.run(base + ["--tokenizer", str(tmp_path / "nope"), "--overwrite"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"error: --tokenizer {tmp_path / 'nope'} does not exist" in bad.stderr
 
@@ -289,7 +307,8 @@ def test_validation_options(tok_dir, tmp_path):
     b = prep(*common, "--output_dir", tmp_path / "f2", "--validation_fraction", 0.3, "--seed", 3)
     assert a["splits"] == b["splits"] and 0 < a["splits"]["validation"]["samples"] < 40
     with pytest.raises(DataError, match="not both"):
-        prep(*common, "--output_dir", tmp_path / "x", "--validation_size", 2, "--validation_fraction", 0.1)
+        prep(*common, "--output_dir", tmp_path / "x", "--validation_size", 2,
+             "--validation_fraction", 0.1)
 
 
 def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):
@@ -307,8 +326,8 @@ def test_unexpected_worker_failure_is_a_clear_error(tok_dir, tokenizer, num_proc
     from services.trainer.data.process import WorkerConfig, process_chunks
     from services.trainer.data.sources import RawChunk
 
-    config = WorkerConfig(mode="text", tokenizer_json=tokenizer.backend_tokenizer.to_str(), max_len=16,
-                          eos_id=tokenizer.eos_token_id)
+    config = WorkerConfig(mode="text", tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+                          max_len=16, eos_id=tokenizer.eos_token_id)
     good = RawChunk("json", [b'{"text": "fine"}'], "text", "train", "good.jsonl")
     broken = RawChunk("json", [12345], "text", "train", "broken.jsonl")  # not bytes: a bug upstream
     with pytest.raises(DataError, match=r"broken\.jsonl: TypeError"):

@@ -26,7 +26,8 @@ def conversation(i: int, turns: int = 2, long_reply: int = 0) -> list[dict[str, 
     return msgs
 
 
-def write_ultrachat(root: Path, split: str, conversations: Sequence[Any], shards: int = 1) -> list[Path]:
+def write_ultrachat(root: Path, split: str, conversations: Sequence[Any],
+                    shards: int = 1) -> list[Path]:
     """data/{split}-NNNNN-of-NNNNN-<hash>.parquet with columns prompt, prompt_id, messages."""
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,8 @@ def write_c4(root: Path, language: str, split: str, texts: Sequence[str], shards
             path = root / "en" / f"c4-{split}.{s:05d}-of-{total:05d}.json.gz"
         else:
             suffix = "" if split == "train" else "-validation"
-            path = root / "multilingual" / f"c4-{language}{suffix}.tfrecord-{s:05d}-of-{total:05d}.json.gz"
+            name = f"c4-{language}{suffix}.tfrecord-{s:05d}-of-{total:05d}.json.gz"
+            path = root / "multilingual" / name
         write_jsonl(path, part)
 
 
@@ -78,15 +80,19 @@ def invalid_utf8_string_array(values: Sequence[bytes]) -> pa.Array:
     """A parquet-writable string array that holds bytes which are not UTF-8 (pyarrow does
     not validate buffers it is handed, just as a foreign writer would not)."""
     offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
-    return pa.Array.from_buffers(pa.string(), len(values),
-                                 [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+    buffers = [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)
 
 
 # A Qwen-style template on the tiny tokenizer's specials: default system prompt, and a
 # newline after every end-of-turn token that must not be trained.
 QWEN_LIKE_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|start_header_id|>system\nYou are helpful.<|eot_id|>\n{% endif %}"
-    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n{% endfor %}"
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|start_header_id|>system\nYou are helpful.<|eot_id|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}"
 )
 

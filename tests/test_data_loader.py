@@ -52,7 +52,8 @@ def test_sampler_ranks_stay_in_step():
             assert len(seen) == len(set(seen))
         else:
             assert set(seen) == {(b, i) for b, n in enumerate(sizes) for i in range(n)}
-        assert [(b, i.tolist()) for b, i in samplers[0].plan(1)] != [(b, i.tolist()) for b, i in plans[0]]
+        next_epoch = [(b, i.tolist()) for b, i in samplers[0].plan(1)]
+        assert next_epoch != [(b, i.tolist()) for b, i in plans[0]]
 
 
 def test_sampler_resume_gives_exactly_the_next_batches():
@@ -60,7 +61,8 @@ def test_sampler_resume_gives_exactly_the_next_batches():
     stream = iter(sampler)
     first = [next(stream) for _ in range(4)]
     state = json.loads(json.dumps(sampler.state_dict()))  # survives a JSON checkpoint
-    rest = [(b, i.tolist()) for b, i in stream] + [(b, i.tolist()) for b, i in sampler]  # + next epoch
+    rest = [(b, i.tolist()) for b, i in stream]
+    rest += [(b, i.tolist()) for b, i in sampler]  # + next epoch
     resumed = BucketBatchSampler([13, 9, 30], 2, world_size=2, rank=1, seed=11)
     resumed.load_state_dict(state)
     again = [(b, i.tolist()) for b, i in resumed] + [(b, i.tolist()) for b, i in resumed]
@@ -79,7 +81,8 @@ def test_train_batches_resume_and_fingerprint(packed_dir, tok_dir):
     resumed = TrainBatches(packed_dir, micro_batch_size=2, seed=3)
     resumed.load_state_dict(state)
     got = [b["input_ids"] for b in resumed]
-    assert len(got) == len(expected) > 0 and all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+    assert len(got) == len(expected) > 0
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
     assert batches.epoch == 1 and resumed.epoch == 1
     with pytest.raises(FingerprintMismatch) as err:
         check_tokenizer_fingerprint(packed_dir, "0123456789abcdef")

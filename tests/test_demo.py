@@ -81,8 +81,9 @@ def demo(tmp_path_factory):
 def test_demo_trains_both_stages_and_prints_the_summary(demo):
     run_dir, summary, out = demo
     for text in ("llama2rwkv demo: summary", "tokens/s", "teacher wait", "KL(teacher ‖ student)",
-                 "Student (HF format):", "Service logs:", f"Prometheus:          {summary['prometheus_url']}",
-                 "Greedy generation", "still up"):
+                 "Student (HF format):", "Service logs:",
+                 f"Prometheus:          {summary['prometheus_url']}", "Greedy generation",
+                 "still up"):
         assert text in out, text
     stages = summary["stages"]
     assert list(stages) == ["align", "kd"]

@@ -22,7 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.runner.cli import main as runner_main  # noqa: E402
-from services.runner.compose import ComposeError, Project, interpolate, parse_dotenv, parse_duration  # noqa: E402
+from services.runner.compose import (  # noqa: E402
+    ComposeError,
+    Project,
+    interpolate,
+    parse_dotenv,
+    parse_duration,
+)
 from services.runner.render import (  # noqa: E402
     build_plan,
     conf_command,
@@ -327,7 +333,8 @@ def test_runner_overrides_for_demo_and_benchmarks(tmp_path: Path, gpu_env):
     programs = supervisor_programs(conf)
     assert set(programs) == {"teacher-0", "teacher-1", "trainer", "stop-on-fatal"}
     t0 = shlex.split(programs["teacher-0"].command)
-    assert t0[t0.index("--device-id") + 1] == "1" and t0[-2:] == ["--teacher.max_batch_tokens", "4096"]
+    assert t0[t0.index("--device-id") + 1] == "1"
+    assert t0[-2:] == ["--teacher.max_batch_tokens", "4096"]
     tr = shlex.split(programs["trainer"].command)
     assert tr[3] == "1" and tr[-2:] == ["--train.steps", "20"]
     assert programs["trainer"].environment["NCCL_DEBUG"] == "INFO"

@@ -25,7 +25,8 @@ PROM = ROOT / "deploy" / "prometheus"
 
 
 def tool(name: str, how: str) -> str:
-    """Path of a CLI tool: on PATH or beside this Python (the venv); else fail with how to get it."""
+    """Path of a CLI tool: on PATH or beside this Python (the venv); else fail with how to get
+    it."""
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not found:
         pytest.fail(f"{name} not found ({how}); {INSTALL_HINT}")

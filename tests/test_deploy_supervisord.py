@@ -115,7 +115,8 @@ def test_make_up_local_and_down_local(stack):
 services:
   sleeper:
     image: busybox
-    command: ["python", "-c", "import time; print('sleeping', flush=True); time.sleep(120)", "{token}"]
+    command: ["python", "-c", "import time; print('sleeping', flush=True); time.sleep(120)",
+              "{token}"]
     restart: unless-stopped
 """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -153,10 +154,13 @@ services:
       - >-
         import http.server, time;
         time.sleep(2);
-        http.server.HTTPServer(("127.0.0.1", ${{PORT}}), http.server.SimpleHTTPRequestHandler).serve_forever()
+        http.server.HTTPServer(("127.0.0.1", ${{PORT}}),
+        http.server.SimpleHTTPRequestHandler).serve_forever()
       - "{token}"
     healthcheck:
-      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${{PORT}}/', timeout=2)"]
+      test: ["CMD", "python", "-c",
+             "import urllib.request;
+              urllib.request.urlopen('http://127.0.0.1:${{PORT}}/', timeout=2)"]
       interval: 1s
       timeout: 2s
       retries: 3
@@ -164,7 +168,8 @@ services:
     restart: unless-stopped
   client:
     image: busybox
-    command: ["python", "-c", "import time; print(time.time(), flush=True); time.sleep(120)", "{token}"]
+    command: ["python", "-c", "import time; print(time.time(), flush=True); time.sleep(120)",
+              "{token}"]
     depends_on:
       server:
         condition: service_healthy

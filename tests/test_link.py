@@ -261,7 +261,8 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     return "".join(new[:end])
 
 
-def test_trainers_outlive_a_killed_trainer_a_killed_teacher_and_a_hung_teacher(tmp_path, tiny_llama):
+def test_trainers_outlive_a_killed_trainer_a_killed_teacher_and_a_hung_teacher(tmp_path,
+                                                                                tiny_llama):
     """Killed trainer (restarted): the group re-forms. Killed teacher (restarted): every trainer
     rejoins its new generation. Hung teacher (SIGSTOP past the timeout, then SIGCONT): noticed
     and rejoined. No teacher coming back: a clear error after link.reconnect_seconds. The same

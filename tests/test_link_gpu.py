@@ -47,7 +47,8 @@ def test_link_over_nccl_matches_direct_forward_and_uses_p2p(tmp_path, tiny_llama
     finally:
         teacher.send_signal(signal.SIGTERM)
         teacher.wait(60)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).cuda(0).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model = model.cuda(0).eval()
     files = sorted((tmp_path / "out").glob("*.safetensors"))
     assert len(files) == 8
     for f in files:

@@ -23,7 +23,8 @@ def test_kl_full_is_a_per_token_mean_of_the_definition():
     want = per_token[labels != -100].mean() * temp ** 2
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     # a length-independent mean: repeating the sequence leaves it unchanged
-    got2 = kl_full(torch.cat([s, s], 1), torch.cat([te, te], 1), torch.cat([labels, labels], 1), temp)
+    got2 = kl_full(torch.cat([s, s], 1), torch.cat([te, te], 1), torch.cat([labels, labels], 1),
+                   temp)
     torch.testing.assert_close(got2, got)
 
 
@@ -32,7 +33,8 @@ def test_kl_topk_with_full_k_equals_full_kl_and_is_zero_at_the_teacher():
     v = s.shape[-1]
     lp = torch.log_softmax(te, -1)
     vals, idx = lp.topk(v, -1)
-    torch.testing.assert_close(kl_topk(s, vals, idx, labels), kl_full(s, te, labels), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kl_topk(s, vals, idx, labels), kl_full(s, te, labels), rtol=1e-4,
+                               atol=1e-5)
     vals4, idx4 = lp.topk(4, -1)
     assert kl_topk(te, vals4, idx4, labels).abs() < 1e-5
     assert kl_topk(s, vals4, idx4, labels) > 0

@@ -42,14 +42,16 @@ def test_weights_copied(teacher, mixer: str, mode: str, ffn: str) -> None:
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     for idx in CONVERTED:
         tp, sp = f"model.layers.{idx}.", f"model.layers.{idx}."
-        norms = ({"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
-                 if mode == "attention_only" else {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"})
+        norms = {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"}
+        if mode == "attention_only":
+            norms = {name: name for name in norms}
         for src, dst in norms.items():
             assert torch.equal(s_sd[f"{sp}{dst}.weight"], t_sd[f"{tp}{src}.weight"])
         mlp_dst = "mlp" if mode == "attention_only" else "ffn"
         if ffn == "mlp":
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                assert torch.equal(s_sd[f"{sp}{mlp_dst}.{proj}.weight"], t_sd[f"{tp}mlp.{proj}.weight"])
+                assert torch.equal(s_sd[f"{sp}{mlp_dst}.{proj}.weight"],
+                                   t_sd[f"{tp}mlp.{proj}.weight"])
         else:
             assert torch.equal(s_sd[f"{sp}ffn.key.weight"], t_sd[f"{tp}mlp.up_proj.weight"])
             assert torch.equal(s_sd[f"{sp}ffn.value.weight"], t_sd[f"{tp}mlp.down_proj.weight"])
@@ -64,11 +66,13 @@ def test_weights_copied(teacher, mixer: str, mode: str, ffn: str) -> None:
             assert torch.equal(s_sd[f"{mix}receptance.bias"], t_sd[f"{tp}self_attn.q_proj.bias"])
             assert f"{mix}output.bias" not in s_sd  # Qwen2's o_proj has no bias
         for src, dst in (("k_proj", "key"), ("v_proj", "value")):
-            for p in biases:  # GQA: RWKV head h starts from the teacher's kv head h // (heads // kv_heads)
+            # GQA: RWKV head h starts from the teacher's kv head h // (heads // kv_heads)
+            for p in biases:
                 student_heads = _per_head(s_sd[f"{mix}{dst}.{p}"], heads)
                 teacher_heads = _per_head(t_sd[f"{tp}self_attn.{src}.{p}"], kv_heads)
                 for h in range(heads):
-                    assert torch.equal(student_heads[h], teacher_heads[h // (heads // kv_heads)]), (src, p, h)
+                    kv_head = teacher_heads[h // (heads // kv_heads)]
+                    assert torch.equal(student_heads[h], kv_head), (src, p, h)
     for name, value in teacher.state_dict().items():  # the teacher is left untouched
         assert torch.equal(value, before[name]), name
 
@@ -82,7 +86,8 @@ def test_rwkv_parameters_get_standard_init(teacher, mixer: str) -> None:
         r01, r1a0 = idx / (num_layers - 1), 1 - idx / num_layers
         a = att.num_heads * att.head_size
         n = torch.arange(a, dtype=torch.float64)
-        ddd = torch.arange(teacher.config.hidden_size, dtype=torch.float64) / teacher.config.hidden_size
+        hidden = teacher.config.hidden_size
+        ddd = torch.arange(hidden, dtype=torch.float64) / hidden
         if mixer == "rwkv6":
             expected = -6 + 5 * (n / (a - 1)) ** (0.7 + 1.3 * r01)
             torch.testing.assert_close(att.time_decay.double(), expected, rtol=0, atol=1e-6)
@@ -92,22 +97,27 @@ def test_rwkv_parameters_get_standard_init(teacher, mixer: str) -> None:
             torch.testing.assert_close(att.x_r.double(), 1 - ddd ** (0.2 * r1a0), rtol=0, atol=1e-6)
             assert torch.allclose(att.k_a, torch.full_like(att.k_a, 1.02))
             assert torch.allclose(att.r_k, torch.full_like(att.r_k, -0.04))
-            assert (att.is_first, hasattr(att, "v0")) == ((True, False) if idx == 0 else (False, True))
+            first = idx == 0
+            assert (att.is_first, hasattr(att, "v0")) == (first, not first)
             hs = att.head_size
             zig = ((n % hs) - (hs - 1) / 2) / ((hs - 1) / 2)
             www = -6 + 6 * (n / (a - 1)) ** (1 + r01**0.3)
-            torch.testing.assert_close(att.w0.double(), www + 0.5 + zig * zig.abs() * 2.5, rtol=0, atol=1e-5)
-        assert torch.allclose(att.ln_x.weight, torch.full_like(att.ln_x.weight, ((1 + idx) / num_layers) ** 0.7))
+            torch.testing.assert_close(att.w0.double(), www + 0.5 + zig * zig.abs() * 2.5, rtol=0,
+                                       atol=1e-5)
+        ln_x = ((1 + idx) / num_layers) ** 0.7
+        assert torch.allclose(att.ln_x.weight, torch.full_like(att.ln_x.weight, ln_x))
         assert torch.isfinite(torch.cat([p.flatten() for p in att.parameters()])).all()
 
 
 def test_qwen3_head_dim_differs_from_hidden() -> None:
     teacher = tiny_teacher("qwen3")
-    assert teacher.config.head_dim * teacher.config.num_attention_heads != teacher.config.hidden_size
+    cfg = teacher.config
+    assert cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size
     for mixer in ("rwkv6", "rwkv7"):
         student = convert_teacher(teacher, dict(layers="all", mixer=mixer, ffn="rwkv_cmix"))
         att = student.model.layers[0].att
-        assert tuple(att.receptance.weight.shape) == (96, 64) and tuple(att.output.weight.shape) == (64, 96)
+        assert tuple(att.receptance.weight.shape) == (96, 64)
+        assert tuple(att.output.weight.shape) == (64, 96)
         logits = student(torch.randint(0, 101, (2, 7))).logits
         assert logits.shape == (2, 7, 101) and torch.isfinite(logits).all()
 
@@ -122,7 +132,8 @@ def test_spec_forms() -> None:
         assert student.converted_layers == [1] and student.config.rwkv_mixer == "rwkv7"
         assert student.config.rwkv_backend == "chunk"
         assert student.model.layers[1].att.backend == "chunk"
-    assert convert_teacher(teacher).converted_layers == [0, 1, 2]  # default: all layers, rwkv6, block
+    # default: all layers, rwkv6, block
+    assert convert_teacher(teacher).converted_layers == [0, 1, 2]
 
 
 class _FakeTokenizer:
@@ -153,7 +164,8 @@ def test_mismatches_are_clear_errors() -> None:
         convert_teacher(teacher, tokenizer=_FakeTokenizer())
     broken = copy.deepcopy(teacher)
     broken.config.num_key_value_heads = 4  # config says 4 kv heads, weights have 2
-    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(32, 64\), expected \(64, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"k_proj.weight has shape \(32, 64\), expected \(64, 64\)"):
         convert_teacher(broken)
     broken = copy.deepcopy(teacher)
     broken.config.vocab_size = 99

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent("""
     from shared.tiny import tiny_teacher
 
     torch.manual_seed(0)
-    student = S.convert_teacher(tiny_teacher("llama"), dict(layers=[0, 2], mixer="rwkv7", ffn="rwkv_cmix")).eval()
+    spec = dict(layers=[0, 2], mixer="rwkv7", ffn="rwkv_cmix")
+    student = S.convert_teacher(tiny_teacher("llama"), spec).eval()
     ids = torch.randint(3, 101, (2, 9))
     expected = student(ids).logits
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
@@ -36,7 +37,8 @@ SCRIPT = textwrap.dedent("""
         assert name == ref_name and p.numel() == 0, name  # partitioned
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             p.data.copy_(q.data)
-    engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=list(model.parameters()))
+    engine, *_ = deepspeed.initialize(model=model, config=cfg,
+                                      model_parameters=list(model.parameters()))
     engine.eval()
     with torch.no_grad():
         assert torch.equal(engine(ids).logits, expected)
@@ -61,8 +63,10 @@ def _free_port() -> int:
 
 def test_zero3_align_and_full_step_on_cpu() -> None:
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "ZERO3-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ZERO3-OK" in proc.stdout, (proc.stdout[-3000:]
+                                                                + proc.stderr[-3000:])

@@ -1,4 +1,5 @@
-"""Generation with the hybrid cache: equals recomputing the prefix, chunked prefill, padding, O(1) state."""
+"""Generation with the hybrid cache: equals recomputing the prefix, chunked prefill, padding,
+O(1) state."""
 from __future__ import annotations
 
 import pytest
@@ -30,19 +31,22 @@ def _ids(batch: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
 
 
 def _greedy(model, ids, **kwargs):
-    return model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs)
+    return model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, **kwargs)
 
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
-def test_cached_greedy_equals_recomputing_the_prefix(teacher, mixer: str, mode: str, ffn: str) -> None:
+def test_cached_greedy_equals_recomputing_the_prefix(teacher, mixer: str, mode: str,
+                                                     ffn: str) -> None:
     student = _student(teacher, mixer=mixer, mode=mode, ffn=ffn)
     ids = _ids()
     cached = _greedy(student, ids, return_dict_in_generate=True)
     uncached = _greedy(student, ids, use_cache=False)
     assert torch.equal(cached.sequences, uncached)
     assert isinstance(cached.past_key_values, HybridRWKVCache)
-    assert cached.past_key_values.get_seq_length() == ids.shape[1] + 7  # the last token is not fed back
+    # the last token is not fed back
+    assert cached.past_key_values.get_seq_length() == ids.shape[1] + 7
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
@@ -98,7 +102,8 @@ def test_rwkv_state_does_not_grow(teacher) -> None:
             student(_ids(batch=1, length=1), past_key_values=cache, use_cache=True)
             sizes.append(cache.nbytes())
     assert len(set(sizes)) == 1 and cache.kv_nbytes() == 0
-    heads, hs, c = 4, 16, 64  # state per layer: two token shifts (fp32) + a [H, K, V] fp32 WKV state
+    # state per layer: two token shifts (fp32) + a [H, K, V] fp32 WKV state
+    heads, hs, c = 4, 16, 64
     assert sizes[0] == 3 * (2 * c * 4 + heads * hs * hs * 4)
     assert cache.get_seq_length() == 21
 
@@ -107,7 +112,8 @@ def test_beam_search_and_cache_handling(teacher) -> None:
     student = _student(teacher, mixer="rwkv6")
     ids = _ids(batch=1)
     beams = dict(num_beams=3, num_return_sequences=2)
-    assert torch.equal(_greedy(student, ids, **beams), _greedy(student, ids, use_cache=False, **beams))
+    assert torch.equal(_greedy(student, ids, **beams),
+                       _greedy(student, ids, use_cache=False, **beams))
     # an empty transformers cache is swapped for ours; a used one is refused
     out = student(ids, past_key_values=DynamicCache(), use_cache=True)
     assert isinstance(out.past_key_values, HybridRWKVCache)

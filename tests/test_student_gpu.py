@@ -21,7 +21,8 @@ from shared.student.ops import (
     rwkv7_recurrent,
 )
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TOL = 2e-2  # relative error ||a - b|| / ||b|| that bf16 inputs and outputs allow
 DEV = "cuda"
 
@@ -32,7 +33,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _require_fla() -> None:
-    assert fla_available(), "flash-linear-attention is not importable: pip install 'flash-linear-attention==0.6.0' 'fla-core==0.6.0'"
+    assert fla_available(), ("flash-linear-attention is not importable: pip install "
+                             "'flash-linear-attention==0.6.0' 'fla-core==0.6.0'")
 
 
 def _rwkv6_inputs(b: int, t: int, h: int, d: int, seed: int) -> dict[str, torch.Tensor]:
@@ -53,7 +55,8 @@ def _rwkv7_inputs(b: int, t: int, h: int, d: int, seed: int) -> dict[str, torch.
             "k": rn(b, t, h, d) * 0.5, "v": rn(b, t, h, d), "a": -kk, "b": kk * gate}
 
 
-def _run(fn, inputs: dict[str, torch.Tensor], state: torch.Tensor, dtype: torch.dtype, do: torch.Tensor,
+def _run(fn, inputs: dict[str, torch.Tensor], state: torch.Tensor, dtype: torch.dtype,
+         do: torch.Tensor,
          dht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of ``fn`` on ``dtype`` copies of the (bf16-rounded) inputs."""
     leaves = {k: v.to(dtype).detach().requires_grad_(True) for k, v in inputs.items()}
@@ -78,7 +81,8 @@ def test_fla_kernel_matches_float32_reference(mixer: str, head_size: int) -> Non
     dht = torch.randn(b, h, head_size, head_size, device=DEV) * 0.1
     o_ref, s_ref, g_ref = _run(ref, inputs, state, torch.float32, do, dht)
     o, s, g = _run(kernel, inputs, state, torch.bfloat16, do, dht)
-    errors = {"o": rel(o, o_ref), "state": rel(s, s_ref)} | {f"d{k}": rel(g[k], g_ref[k]) for k in g_ref}
+    errors = ({"o": rel(o, o_ref), "state": rel(s, s_ref)}
+              | {f"d{k}": rel(g[k], g_ref[k]) for k in g_ref})
     bad = {k: v for k, v in errors.items() if not v < TOL}
     assert not bad, f"{mixer} head {head_size}: relative errors above {TOL}: {bad} (all: {errors})"
 
@@ -99,7 +103,8 @@ def test_torch_chunked_path_on_cuda(mixer: str) -> None:
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 def test_bf16_student_on_cuda(mixer: str) -> None:
-    """A bf16 student on CUDA: fla path ~ PyTorch chunked path; chunked prefill, generation, align backward."""
+    """A bf16 student on CUDA: fla path ~ PyTorch chunked path; chunked prefill, generation,
+    align backward."""
     _require_fla()
     from shared.student import HybridRWKVCache, convert_teacher
     from shared.tiny import tiny_teacher
@@ -110,7 +115,8 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
     ids = torch.randint(3, 512, (2, 200), device=DEV)
     student.to(torch.bfloat16)
     with torch.no_grad():
-        student.set_rwkv_backend("chunk")  # same bf16 model, PyTorch WKV: isolates the kernel's error
+        # same bf16 model, PyTorch WKV: isolates the kernel's error
+        student.set_rwkv_backend("chunk")
         ref = student(ids).logits
         student.set_rwkv_backend("auto")  # fla kernels for multi-token calls
         got = student(ids).logits
@@ -119,12 +125,14 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
         rest = student(ids[:, 120:], past_key_values=cache, use_cache=True).logits
     assert rel(got, ref) < TOL
     assert rel(torch.cat([first, rest], 1), got) < TOL
-    assert student.generate(ids[:, :50], max_new_tokens=8, min_new_tokens=8, do_sample=False).shape == (2, 58)
+    assert student.generate(ids[:, :50], max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False).shape == (2, 58)
     student.train()
     states = {i: torch.randn(2, 200, 256, device=DEV, dtype=torch.bfloat16) for i in range(4)}
     out = student.align_forward(states)
     sum(o.float().pow(2).mean() for o in out.values()).backward()
-    grads = [p.grad for n, p in student.named_parameters() if n in set(student.mixer_parameter_names())]
+    grads = [p.grad for n, p in student.named_parameters()
+             if n in set(student.mixer_parameter_names())]
     assert grads and all(gr is not None and torch.isfinite(gr.float()).all() for gr in grads)
 
 

@@ -1,4 +1,5 @@
-"""Save / load in Hugging Face format (safetensors + config.json + tokenizer), Auto* registration."""
+"""Save / load in Hugging Face format (safetensors + config.json + tokenizer), Auto*
+registration."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ from shared.tiny import tiny_teacher
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("mixer,mode,ffn", [("rwkv6", "block", "rwkv_cmix"), ("rwkv7", "attention_only", "mlp"),
+@pytest.mark.parametrize("mixer,mode,ffn", [("rwkv6", "block", "rwkv_cmix"),
+                                            ("rwkv7", "attention_only", "mlp"),
                                             ("rwkv7", "block", "mlp")])
 def test_round_trip_gives_identical_logits(tmp_path, mixer: str, mode: str, ffn: str) -> None:
     teacher = tiny_teacher("qwen2")
@@ -31,19 +33,23 @@ def test_round_trip_gives_identical_logits(tmp_path, mixer: str, mode: str, ffn:
     save_student(student, None, tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "rwkv_hybrid" and config["architectures"] == ["RWKVHybridForCausalLM"]
-    assert {k: config[k] for k in ("base_model_type", "rwkv_layers", "rwkv_mixer", "rwkv_mode", "rwkv_ffn",
-                                   "rwkv_head_size", "rwkv_gradient_checkpointing")} == {
+    assert config["model_type"] == "rwkv_hybrid"
+    assert config["architectures"] == ["RWKVHybridForCausalLM"]
+    assert {k: config[k] for k in ("base_model_type", "rwkv_layers", "rwkv_mixer", "rwkv_mode",
+                                   "rwkv_ffn", "rwkv_head_size",
+                                   "rwkv_gradient_checkpointing")} == {
         "base_model_type": "qwen2", "rwkv_layers": [0, 2], "rwkv_mixer": mixer, "rwkv_mode": mode,
         "rwkv_ffn": ffn, "rwkv_head_size": 16, "rwkv_gradient_checkpointing": True}
-    assert config["hidden_size"] == 64 and config["num_key_value_heads"] == 2  # base config fields kept
+    # base config fields kept
+    assert config["hidden_size"] == 64 and config["num_key_value_heads"] == 2
 
     for loaded in (load_student(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
         assert isinstance(loaded, RWKVHybridForCausalLM) and not loaded.training
         with torch.no_grad():
             got = loaded(ids, output_hidden_states=True)
         assert torch.equal(got.logits, expected.logits)
-        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states, strict=True))
+        assert all(torch.equal(a, b)
+                   for a, b in zip(got.hidden_states, expected.hidden_states, strict=True))
     assert isinstance(AutoConfig.from_pretrained(tmp_path), RWKVHybridConfig)
 
 

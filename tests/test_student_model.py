@@ -1,4 +1,5 @@
-"""Student forward: hidden-state convention, align_forward, trainable parameters, padding, backends."""
+"""Student forward: hidden-state convention, align_forward, trainable parameters, padding,
+backends, optimizer groups."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,8 @@ def test_hidden_state_convention(teacher) -> None:
     for i in range(num_layers):  # layers 0..2 are the teacher's: states entering layers 0..3 agree
         torch.testing.assert_close(out.hidden_states[i], ref.hidden_states[i])
     # index L is the last layer's output *before* the final norm
-    torch.testing.assert_close(out.logits, student.lm_head(student.model.norm(out.hidden_states[-1])))
+    normed = student.model.norm(out.hidden_states[-1])
+    torch.testing.assert_close(out.logits, student.lm_head(normed))
     assert not torch.allclose(out.hidden_states[-1], student.model.norm(out.hidden_states[-1]))
 
 
@@ -102,12 +104,15 @@ def test_gradient_checkpointing_gives_same_gradients(teacher, mixer: str) -> Non
     grads = []
     for switch in ("off", "config", "hf"):
         torch.manual_seed(0)  # the RWKV init has random parts (orthogonal / uniform)
-        student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, grad_checkpointing=switch == "config"))
+        spec = dict(layers=[1, 3], mixer=mixer, grad_checkpointing=switch == "config")
+        student = convert_teacher(teacher, spec)
         student.train()
         if switch == "hf":
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         student(ids, labels=ids, use_cache=False).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()
+                      if p.grad is not None})
     assert student.config.rwkv_gradient_checkpointing is False
     for other in grads[1:]:
         assert other.keys() == grads[0].keys()
@@ -117,7 +122,8 @@ def test_gradient_checkpointing_gives_same_gradients(teacher, mixer: str) -> Non
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 def test_chunked_and_recurrent_backends_agree_in_float64(teacher, mixer: str) -> None:
-    student = convert_teacher(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).double().eval()
+    spec = dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")
+    student = convert_teacher(teacher, spec).double().eval()
     ids = _ids(length=37)
     with torch.no_grad():
         student.set_rwkv_backend("chunk", chunk_size=8)
@@ -131,7 +137,8 @@ def test_chunked_and_recurrent_backends_agree_in_float64(teacher, mixer: str) ->
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
-def test_right_padding_does_not_change_real_tokens(teacher, mixer: str, mode: str, ffn: str) -> None:
+def test_right_padding_does_not_change_real_tokens(teacher, mixer: str, mode: str,
+                                                   ffn: str) -> None:
     student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
     ids = _ids()
     padded, mask = ids.clone(), torch.ones_like(ids)
@@ -144,7 +151,8 @@ def test_right_padding_does_not_change_real_tokens(teacher, mixer: str, mode: st
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
-def test_left_padding_leaves_no_trace_in_the_state(teacher, mixer: str, mode: str, ffn: str) -> None:
+def test_left_padding_leaves_no_trace_in_the_state(teacher, mixer: str, mode: str,
+                                                    ffn: str) -> None:
     # all layers RWKV, so positions do not matter and the forward alone shows the state is clean
     student = convert_teacher(teacher, dict(layers="all", mixer=mixer, mode=mode, ffn=ffn)).eval()
     ids = _ids(batch=1, length=12)
@@ -173,7 +181,8 @@ def test_param_groups(teacher, mixer: str, decay_names: set[str]) -> None:
     student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer))
     frozen = "model.layers.0.self_attn.q_proj.weight"
     student.get_parameter(frozen).requires_grad_(False)
-    groups = {g["name"]: g for g in param_groups(student, weight_decay=0.1, time_decay_lr_scale=2.0)}
+    groups = {g["name"]: g
+              for g in param_groups(student, weight_decay=0.1, time_decay_lr_scale=2.0)}
     names = {id(p): n for n, p in student.named_parameters()}
     members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
     assert {n.rsplit(".", 1)[1] for n in members["time_decay"]} == decay_names

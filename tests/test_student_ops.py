@@ -21,17 +21,20 @@ B, H, K, V = 2, 3, 8, 6
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def rwkv6_inputs(t: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+def rwkv6_inputs(t: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     r, k = (torch.randn(B, t, H, K, generator=g, dtype=dtype) for _ in range(2))
     v = torch.randn(B, t, H, V, generator=g, dtype=dtype)
-    # wide range of decays, including very fast ones that overflow a naive exp(-cumsum) factorisation
+    # wide range of decays, including very fast ones that overflow a naive exp(-cumsum)
+    # factorisation
     w = -torch.exp(2.5 * torch.randn(B, t, H, K, generator=g, dtype=dtype))
     u = torch.randn(H, K, generator=g, dtype=dtype)
     return r, k, v, w, u
 
 
-def rwkv7_inputs(t: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+def rwkv7_inputs(t: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     r, k = (torch.randn(B, t, H, K, generator=g, dtype=dtype) for _ in range(2))
     v = torch.randn(B, t, H, V, generator=g, dtype=dtype)
@@ -42,7 +45,8 @@ def rwkv7_inputs(t: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> t
 
 
 def state(seed: int = 1) -> torch.Tensor:
-    return torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
 
 
 @pytest.mark.parametrize("t", [1, 5, 16, 37])
@@ -78,7 +82,8 @@ def test_chunked_gradients_equal_recurrent(mixer: str) -> None:
         args = [x.clone().requires_grad_(True) for x in make(21)]
         s0 = state().requires_grad_(True)
         o, s = fn(*args, initial_state=s0, **kwargs)
-        weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)  # a non-trivial output grad
+        # a non-trivial output grad
+        weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
         ((o * weights).sum() + (s * s).sum()).backward()
         grads.append([x.grad for x in args] + [s0.grad])
     for g_ref, g in zip(*grads, strict=True):
@@ -86,7 +91,8 @@ def test_chunked_gradients_equal_recurrent(mixer: str) -> None:
 
 
 def test_split_sequence_with_state_equals_whole() -> None:
-    """Carrying the state across two calls equals one call (what generation with a cache relies on)."""
+    """Carrying the state across two calls equals one call (what generation with a cache relies
+    on)."""
     args = rwkv7_inputs(30)
     o_all, s_all = rwkv7_chunked(*args)
     o1, s1 = rwkv7_chunked(*(x[:, :13] for x in args))

@@ -119,7 +119,8 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
 
     def scrape() -> bool:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
         except OSError:
             return proc.poll() is not None
         value = [ln for ln in text.splitlines() if ln.startswith("distill_trainer_steps_total")]
