@@ -1,6 +1,6 @@
 # llama2rwkv — the two commands that do everything on a fresh machine:
 #   make demo    the whole stack on CPU with a tiny teacher (install included)
-#   make test    the whole test suite (install included)
+#   make test    the linter, then the whole test suite (install included)
 
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -12,10 +12,10 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu demo clean help
+.PHONY: install lint test test-gpu demo clean help
 
 help:
-	@echo "make demo | make test | make install | make up | make up-local | make check-deploy"
+	@echo "make demo | make test | make lint | make install | make up | make up-local | make check-deploy"
 
 install: $(VENV_STAMP)
 
@@ -26,7 +26,11 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet $(PIP_EXTRA) -c constraints.txt -e ".[dev]"
 	touch $@
 
-test: $(VENV_STAMP)
+# ruff, configured in pyproject.toml ([tool.ruff]); installed by make install (dev extras).
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check .
+
+test: lint
 	bash scripts/install_ci_tools.sh $(PY)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
