@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """Draw the Grafana dashboard's panels with matplotlib, from a live Prometheus.
 
-A stand-in for a screenshot: Grafana cannot be installed where the demo and CI run, so this
-draws what the dashboard would show, from the same queries. It is not a Grafana renderer (no
-thresholds, overrides or transformations); the real dashboard is Grafana's. Tests check it
-only through what it writes: the picture, its report line and its exit status.
-
     python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 \\
         [--dashboard deploy/grafana/dashboards/distill.json] [--start=-15m] [--end now] \\
         [--step auto] [--output docs/dashboard.png]
+
+A stand-in for a screenshot (Grafana cannot be installed where the demo and CI run), not a
+Grafana renderer: no thresholds, overrides or transformations. Tests check it only through
+what it writes: the picture, its report line and its exit status.
 
 Every panel of the dashboard JSON is drawn where its ``gridPos`` puts it on Grafana's
 24-column grid, with its title, its unit and its targets' legends: each target's ``expr`` is
