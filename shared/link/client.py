@@ -28,12 +28,35 @@ import torch
 
 from shared.config import LinkConfig
 from shared.link.channel import Completion, PeerLost, wait_all
-from shared.link.protocol import (ERROR_CODES, KIND_BYE, KIND_GO, PROTOCOL_VERSION, STATUS_LEN,
-                                  TAG_BODY, TAG_HEADER, TAG_PAYLOAD, TAG_STATUS, LinkError,
-                                  RequestSpec, Status, check_batch, decode_status, encode_control,
-                                  encode_request, response_layout)
-from shared.link.rendezvous import (GroupRendezvous, Heartbeat, LinkGroups, abort_link_groups,
-                                    make_link_groups, peer_state, read_json, resolve_backend)
+from shared.link.protocol import (
+    ERROR_CODES,
+    KIND_BYE,
+    KIND_GO,
+    PROTOCOL_VERSION,
+    STATUS_LEN,
+    TAG_BODY,
+    TAG_HEADER,
+    TAG_PAYLOAD,
+    TAG_STATUS,
+    LinkError,
+    RequestSpec,
+    Status,
+    check_batch,
+    decode_status,
+    encode_control,
+    encode_request,
+    response_layout,
+)
+from shared.link.rendezvous import (
+    GroupRendezvous,
+    Heartbeat,
+    LinkGroups,
+    abort_link_groups,
+    make_link_groups,
+    peer_state,
+    read_json,
+    resolve_backend,
+)
 from shared.link.teacher_model import TeacherModel, TeacherRequest
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,30 @@ import torch
 
 from shared.config import LinkConfig, TeacherConfig
 from shared.link.channel import Completion, PeerLost, wait_all
-from shared.link.protocol import (HEADER_LEN, KIND_BYE, KIND_GO, KIND_REQUEST, PROTOCOL_VERSION,
-                                  TAG_BODY, TAG_HEADER, TAG_PAYLOAD, TAG_STATUS, LinkError,
-                                  Request, decode_request, encode_status)
-from shared.link.rendezvous import (GroupRendezvous, Heartbeat, LinkGroups, abort_link_groups,
-                                    make_link_groups, peer_state, resolve_backend)
+from shared.link.protocol import (
+    HEADER_LEN,
+    KIND_BYE,
+    KIND_GO,
+    KIND_REQUEST,
+    PROTOCOL_VERSION,
+    TAG_BODY,
+    TAG_HEADER,
+    TAG_PAYLOAD,
+    TAG_STATUS,
+    LinkError,
+    Request,
+    decode_request,
+    encode_status,
+)
+from shared.link.rendezvous import (
+    GroupRendezvous,
+    Heartbeat,
+    LinkGroups,
+    abort_link_groups,
+    make_link_groups,
+    peer_state,
+    resolve_backend,
+)
 from shared.link.teacher_model import TeacherModel, TeacherRequest
 from shared.metrics import TeacherMetrics
 from shared.profiling import StepProfiler
@@ -327,7 +346,7 @@ class _GenerationLoop:
         self.profiler.end(self.server.batches)
         self.metrics.batches.inc()
         self.metrics.tokens.inc(sum(int(q.tensors.lengths.sum()) for q in fwd.batch))
-        for q, out in zip(fwd.batch, fwd.outputs):
+        for q, out in zip(fwd.batch, fwd.outputs, strict=True):
             answer = Answer(q.trainer, q.request.seq, out, fwd.timer[1] if fwd.timer else None)
             self.answers[(q.trainer, q.request.seq)] = answer
             answer.status_sent = self._send_status(q.trainer, q.request.seq, True, 0,

@@ -98,7 +98,7 @@ class TeacherModel:
         )
 
     @classmethod
-    def load(cls, cfg: TeacherConfig) -> "TeacherModel":
+    def load(cls, cfg: TeacherConfig) -> TeacherModel:
         from transformers import AutoModelForCausalLM
 
         path = Path(cfg.model_path)
@@ -126,9 +126,10 @@ class TeacherModel:
         block-diagonal causal mask from the position ids). On CUDA the work is only enqueued:
         nothing here waits for the GPU, so the caller can serve its peers meanwhile."""
         fp = self.fingerprint
-        on_device = [TeacherRequest(q.spec, q.input_ids.to(self.device),
-                                    [int(n) for n in q.lengths.tolist()],
-                                    None if q.position_ids is None else q.position_ids.to(self.device))
+        def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device)
+        on_device = [TeacherRequest(q.spec, to_device(q.input_ids),
+                                    [int(n) for n in q.lengths.tolist()], to_device(q.position_ids))
                      for q in requests]
         outputs: list[dict[str, torch.Tensor]] = []
         rows: list[Row] = []
@@ -146,7 +147,7 @@ class TeacherModel:
             n = max(1, min(len(rows) - start, self.max_batch_tokens // chunk_len))
             self._forward_chunk(on_device, outputs, rows[start:start + n], chunk_len)
             start += n
-        for q, out in zip(on_device, outputs):
+        for q, out in zip(on_device, outputs, strict=True):
             # Positions past a row's length carry no information: send zeros, not stale memory.
             for i, length in enumerate(q.lengths):
                 if length < q.input_ids.shape[1]:
@@ -174,7 +175,8 @@ class TeacherModel:
                 pos = q.position_ids[row.row, :length]
                 positions[j, :length] = pos
                 # padding continues the last document (never a new one): causal, so unseen
-                positions[j, length:] = pos[-1] + 1 + torch.arange(chunk_len - length, device=device)
+                tail = torch.arange(chunk_len - length, device=device)
+                positions[j, length:] = pos[-1] + 1 + tail
         specs = [requests[row.request].spec for row in rows]
         wanted = sorted({layer for s in specs for layer in s.hidden_layers})
         need_logits = any(s.logits != "none" for s in specs)
@@ -184,7 +186,8 @@ class TeacherModel:
         final = self.model.get_decoder().norm(states[LAST]) if need_logits else None
         head = self.model.get_output_embeddings()
         for j, row in enumerate(rows):
-            spec, out, i, length = requests[row.request].spec, outputs[row.request], row.row, row.length
+            spec, out = requests[row.request].spec, outputs[row.request]
+            i, length = row.row, row.length
             for slot, layer in enumerate(spec.hidden_layers):
                 out["hidden_states"][slot, i, :length] = states[layer][j, :length]
             if spec.logits == "none":
