@@ -13,8 +13,6 @@ the teacher opens a new generation, ``result()`` aborts the link's process group
 other trainers of the group, sends the requests still in flight again (the same ids give the
 same answer) and returns the answer as if nothing happened, apart from a log line and
 ``on_reconnect(seconds_lost)``.
-
-``InProcessTeacher`` offers the same ``request`` API with the model in the trainer's process.
 """
 from __future__ import annotations
 
@@ -57,7 +55,6 @@ from shared.link.rendezvous import (
     read_json,
     resolve_backend,
 )
-from shared.link.teacher_model import TeacherModel, TeacherRequest
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +197,16 @@ class TeacherClient:
         beat = read_json(rdv.gen_dir(manifest.get("generation", 0)) / "teacher.alive")
         age = (f"its last heartbeat is {time.time() - float(beat['time']):.0f} s old (pid "
                f"{beat.get('pid')} on {beat.get('host')})" if beat else "no teacher heartbeat")
+        same_dir = "that link.rendezvous_dir is the same shared directory on both sides"
         if rejoining:
-            return (f"teacher of group {self.group} did not come back within "
-                    f"{bound:.0f} s (link.reconnect_seconds): rendezvous {rdv.dir}, {age}; "
-                    f"last problem: {why}. Check that the teacher service of group {self.group} "
-                    "is running (its log; supervisorctl status or docker compose ps), that every "
-                    "trainer of the group is running, and that link.rendezvous_dir is the same "
-                    "shared directory on both sides")
+            return (f"teacher of group {self.group} did not come back within {bound:.0f} s "
+                    f"(link.reconnect_seconds): rendezvous {rdv.dir}, {age}; last problem: "
+                    f"{why}. Check that the teacher service of group {self.group} is running "
+                    "(its log; supervisorctl status or docker compose ps), that every trainer "
+                    f"of the group is running, and {same_dir}")
         return (f"no live teacher for group {self.group} in {rdv.dir} within {bound:.0f} s "
                 f"({why}; {age}): start it with `python -m services.teacher --config CFG "
-                f"--group {self.group}` and check that link.rendezvous_dir is the same shared "
-                "directory on both sides")
+                f"--group {self.group}` and check {same_dir}")
 
     def _check_manifest(self, m: dict) -> None:
         problems = []
@@ -402,30 +398,3 @@ class TeacherClient:
             except LinkError:
                 pass
         self._leave()
-
-
-class InProcessTeacher:
-    """The same ``request`` API, with the teacher model in the trainer's own process.
-
-    For small setups and as a performance baseline: the forward runs at ``request`` time on
-    the trainer's device, so nothing overlaps.
-    """
-
-    def __init__(self, teacher: TeacherModel, max_tokens_per_request: int = 1 << 30) -> None:
-        self.teacher = teacher
-        self.max_tokens = max_tokens_per_request
-        self._seq = 0
-
-    def request(self, input_ids: torch.Tensor, lengths: torch.Tensor, spec: RequestSpec,
-                position_ids: torch.Tensor | None = None) -> TeacherHandle:
-        fp = self.teacher.fingerprint
-        check_batch(input_ids, lengths, fp.vocab_size, self.max_tokens, fp.num_layers, spec,
-                    position_ids)
-        self._seq += 1
-        start = time.time()
-        (out,) = self.teacher.forward([TeacherRequest(spec, input_ids, lengths.cpu(),
-                                                      position_ids)])
-        return TeacherHandle(None, self._seq, out, (start, time.time()))
-
-    def close(self, clean: bool = True) -> None:
-        pass

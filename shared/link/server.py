@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -74,7 +74,7 @@ class Answer:
     seq: int
     tensors: dict[str, torch.Tensor]
     ready: torch.cuda.Event | None
-    sending: list[Completion] = field(default_factory=list)
+    sending: list[Completion] | None = None  # None: not posted yet (no GO)
     status_sent: Completion | None = None
     sent_at: float = 0.0
 
@@ -275,7 +275,7 @@ class _GenerationLoop:
             else:
                 raise LinkError(f"trainer {r} sent a message of unknown kind {request.kind}")
             self._post_header(r)
-        for key in [k for k in self.go if k in self.answers and not self.answers[k].sending]:
+        for key in [k for k in self.go if k in self.answers and self.answers[k].sending is None]:
             self._send_answer(self.answers[key])
         return progressed
 
@@ -352,7 +352,7 @@ class _GenerationLoop:
             answer.status_sent = self._send_status(q.trainer, q.request.seq, True, 0,
                                                    fwd.started, finished)
             if not out:
-                answer.sending = [_DONE]  # nothing to send: the status is the whole answer
+                answer.sending = []  # nothing to send: the status is the whole answer
             elif (q.trainer, q.request.seq) in self.go:
                 self._send_answer(answer)
         self.idle_since = time.perf_counter()
@@ -386,19 +386,10 @@ class _GenerationLoop:
     def _poll_sends(self) -> bool:
         progressed = False
         for key, answer in list(self.answers.items()):
-            if answer.sending and all(c.done() for c in answer.sending) and (
+            if answer.sending is not None and all(c.done() for c in answer.sending) and (
                     answer.status_sent is None or answer.status_sent.done()):
                 self.metrics.send_seconds.observe(time.perf_counter() - answer.sent_at)
                 del self.answers[key]
                 progressed = True
         return progressed
 
-
-class _Done:
-    """A completion that is already complete (an answer with no tensors)."""
-
-    def done(self) -> bool:
-        return True
-
-
-_DONE = _Done()
