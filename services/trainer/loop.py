@@ -169,6 +169,7 @@ class TrainingRun:
     loggers: StatLoggers
     stop: StopFlag
     out_dir: Path
+    frozen: dict = field(default_factory=dict)   # checkpoint.frozen_parameters: not saved
     step: int = 0
     history: dict = field(default_factory=dict)
     totals: RunTotals = field(default_factory=RunTotals)
@@ -205,6 +206,7 @@ def start(cfg: Config) -> TrainingRun:
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset_fingerprint_check(cfg)
+    resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint fails here, before the build
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
@@ -214,10 +216,10 @@ def start(cfg: Config) -> TrainingRun:
     engine = init_engine(objective, cfg, place)
     batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
                            place.rank, seed=cfg.data.seed, remainder="wrap")
+    frozen = checkpoint.frozen_parameters(engine)
     step, history = 0, {}
-    resume_from = checkpoint.latest(out_dir)
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from)
+        state = checkpoint.load(engine, resume_from, frozen)
         batches.load_state_dict(state["data"])
         step, history = state["step"], state.get("history", {})
         log.info("resumed from %s at step %d", resume_from, step)
@@ -236,7 +238,7 @@ def start(cfg: Config) -> TrainingRun:
                  len(trainable), sum(_numel(p) for p in student.parameters()),
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
-                       out_dir, step, history, http=http)
+                       out_dir, frozen, step, history, http=http)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -283,12 +285,9 @@ def run_validation(run: TrainingRun) -> None:
 
 def save_checkpoint(run: TrainingRun) -> Path:
     """A complete checkpoint of this step (collective): weights, optimizer, data position."""
-    path = checkpoint.save(run.engine, run.out_dir, run.step,
+    return checkpoint.save(run.engine, run.out_dir, run.step,
                            {"data": run.prefetcher.data_state(), "history": run.history},
-                           run.cfg.train.keep_checkpoints)
-    if run.place.rank == 0:
-        log.info("checkpoint %s", path)
-    return path
+                           run.cfg.train.keep_checkpoints, run.frozen)
 
 
 def finish(run: TrainingRun) -> dict:
