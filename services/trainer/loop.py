@@ -175,11 +175,14 @@ class TrainingRun:
     totals: RunTotals = field(default_factory=RunTotals)
     http: MetricsServer | None = None
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Release everything; the metrics server last, after ``linger`` seconds (so
+        Prometheus scrapes a finished run's final values)."""
         self.loggers.close()
         if self.teacher is not None:
             self.teacher.close()
         if self.http is not None:
+            time.sleep(linger)
             self.http.close()
 
 
@@ -308,6 +311,7 @@ def train(cfg: Config) -> dict:
     """Train to ``train.steps`` (or until SIGTERM); returns the summary ({} when stopped)."""
     run = start(cfg)
     t = cfg.train
+    finished = False
     try:
         while run.step < t.steps:
             stats = train_step(run)
@@ -324,6 +328,10 @@ def train(cfg: Config) -> dict:
             if stats.stop_requested:
                 log.info("stop requested: checkpointed at step %d, exiting", run.step)
                 break
-        return finish(run) if run.step >= t.steps else {}
+        if run.step < t.steps:
+            return {}
+        summary = finish(run)
+        finished = True
+        return summary
     finally:
-        run.close()
+        run.close(linger=t.metrics_linger_seconds if finished else 0.0)
