@@ -60,6 +60,9 @@ def init_distributed(cfg: Config) -> Place:
         # DeepSpeed would bind the group to GPU LOCAL_RANK; with train.device_offset the
         # rank's GPU is offset + LOCAL_RANK, so we create the group bound to it ourselves.
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = restart_store(world)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     n = cfg.link.trainers_per_group
@@ -67,6 +70,23 @@ def init_distributed(cfg: Config) -> Place:
         raise RuntimeError(f"{world} trainer ranks do not split into groups of "
                            f"link.trainers_per_group={n}")
     return Place(rank, world, local, device, rank // n, rank % n)
+
+
+def restart_store(world: int) -> dist.Store | None:
+    """The process group's store under torchrun: the agent's, keyed by restart attempt.
+
+    torchrun keeps one TCP store for all its restarts (``--max-restarts``), and a process
+    group's keys (Gloo's peer addresses, NCCL's unique id) carry no attempt in their names:
+    the ranks of a restart would read the addresses of the ranks that died and fail to
+    connect. A prefix per attempt gives every restart a clean key space."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # not torchrun's agent store: a new store per start anyway
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"llama2rwkv/attempt-{attempt}", store)
 
 
 def tokenizer_dir(cfg: Config) -> Path:
