@@ -136,25 +136,28 @@ def test_killed_trainer_rank_restarts_and_replays_the_same_samples(inputs, refer
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(inputs, reference,
-                                                                     tmp_path):
+                                                                     tmp_path, rng):
     """Rank 0 (the one that completes a checkpoint) dies with ``.partial-step-N`` on disk:
     the restart takes step-(N - checkpoint_every), never the partial one."""
     stack = new_stack(inputs, tmp_path)
     root = stack.out / "checkpoints"
+    target = rng.randrange(2 * CHECKPOINT_EVERY, STEPS - CHECKPOINT_EVERY, CHECKPOINT_EVERY)
     interrupted = None
     with stack.running():
         workers = stack.wait_workers()
         while interrupted is None:
-            partial = next((p for p in root.glob(".partial-step-*") if any(p.iterdir())), None)
-            if partial is None:
-                assert stack.last_step() < STEPS - CHECKPOINT_EVERY, "no checkpoint write caught"
+            partial = root / f".partial-step-{target}"
+            if not (partial.is_dir() and any(partial.iterdir())):
+                if (root / f"step-{target}").is_dir():  # written between two looks: the next
+                    target += CHECKPOINT_EVERY
+                    assert target < STEPS, "no checkpoint write caught"
                 time.sleep(0.001)
                 continue
             for pid in workers.values():  # freeze both ranks to look at the write
                 os.kill(pid, signal.SIGSTOP)
             if partial.is_dir():          # still being written: rank 0 has not renamed it
                 signal_process(workers[0], signal.SIGKILL)
-                interrupted = int(partial.name.rsplit("-", 1)[1])
+                interrupted = target
             for rank, pid in workers.items():
                 if rank != 0 or interrupted is None:
                     os.kill(pid, signal.SIGCONT)

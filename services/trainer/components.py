@@ -5,7 +5,6 @@ Each builder does one thing; the training loop (loop.py) only wires their result
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import Config
-from shared.fingerprint import tokenizer_fingerprint
+from services.trainer.inputs import check_deepspeed_json
 
 log = logging.getLogger("trainer")
 
@@ -89,10 +88,6 @@ def restart_store(world: int) -> dist.Store | None:
     return dist.PrefixStore(f"llama2rwkv/attempt-{attempt}", store)
 
 
-def tokenizer_dir(cfg: Config) -> Path:
-    return Path(cfg.student.init_from or cfg.teacher.model_path)
-
-
 def build_student(cfg: Config, device: torch.device):
     """The student: converted from the teacher's weights, or a previous stage's export."""
     from transformers import AutoModelForCausalLM
@@ -156,11 +151,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict:
     """The JSON file's ZeRO settings, completed with the values our config owns."""
-    path = Path(cfg.train.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed_config={path} does not exist (see "
-                                "configs/deepspeed/)")
-    ds = json.loads(path.read_text())
+    ds = check_deepspeed_json(cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -210,14 +201,6 @@ def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int)
                            fingerprint, vocab_size)
     client.connect()
     return client
-
-
-def dataset_fingerprint_check(cfg: Config) -> str:
-    from services.trainer.data.loader import check_tokenizer_fingerprint
-
-    fp = tokenizer_fingerprint(tokenizer_dir(cfg))
-    check_tokenizer_fingerprint(cfg.data.train_dir, fp)
-    return fp
 
 
 def barrier() -> None:

@@ -26,9 +26,9 @@ from shared.link import RequestSpec
 from shared.losses import IGNORE, ce_loss, kl_full
 from shared.metrics import MetricsServer, TrainerMetrics
 from services.trainer import checkpoint
-from services.trainer.components import (Place, build_student, dataset_fingerprint_check,
-                                         init_distributed, init_engine, select_trainable,
-                                         teacher_source, tokenizer_dir)
+from services.trainer.components import (Place, build_student, init_distributed, init_engine,
+                                         select_trainable, teacher_source)
+from services.trainer.inputs import check_inputs, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
 from services.trainer.stats import (ProgressLogger, PrometheusStatLogger, RunTotals, StatLoggers,
                                     StepsFileLogger, StepStats, ValidationStats, ValidationSums,
@@ -49,15 +49,24 @@ def learning_rate(cfg: Config, step: int) -> float:
 class Prefetcher:
     """Hands out (batch, teacher handle, data state before the batch) in training order."""
 
-    def __init__(self, batches, teacher, request: RequestSpec | None, prefetch: bool) -> None:
+    def __init__(self, batches, teacher, request: RequestSpec | None, prefetch: bool,
+                 vocab_size: int) -> None:
         self.batches, self.teacher, self.request = batches, teacher, request
         self.prefetch = prefetch and teacher is not None
+        self.vocab_size = vocab_size
         self.iterator = batches.forever()
         self.pending = None
 
     def _fetch(self):
         state = self.batches.state_dict()
         batch = next(self.iterator)
+        highest = int(batch["input_ids"].max())
+        if highest >= self.vocab_size:
+            raise ValueError(f"token id {highest} in dataset {self.batches.data.root} is outside "
+                             f"the student's vocabulary of {self.vocab_size}: the dataset holds "
+                             "ids its tokenizer cannot produce (made for another model, or "
+                             "changed since); prepare it again with python -m "
+                             "services.trainer.data and this model's tokenizer")
         handle = None
         if self.teacher is not None:
             handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request,
@@ -194,7 +203,8 @@ def serve_metrics(cfg: Config, rank: int, metrics: TrainerMetrics) -> MetricsSer
         return MetricsServer(metrics.registry, port, cfg.train.metrics_host)
     except OSError as err:
         raise RuntimeError(f"cannot serve metrics on {cfg.train.metrics_host}:{port} "
-                           f"({err}): another trainer runs there; set train.metrics_port "
+                           f"({err}): another trainer (or program) listens there; set "
+                           "train.metrics_port to a free base port (rank r uses base + r), "
                            "or 0 to disable") from err
 
 
@@ -204,12 +214,18 @@ def start(cfg: Config) -> TrainingRun:
 
     from services.trainer.data.loader import TrainBatches
 
-    place = init_distributed(cfg)
-    torch.manual_seed(cfg.data.seed)
+    # Bad input is an error here, before anything is built or written.
+    inputs = check_inputs(cfg)
     out_dir = Path(cfg.train.output_dir)
+    resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint, too
+    metrics = TrainerMetrics(int(os.environ.get("RANK", 0)))
+    http = serve_metrics(cfg, int(os.environ.get("RANK", 0)), metrics)  # a taken port, too
+    place = init_distributed(cfg)
+    # Joining now runs the link's checks (vocabulary, tokenizer, group size) before the
+    # student is built: a mismatch is an error within seconds, not after the model loaded.
+    teacher = teacher_source(cfg, place, inputs.fingerprint, inputs.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = dataset_fingerprint_check(cfg)
-    resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint fails here, before the build
+    torch.manual_seed(cfg.data.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
@@ -226,10 +242,7 @@ def start(cfg: Config) -> TrainingRun:
         batches.load_state_dict(state["data"])
         step, history = state["step"], state.get("history", {})
         log.info("resumed from %s at step %d", resume_from, step)
-    metrics = TrainerMetrics(place.rank)
-    http = serve_metrics(cfg, place.rank, metrics)
-    teacher = teacher_source(cfg, place, fingerprint, student.config.vocab_size)
-    prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch)
+    prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch, inputs.vocab_size)
     loggers = StatLoggers(
         PrometheusStatLogger(metrics),
         StepsFileLogger(out_dir / f"steps-rank{place.rank}.jsonl", resume_step=step),
