@@ -116,6 +116,11 @@ class FaultStack:
     def down(self) -> None:
         subprocess.run(self.runner("down"), cwd=ROOT, capture_output=True, timeout=300)
 
+    def down_async(self) -> subprocess.Popen:
+        """``runner down`` in the background (the caller waits for it)."""
+        return subprocess.Popen(self.runner("down"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
     @contextlib.contextmanager
     def running(self) -> Iterator["FaultStack"]:
         """``up``; always ``down`` at the end."""
@@ -235,6 +240,17 @@ class FaultStack:
                 continue
             total += sum(v for k, v in values.items() if k.split("{")[0] == name)
         return total
+
+
+def signal_pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether ``sig`` waits to be delivered to ``pid`` (a stopped process keeps it pending)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    bit = 1 << (int(sig) - 1)
+    return any(int(line.split()[1], 16) & bit for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:")))
 
 
 def signal_process(pid: int, sig: signal.Signals) -> None:

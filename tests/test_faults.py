@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fault_stack import TEACHERS, FaultStack, signal_process
+from fault_stack import TEACHERS, FaultStack, signal_pending, signal_process
 from shared.config import LinkConfig
 from conftest import wait_for, write_config
 from test_trainer import prepare_dataset
@@ -170,12 +170,23 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(inputs, re
 
 def test_sigterm_of_the_stack_then_up_resumes_where_it_stopped(inputs, reference, tmp_path, rng):
     stack = new_stack(inputs, tmp_path)
-    stop_at = rng.randrange(3, STEPS - 3)
+    stop_at = rng.randrange(3, STEPS - 5)
     with stack.running():
         stack.wait_step(stop_at)
-    # `runner down`: SIGTERM to every program; the trainer ends its step and checkpoints it
+        # The ranks are frozen while `runner down` begins, so that its SIGTERM lands at this
+        # step (a CPU step takes less time than the runner takes to start).
+        workers = stack.wait_workers()
+        for pid in workers.values():
+            os.kill(pid, signal.SIGSTOP)
+        down = stack.down_async()
+        wait_for(lambda: all(signal_pending(pid, signal.SIGTERM) for pid in workers.values()),
+                 60, "supervisord's SIGTERM to the trainer's ranks")
+        for pid in workers.values():
+            os.kill(pid, signal.SIGCONT)
+        assert down.wait(300) == 0
+    # SIGTERM to every program: each rank ends its step and checkpoints it
     stopped = stack.last_step()
-    assert stopped < STEPS, "the run finished before it was stopped"
+    assert stop_at <= stopped < STEPS, (stop_at, stopped)
     assert stack.last_step(1) == stopped
     assert stack.latest_checkpoint() == stopped
     assert f"stop requested: checkpointed at step {stopped}" in stack.log(), stack.logs()
