@@ -117,6 +117,12 @@ def world(tiny_llama, tmp_path_factory):
     w.stop()
 
 
+def rank_env() -> dict[str, str]:
+    """The environment of rank 0 of one, as torchrun would start it."""
+    return dict(service_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 def snapshot(paths: list[Path]) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file under ``paths``."""
     found = {}
@@ -268,10 +274,8 @@ def metrics_port(w: World, case: Path) -> Run:
 def truncated_checkpoint(w: World, case: Path) -> Run:
     """A run with two checkpoints, the newest one's optimizer file cut short."""
     cfg = w.config(case, train={"stage": "sft", "steps": 2, "checkpoint_every": 1})
-    env = dict(service_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     done = subprocess.run([sys.executable, "-m", "services.trainer", "--config", str(cfg)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     (victim,) = (case / "run" / "checkpoints" / "step-2").rglob("*optim_states.pt")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -310,9 +314,8 @@ CASES = [vocabulary, tokenizer, dataset_tokenizer, too_long, token_id, model_mis
 def test_bad_input_is_a_clear_error(make, world, tmp_path):
     run = make(world, tmp_path / "case")
     before = snapshot(run.untouched)
-    if run.service == "trainer":   # one rank, as torchrun would start it
-        env = dict(service_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if run.service == "trainer":
+        env = rank_env()
         cmd = [sys.executable, "-m", "services.trainer", "--config", str(run.config)]
     else:
         env = service_env()

@@ -197,6 +197,20 @@ def test_sigterm_of_the_stack_then_up_resumes_where_it_stopped(inputs, reference
     assert_same_run(stack, reference)
 
 
+def carried_on(stack: FaultStack, workers: dict[int, int], step: int, reconnects: int) -> None:
+    """The trainer got past ``step`` with the same ranks, having rejoined its teacher."""
+    stack.wait_step(step)
+    wait_for(lambda: stack.metric(RECONNECTS) >= reconnects, 60, f"{reconnects} reconnects")
+    assert stack.workers() == workers, "a trainer rank was restarted"
+
+
+def completed_without_restart(stack: FaultStack, reference: FaultStack) -> None:
+    info = stack.wait_exit()
+    assert info["exitstatus"] == 0, stack.logs()
+    assert resumed_at(stack.log()) == []
+    assert_same_run(stack, reference)
+
+
 @needs_reconnect
 def test_teacher_killed_three_times_the_trainers_carry_on(inputs, reference, tmp_path, rng):
     stack = new_stack(inputs, tmp_path)
@@ -206,13 +220,8 @@ def test_teacher_killed_three_times_the_trainers_carry_on(inputs, reference, tmp
         for n, step in enumerate(kills, 1):
             stack.wait_step(step)
             signal_process(stack.pid(rng.choice(TEACHERS)), signal.SIGKILL)
-            stack.wait_step(step + 2)                   # supervisord restarted it; on we go
-            wait_for(lambda: stack.metric(RECONNECTS) >= n, 60, f"{n} reconnects")
-            assert stack.workers() == workers, "a trainer rank was restarted"
-        info = stack.wait_exit()
-    assert info["exitstatus"] == 0, stack.logs()
-    assert resumed_at(stack.log()) == []
-    assert_same_run(stack, reference)
+            carried_on(stack, workers, step + 2, n)  # supervisord restarted it; on we go
+        completed_without_restart(stack, reference)
 
 
 @needs_reconnect
@@ -231,10 +240,5 @@ def test_hung_teacher_is_handled_like_a_dead_one(inputs, reference, tmp_path, rn
                 time.sleep(LINK_TIMEOUT + 3)    # past the timeout: the peer counts as hung
             finally:
                 os.kill(teacher, end)
-            stack.wait_step(step + 3)
-            wait_for(lambda: stack.metric(RECONNECTS) >= n, 60, f"{n} reconnects")
-            assert stack.workers() == workers, "a trainer rank was restarted"
-        info = stack.wait_exit()
-    assert info["exitstatus"] == 0, stack.logs()
-    assert resumed_at(stack.log()) == []
-    assert_same_run(stack, reference)
+            carried_on(stack, workers, step + 3, n)
+        completed_without_restart(stack, reference)
