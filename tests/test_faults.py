@@ -14,6 +14,7 @@ reason.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -155,12 +156,14 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(inputs, re
                 continue
             for pid in workers.values():  # freeze both ranks to look at the write
                 os.kill(pid, signal.SIGSTOP)
-            if partial.is_dir():          # still being written: rank 0 has not renamed it
-                signal_process(workers[0], signal.SIGKILL)
-                interrupted = target
-            for rank, pid in workers.items():
-                if rank != 0 or interrupted is None:
-                    os.kill(pid, signal.SIGCONT)
+            try:
+                if partial.is_dir():      # still being written: rank 0 has not renamed it
+                    signal_process(workers[0], signal.SIGKILL)
+                    interrupted = target
+            finally:
+                for pid in workers.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
         assert (root / f".partial-step-{interrupted}").is_dir()
         info = stack.wait_exit()
     assert info["exitstatus"] == 0, stack.logs()
@@ -178,11 +181,14 @@ def test_sigterm_of_the_stack_then_up_resumes_where_it_stopped(inputs, reference
         workers = stack.wait_workers()
         for pid in workers.values():
             os.kill(pid, signal.SIGSTOP)
-        down = stack.down_async()
-        wait_for(lambda: all(signal_pending(pid, signal.SIGTERM) for pid in workers.values()),
-                 60, "supervisord's SIGTERM to the trainer's ranks")
-        for pid in workers.values():
-            os.kill(pid, signal.SIGCONT)
+        try:
+            down = stack.down_async()
+            wait_for(lambda: all(signal_pending(pid, signal.SIGTERM)
+                                 for pid in workers.values()),
+                     60, "supervisord's SIGTERM to the trainer's ranks")
+        finally:  # never leave a frozen rank behind
+            for pid in workers.values():
+                os.kill(pid, signal.SIGCONT)
         assert down.wait(300) == 0
     # SIGTERM to every program: each rank ends its step and checkpoints it
     stopped = stack.last_step()
