@@ -167,6 +167,9 @@ class TrainConfig:
     """Base port of the metrics server; global rank r uses base + r (0 disables)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics server binds to."""
+    metrics_linger_seconds: float = 0.0
+    """After the last step, keep serving metrics this long so Prometheus scrapes the final
+    values (the last validation): one scrape interval plus its timeout; 0 = exit at once."""
     export_dir: str = ""
     """Where the final student is exported in HF format; empty = output_dir/student."""
 

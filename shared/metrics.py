@@ -37,6 +37,11 @@ distill_trainer_learning_rate               gauge      current learning rate
 distill_trainer_grad_norm                   gauge      gradient norm before clipping
 distill_trainer_val_loss                    gauge      last validation loss, label ``model`` =
                                                        student | teacher
+distill_trainer_teacher_reconnects_total    counter    times this rank rejoined its teacher group
+                                                       after losing the teacher (crashed, hung,
+                                                       restarted)
+distill_trainer_teacher_reconnect_seconds   counter    seconds this rank spent without its teacher,
+_total                                                 from the loss to the rejoin (training waited)
 ==========================================  =========  =============================================
 """
 from __future__ import annotations
@@ -118,6 +123,15 @@ class TrainerMetrics:
         val = Gauge("distill_trainer_val_loss", "Last validation loss", ["rank", "model"],
                     registry=r)
         self.val_loss = {m: val.labels(k, m) for m in ("student", "teacher")}
+        # Incremented by the teacher link (shared/link) each time it rejoins after a lost
+        # teacher: a run that survives a teacher crash says so here, not only in its log.
+        self.teacher_reconnects = Counter("distill_trainer_teacher_reconnects",
+                                          "Rejoins of the teacher group after losing the "
+                                          "teacher", ["rank"], registry=r).labels(k)
+        self.teacher_reconnect_seconds = Counter("distill_trainer_teacher_reconnect_seconds",
+                                                 "Seconds spent without the teacher, from the "
+                                                 "loss to the rejoin", ["rank"],
+                                                 registry=r).labels(k)
         # NaN until first set: a 0 would read as a perfect loss at every start.
         for gauge in (*self.loss.values(), *self.val_loss.values()):
             gauge.set(float("nan"))

@@ -190,7 +190,11 @@ def _trainer_up_until(prom: str, summary) -> float:
 
     The trainer exits when its run is done (restart: "no"), so the trainer's series go stale
     then; the teacher and Prometheus stay up. Instant queries are evaluated at this moment,
-    when every service of the stack was up and scraped.
+    when every service of the stack was up and scraped. A finished trainer serves its final
+    values for ``train.metrics_linger_seconds`` (5 s in configs/demo_*.yaml, more than the
+    demo Prometheus' 2 s interval + 2 s timeout), so by then each rank was scraped after its
+    last validation: without it, a rank's last scrape could come before its first validation
+    of a short stage, and ``distill_trainer_val_loss`` read NaN here (a flake of issue 11).
     """
     start, end = summary["windows"]["kd"]
     series = render_dashboard.query_range(prom, 'count(up{job="trainer"} == 1)', start,

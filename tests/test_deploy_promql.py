@@ -155,6 +155,8 @@ def test_dashboard_has_the_promised_panels():
                    "distill_teacher_transfer_seconds_sum", "distill_trainer_step_seconds",
                    "distill_trainer_loss", "distill_trainer_learning_rate",
                    "distill_trainer_tokens_total", "distill_trainer_val_loss",
+                   "distill_trainer_teacher_reconnects_total",
+                   "distill_trainer_teacher_reconnect_seconds_total",
                    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"):
         assert metric in joined, metric
     assert "histogram_quantile(0.5," in joined and "histogram_quantile(0.95," in joined

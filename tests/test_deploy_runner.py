@@ -304,7 +304,8 @@ def test_compose_layout_of_the_8_gpu_node(gpu_env, tmp_path: Path):
     t0, t1, tr = (project.service(n) for n in ("teacher-0", "teacher-1", "trainer"))
     assert t0.command[t0.command.index("--device-id") + 1] == "6"
     assert t1.command[t1.command.index("--device-id") + 1] == "7"
-    assert tr.command[:5] == ["torchrun", "--standalone", "--nproc-per-node", "6", "-m"]
+    assert tr.command[:7] == ["torchrun", "--standalone", "--nproc-per-node", "6",
+                              "--max-restarts", "3", "-m"]  # elastic restarts resume
     for svc in (t0, t1, tr):
         raw = svc.raw
         assert raw["network_mode"] == "host" and raw["ipc"] == "host"

@@ -4,20 +4,60 @@
                                [--section.key value ...]
 
 SIGTERM/SIGINT: the batch in flight is finished and answered, then the process exits 0.
+One teacher per group: a second one for the same group and rendezvous directory is refused.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
+from pathlib import Path
+from typing import IO
 
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 from shared.link import LinkError, TeacherModel, TeacherServer
 from shared.metrics import MetricsServer, TeacherMetrics
 
 log = logging.getLogger("teacher")
+
+
+class GroupTaken(RuntimeError):
+    """Another live teacher serves this group in this rendezvous directory."""
+
+
+def claim_group(rendezvous_dir: str, group: int) -> IO[str]:
+    """Hold the group's teacher lock for this process's life (kept open; the kernel drops it
+    when the process dies, even by kill -9, so a restarted teacher takes it at once).
+
+    Without it a second teacher of the group would open a new generation and delete the
+    running one's, cutting its trainers off."""
+    lock_dir = Path(rendezvous_dir) / f"group-{group}"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_dir / "teacher.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            owner = json.loads(handle.read())
+            holder = f"pid {owner['pid']} on {owner['host']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "another process"
+        handle.close()
+        raise GroupTaken(f"group {group} already has a teacher ({holder} holds "
+                         f"{lock_dir / 'teacher.lock'}): stop that one, or give this one "
+                         "another --group or link.rendezvous_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    handle.flush()
+    return handle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device_id is not None:
         cfg.teacher.device_id = args.device_id
+    try:
+        claim = claim_group(cfg.link.rendezvous_dir, args.group)
+    except (GroupTaken, OSError) as err:
+        log.error("%s", err)
+        return 2
+    try:
+        return serve(cfg, args.group)
+    finally:
+        claim.close()
 
+
+def serve(cfg: Config, group: int) -> int:
+    """Metrics, the model, the link: until SIGTERM/SIGINT."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -46,18 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = TeacherMetrics(args.group)
+    metrics = TeacherMetrics(group)
     state = {"server": None}
     http = None
     if cfg.teacher.metrics_port:
-        port = cfg.teacher.metrics_port + args.group
+        port = cfg.teacher.metrics_port + group
         try:
             http = MetricsServer(metrics.registry, port, cfg.teacher.metrics_host,
                                  is_ready=lambda: bool(state["server"] and state["server"].ready))
         except OSError as err:
             log.error("cannot serve metrics on %s:%d (%s): is another teacher of group %d "
                       "running? Set teacher.metrics_port", cfg.teacher.metrics_host, port, err,
-                      args.group)
+                      group)
             return 2
         log.info("metrics on http://%s:%d/metrics", cfg.teacher.metrics_host, http.port)
     try:
@@ -65,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, OSError) as err:
         log.error("cannot load the teacher: %s", err)
         return 2
-    server = TeacherServer(teacher, cfg.link, cfg.teacher, args.group, metrics)
+    server = TeacherServer(teacher, cfg.link, cfg.teacher, group, metrics)
     state["server"] = server
     try:
         server.serve(stop)

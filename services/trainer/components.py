@@ -5,7 +5,6 @@ Each builder does one thing; the training loop (loop.py) only wires their result
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -17,8 +16,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from services.trainer.inputs import check_deepspeed_json
 from shared.config import Config
-from shared.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger("trainer")
 
@@ -60,6 +59,9 @@ def init_distributed(cfg: Config) -> Place:
         # DeepSpeed would bind the group to GPU LOCAL_RANK; with train.device_offset the
         # rank's GPU is offset + LOCAL_RANK, so we create the group bound to it ourselves.
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = restart_store(world)
+        if store is not None:
+            kwargs["store"] = store
         # While one group's trainers rejoin a restarted teacher (up to link.reconnect_seconds),
         # the other ranks wait in the step's all-reduce: that wait must not time out first.
         timeout = timedelta(seconds=max(1800.0, cfg.link.reconnect_seconds + 600.0))
@@ -72,8 +74,19 @@ def init_distributed(cfg: Config) -> Place:
     return Place(rank, world, local, device, rank // n, rank % n)
 
 
-def tokenizer_dir(cfg: Config) -> Path:
-    return Path(cfg.student.init_from or cfg.teacher.model_path)
+def restart_store(world: int) -> dist.Store | None:
+    """The process group's store under torchrun: the agent's, keyed by restart attempt.
+
+    torchrun keeps one TCP store for all its restarts (``--max-restarts``), and a process
+    group's keys (Gloo's peer addresses, NCCL's unique id) carry no attempt in their names:
+    the ranks of a restart would read the addresses of the ranks that died and fail to
+    connect. A prefix per attempt gives every restart a clean key space."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # not torchrun's agent store: a new store per start anyway
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"llama2rwkv/attempt-{attempt}", store)
 
 
 def build_student(cfg: Config, device: torch.device):
@@ -121,11 +134,7 @@ def select_trainable(student, cfg: Config) -> list[str]:
 
 def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict:
     """The JSON file's ZeRO settings, completed with the values our config owns."""
-    path = Path(cfg.train.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed_config={path} does not exist (see "
-                                "configs/deepspeed/)")
-    ds = json.loads(path.read_text())
+    ds = check_deepspeed_json(cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -179,11 +188,3 @@ def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int,
                            fingerprint, vocab_size, on_reconnect=on_reconnect)
     client.connect()
     return client
-
-
-def dataset_fingerprint_check(cfg: Config) -> str:
-    from services.trainer.data.loader import check_tokenizer_fingerprint
-
-    fp = tokenizer_fingerprint(tokenizer_dir(cfg))
-    check_tokenizer_fingerprint(cfg.data.train_dir, fp)
-    return fp

@@ -14,21 +14,40 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from services.trainer import checkpoint
+from services.trainer.components import (
+    Place,
+    build_student,
+    init_distributed,
+    init_engine,
+    select_trainable,
+    teacher_source,
+)
+from services.trainer.inputs import check_inputs, tokenizer_dir
+from services.trainer.objective import DistillObjective, teacher_request
+from services.trainer.stats import (
+    ProgressLogger,
+    PrometheusStatLogger,
+    RunTotals,
+    StatLoggers,
+    StepsFileLogger,
+    StepStats,
+    ValidationStats,
+    ValidationSums,
+    grad_norm_value,
+)
 from shared.config import Config
 from shared.link import RequestSpec
-from shared.losses import IGNORE, ce_loss, kl_full, perplexity
+from shared.losses import IGNORE, ce_loss, kl_full
 from shared.metrics import MetricsServer, TrainerMetrics
 from shared.profiling import StepProfiler
-from services.trainer import checkpoint
-from services.trainer.components import (build_student, dataset_fingerprint_check,
-                                         init_distributed, init_engine, select_trainable,
-                                         teacher_source, tokenizer_dir)
-from services.trainer.objective import DistillObjective, teacher_request
 
 log = logging.getLogger("trainer")
 
@@ -39,21 +58,31 @@ def learning_rate(cfg: Config, step: int) -> float:
     if step < t.warmup_steps:
         return t.lr_init * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr_final + 0.5 * (t.lr_init - t.lr_final) * (1 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 1 + math.cos(math.pi * min(1.0, progress))
+    return t.lr_final + 0.5 * (t.lr_init - t.lr_final) * cosine
 
 
 class Prefetcher:
     """Hands out (batch, teacher handle, data state before the batch) in training order."""
 
-    def __init__(self, batches, teacher, request: RequestSpec | None, prefetch: bool) -> None:
+    def __init__(self, batches, teacher, request: RequestSpec | None, prefetch: bool,
+                 vocab_size: int) -> None:
         self.batches, self.teacher, self.request = batches, teacher, request
         self.prefetch = prefetch and teacher is not None
+        self.vocab_size = vocab_size
         self.iterator = batches.forever()
         self.pending = None
 
     def _fetch(self):
         state = self.batches.state_dict()
         batch = next(self.iterator)
+        highest = int(batch["input_ids"].max())
+        if highest >= self.vocab_size:
+            raise ValueError(f"token id {highest} in dataset {self.batches.data.root} is outside "
+                             f"the student's vocabulary of {self.vocab_size}: the dataset holds "
+                             "ids its tokenizer cannot produce (made for another model, or "
+                             "changed since); prepare it again with python -m "
+                             "services.trainer.data and this model's tokenizer")
         handle = None
         if self.teacher is not None:
             handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request,
@@ -94,10 +123,9 @@ class StopFlag:
 
 
 @torch.no_grad()
-def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[str, float]:
-    from services.trainer.data.loader import validation_batches
-
-    from services.trainer.data.loader import read_card
+def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
+    """Mean student (and teacher) loss and KL per real token over the held-out batches."""
+    from services.trainer.data.loader import read_card, validation_batches
 
     val_dir = cfg.data.val_dir or cfg.data.train_dir
     # a held-out directory made with --split validation holds a "validation" split; one made
@@ -105,7 +133,7 @@ def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[st
     split = "validation" if "validation" in read_card(val_dir)["splits"] else "train"
     student = engine.module.student
     student.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # student nll, teacher nll, kl, tokens
+    sums = ValidationSums()
     spec = RequestSpec(logits="fp32" if cfg.link.logits == "fp32" else "bf16")
     for i, batch in enumerate(validation_batches(val_dir, cfg.data.micro_batch_size,
                                                  place.world_size, place.rank, split=split)):
@@ -119,23 +147,16 @@ def validate(engine, cfg: Config, place, teacher, tokenizer_pad: int) -> dict[st
         labels = labels.to(place.device)
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          position_ids=b.get("position_ids"), use_cache=False).logits
-        sums[0] += float(ce_loss(logits, labels)) * n
-        if teacher is not None:
-            t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec,
-                                       batch.get("position_ids")).result()["logits"]
-            sums[1] += float(ce_loss(t_logits.float(), labels)) * n
-            sums[2] += float(kl_full(logits, t_logits, labels)) * n
-        sums[3] += n
+        student_nll = float(ce_loss(logits, labels))
+        if teacher is None:
+            sums.add(n, student_nll)
+            continue
+        t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec,
+                                   batch.get("position_ids")).result()["logits"]
+        sums.add(n, student_nll, float(ce_loss(t_logits.float(), labels)),
+                 float(kl_full(logits, t_logits, labels)))
     student.train()
-    sums = sums.to(place.device)
-    dist.all_reduce(sums)
-    tokens = max(float(sums[3]), 1.0)
-    result = {"student_loss": float(sums[0]) / tokens, "tokens": tokens}
-    result["student_ppl"] = perplexity(result["student_loss"])
-    if teacher is not None:
-        result.update(teacher_loss=float(sums[1]) / tokens, kl=float(sums[2]) / tokens)
-        result["teacher_ppl"] = perplexity(result["teacher_loss"])
-    return result
+    return ValidationStats.from_sums(sums.over_ranks(place.device), teacher is not None)
 
 
 def export(engine, cfg: Config, tokenizer, place) -> Path:
@@ -160,16 +181,71 @@ def export(engine, cfg: Config, tokenizer, place) -> Path:
     return out
 
 
-def train(cfg: Config) -> dict:
+@dataclass
+class TrainingRun:
+    """Everything one training process holds, built by :func:`start`."""
+
+    cfg: Config
+    place: Place
+    engine: Any
+    tokenizer: Any
+    prefetcher: Prefetcher
+    teacher: Any
+    loggers: StatLoggers
+    stop: StopFlag
+    out_dir: Path
+    frozen: dict = field(default_factory=dict)   # checkpoint.frozen_parameters: not saved
+    step: int = 0
+    history: dict = field(default_factory=dict)
+    totals: RunTotals = field(default_factory=RunTotals)
+    http: MetricsServer | None = None
+
+    def close(self, linger: float = 0.0) -> None:
+        """Release everything; the metrics server last, after ``linger`` seconds (so
+        Prometheus scrapes a finished run's final values)."""
+        self.loggers.close()
+        if self.teacher is not None:
+            self.teacher.close()
+        if self.http is not None:
+            time.sleep(linger)
+            self.http.close()
+
+
+def serve_metrics(cfg: Config, rank: int, metrics: TrainerMetrics) -> MetricsServer | None:
+    if not cfg.train.metrics_port:
+        return None
+    port = cfg.train.metrics_port + rank
+    try:
+        return MetricsServer(metrics.registry, port, cfg.train.metrics_host)
+    except OSError as err:
+        raise RuntimeError(f"cannot serve metrics on {cfg.train.metrics_host}:{port} "
+                           f"({err}): another trainer (or program) listens there; set "
+                           "train.metrics_port to a free base port (rank r uses base + r), "
+                           "or 0 to disable") from err
+
+
+def start(cfg: Config) -> TrainingRun:
+    """Build the components, resume from the latest complete checkpoint, join the teacher."""
     from transformers import AutoTokenizer
 
     from services.trainer.data.loader import TrainBatches
 
-    place = init_distributed(cfg)
-    torch.manual_seed(cfg.data.seed)
+    # Bad input is an error here, before anything is built or written.
+    inputs = check_inputs(cfg)
     out_dir = Path(cfg.train.output_dir)
+    resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint, too
+    metrics = TrainerMetrics(int(os.environ.get("RANK", 0)))
+    http = serve_metrics(cfg, int(os.environ.get("RANK", 0)), metrics)  # a taken port, too
+    place = init_distributed(cfg)
+    # Joining now runs the link's checks (vocabulary, tokenizer, group size) before the
+    # student is built: a mismatch is an error within seconds, not after the model loaded.
+    def on_reconnect(seconds_lost: float) -> None:
+        metrics.teacher_reconnects.inc()
+        metrics.teacher_reconnect_seconds.inc(seconds_lost)
+
+    teacher = teacher_source(cfg, place, inputs.fingerprint, inputs.vocab_size, on_reconnect)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = dataset_fingerprint_check(cfg)
+    torch.manual_seed(cfg.data.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
@@ -179,122 +255,119 @@ def train(cfg: Config) -> dict:
     engine = init_engine(objective, cfg, place)
     batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
                            place.rank, seed=cfg.data.seed, remainder="wrap")
+    frozen = checkpoint.frozen_parameters(engine)
     step, history = 0, {}
-    resume_from = checkpoint.latest(out_dir)
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from)
+        state = checkpoint.load(engine, resume_from, frozen)
         batches.load_state_dict(state["data"])
         step, history = state["step"], state.get("history", {})
         log.info("resumed from %s at step %d", resume_from, step)
-    metrics = TrainerMetrics(place.rank)
-    http = None
-    if cfg.train.metrics_port:
-        port = cfg.train.metrics_port + place.rank
-        try:
-            http = MetricsServer(metrics.registry, port, cfg.train.metrics_host)
-        except OSError as err:
-            raise RuntimeError(f"cannot serve metrics on {cfg.train.metrics_host}:{port} "
-                               f"({err}): another trainer runs there; set train.metrics_port "
-                               "or 0 to disable") from err
-    teacher = teacher_source(cfg, place, fingerprint, student.config.vocab_size)
-    prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch)
-    stop = StopFlag()
-    record = open(out_dir / f"steps-rank{place.rank}.jsonl", "a")
+    prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch, inputs.vocab_size)
+    loggers = StatLoggers(
+        PrometheusStatLogger(metrics),
+        StepsFileLogger(out_dir / f"steps-rank{place.rank}.jsonl", resume_step=step),
+        ProgressLogger(place.rank, place.world_size, cfg.train.steps, cfg.train.log_every))
     if place.rank == 0:
+        names = set(trainable)
         log.info("training %d parameters (%d tensors) of %d; stage %s; %d ranks; prefetch %s",
-                 sum(getattr(p, "ds_numel", p.numel()) for n, p in student.named_parameters() if n in set(trainable)),
-                 len(trainable), sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters()),
+                 sum(_numel(p) for n, p in student.named_parameters() if n in names),
+                 len(trainable), sum(_numel(p) for p in student.parameters()),
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
-    totals = torch.zeros(3, dtype=torch.float64)  # tokens, teacher wait, step seconds
-    profiler = StepProfiler(cfg.train.profile_steps, out_dir, f"trainer-rank{place.rank}")
+    return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
+                       out_dir, frozen, step, history, http=http)
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+
+
+def train_step(run: TrainingRun) -> StepStats:
+    """One optimizer step (``grad_accum`` micro steps), its numbers summed over ranks."""
+    cfg, engine, place = run.cfg, run.engine, run.place
+    lr = learning_rate(cfg, run.step)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    t_step, t_wall = time.perf_counter(), time.time()
+    wait, tokens, losses, forwards = 0.0, 0, [], []
+    for _ in range(cfg.train.grad_accum):
+        batch, answer, waited, handle = run.prefetcher.next()
+        wait += waited
+        if handle is not None and handle.teacher_forward:
+            forwards.append(handle.teacher_forward)
+        b = _to(batch, place.device)
+        loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
+                             b.get("position_ids"))
+        engine.backward(loss)
+        engine.step()
+        tokens += int(batch["lengths"].sum())
+        losses.append({"total": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+    run.step += 1
+    stats = StepStats(step=run.step, lr=lr, tokens=tokens, teacher_wait=wait,
+                      seconds=time.perf_counter() - t_step, start=t_wall,
+                      losses={k: sum(d[k] for d in losses) / len(losses) for k in losses[0]},
+                      grad_norm=grad_norm_value(engine.get_global_grad_norm()),
+                      teacher_forward=forwards)
+    stats.reduce(run.stop.requested, place.device)
+    stats.end = time.time()
+    return stats
+
+
+def run_validation(run: TrainingRun) -> None:
+    val = validate(run.engine, run.cfg, run.place, run.teacher)
+    run.history.setdefault("first_val", val.as_dict())
+    run.history["last_val"] = val.as_dict()
+    run.loggers.record_validation(run.step, val)
+
+
+def save_checkpoint(run: TrainingRun) -> Path:
+    """A complete checkpoint of this step (collective): weights, optimizer, data position."""
+    return checkpoint.save(run.engine, run.out_dir, run.step,
+                           {"data": run.prefetcher.data_state(), "history": run.history},
+                           run.cfg.train.keep_checkpoints, run.frozen)
+
+
+def finish(run: TrainingRun) -> dict:
+    """After the last step: export the student and write summary.json (rank 0)."""
+    cfg, place = run.cfg, run.place
+    exported = export(run.engine, cfg, run.tokenizer, place) if cfg.train.save_at_end else None
+    summary = {"steps": run.step, "tokens": run.totals.tokens,
+               "tokens_per_second": run.totals.tokens_per_second(place.world_size),
+               "teacher_wait_share": run.totals.teacher_wait_share(),
+               "history": run.history, "student": str(exported) if exported else None}
+    if place.rank == 0:
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.info("done after %d steps; student exported to %s", run.step, exported)
+    return summary
+
+
+def train(cfg: Config) -> dict:
+    """Train to ``train.steps`` (or until SIGTERM); returns the summary ({} when stopped)."""
+    run = start(cfg)
+    t = cfg.train
+    profiler = StepProfiler(t.profile_steps, run.out_dir, f"trainer-rank{run.place.rank}")
+    finished = False
     try:
-        while step < cfg.train.steps:
-            profiler.begin(step + 1)
-            lr = learning_rate(cfg, step)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            t_step, t_wall = time.perf_counter(), time.time()
-            wait, tokens, losses, forwards = 0.0, 0, [], []
-            for _ in range(cfg.train.grad_accum):
-                batch, answer, waited, handle = prefetcher.next()
-                wait += waited
-                if handle is not None and handle.teacher_forward:
-                    forwards.append(handle.teacher_forward)
-                b = _to(batch, place.device)
-                loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
-                                     b.get("position_ids"))
-                engine.backward(loss)
-                engine.step()
-                tokens += int(batch["lengths"].sum())
-                losses.append({"total": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
-            step += 1
-            seconds = time.perf_counter() - t_step
-            profiler.end(step)
-            parts = {k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            stats = torch.tensor([tokens, wait, seconds, float(stop.requested)],
-                                 dtype=torch.float64, device=place.device)
-            dist.all_reduce(stats)
-            totals += stats[:3].cpu()
-            metrics.steps.inc()
-            metrics.tokens.inc(tokens)
-            metrics.step_seconds.observe(seconds)
-            metrics.teacher_wait_seconds.observe(wait)
-            for k, v in parts.items():
-                metrics.loss[k].set(v)
-            metrics.learning_rate.set(lr)
-            metrics.grad_norm.set(grad_norm)
-            record.write(json.dumps({"step": step, "lr": lr, "grad_norm": grad_norm,
-                                     "tokens": tokens, "teacher_wait": wait, "seconds": seconds,
-                                     "start": t_wall, "end": time.time(),
-                                     "teacher_forward": forwards, **parts}) + "\n")
-            record.flush()
-            history.setdefault("first", parts)
-            history["last"] = parts
-            if place.rank == 0 and step % cfg.train.log_every == 0:
-                share = float(stats[1]) / max(float(stats[2]), 1e-9)
-                loss_text = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
-                log.info("step %d/%d | %s | lr %.2e | grad %.3g | %.0f tok/s | teacher wait "
-                         "%.0f%%", step, cfg.train.steps, loss_text, lr, grad_norm,
-                         float(stats[0]) / max(float(stats[2]) / place.world_size, 1e-9),
-                         100 * share)
-            last = step == cfg.train.steps
-            stopping = float(stats[3]) > 0
-            if cfg.train.val_every and (step % cfg.train.val_every == 0 or last):
-                val = validate(engine, cfg, place, teacher, tokenizer.pad_token_id)
-                metrics.val_loss["student"].set(val["student_loss"])
-                if "teacher_loss" in val:
-                    metrics.val_loss["teacher"].set(val["teacher_loss"])
-                history.setdefault("first_val", val)
-                history["last_val"] = val
-                if place.rank == 0:
-                    log.info("validation at step %d: %s", step,
-                             " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            if (step % cfg.train.checkpoint_every == 0 or stopping
-                    or (last and cfg.train.save_at_end)):
-                path = checkpoint.save(engine, out_dir, step,
-                                       {"data": prefetcher.data_state(), "history": history},
-                                       cfg.train.keep_checkpoints)
-                if place.rank == 0:
-                    log.info("checkpoint %s", path)
-            if stopping:
-                log.info("stop requested: checkpointed at step %d, exiting", step)
+        while run.step < t.steps:
+            profiler.begin(run.step + 1)
+            stats = train_step(run)
+            profiler.end(run.step)
+            run.totals.add(stats)
+            run.loggers.record(stats)
+            run.history.setdefault("first", stats.losses)
+            run.history["last"] = stats.losses
+            last = run.step == t.steps
+            if t.val_every and (run.step % t.val_every == 0 or last):
+                run_validation(run)
+            if (run.step % t.checkpoint_every == 0 or stats.stop_requested
+                    or (last and t.save_at_end)):
+                save_checkpoint(run)
+            if stats.stop_requested:
+                log.info("stop requested: checkpointed at step %d, exiting", run.step)
                 break
-        summary = {}
-        if step >= cfg.train.steps:
-            exported = export(engine, cfg, tokenizer, place) if cfg.train.save_at_end else None
-            summary = {"steps": step, "tokens": float(totals[0]),
-                       "tokens_per_second": float(totals[0]) / max(float(totals[2]) / place.world_size, 1e-9),
-                       "teacher_wait_share": float(totals[1]) / max(float(totals[2]), 1e-9),
-                       "history": history, "student": str(exported) if exported else None}
-            if place.rank == 0:
-                (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-                log.info("done after %d steps; student exported to %s", step, exported)
+        if run.step < t.steps:
+            return {}
+        summary = finish(run)
+        finished = True
         return summary
     finally:
-        record.close()
-        if teacher is not None:
-            teacher.close()
-        if http is not None:
-            http.close()
+        run.close(linger=t.metrics_linger_seconds if finished else 0.0)
