@@ -61,6 +61,9 @@ class LinkConfig:
     """Transport; auto = NCCL when the teacher and trainers use CUDA, Gloo otherwise."""
     timeout_seconds: float = 120.0
     """Bound on every wait for a peer: join, a request's answer, a silent peer's heartbeat."""
+    control_host: str = "127.0.0.1"
+    """Address the teacher's control channel listens on and publishes to its trainers (one
+    TCP port per teacher); set the node's address when trainers run on other nodes."""
     reconnect_seconds: float = 900.0
     """How long a trainer that lost its teacher waits for the teacher's next generation (a
     restarted or recovered teacher) before it gives up with an error."""

@@ -8,6 +8,7 @@ timestamps, so the test process can compare them with a direct forward.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ def busy(seconds: float) -> None:
 
 def main() -> int:
     config, group, index, scenario, out = sys.argv[1:6]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     group, index = int(group), int(index)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,18 @@ from .compose import ComposeError, Project
 from .errors import RunnerError
 from .preflight import preflight, teacher_model_paths
 from .render import Plan, build_plan, default_run_dir, socket_path, write_conf
-from .supervisor_control import (exit_record, max_stopwait, pid_alive, read_pid, rpc_proxy,
-                                 start_dependents, stopped_message, supervisorctl_cmd,
-                                 supervisord_alive, supervisord_cmd)
+from .supervisor_control import (
+    exit_record,
+    max_stopwait,
+    pid_alive,
+    read_pid,
+    rpc_proxy,
+    start_dependents,
+    stopped_message,
+    supervisorctl_cmd,
+    supervisord_alive,
+    supervisord_cmd,
+)
 
 # This module owns the command line: its arguments, the plan they select, and the commands.
 # Talking to supervisord is supervisor_control's, the host checks preflight's;

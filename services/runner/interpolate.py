@@ -9,7 +9,8 @@ precedence of the sources (``--env``, process environment, ``.env``) is the call
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ComposeError
 

@@ -16,7 +16,6 @@ from typing import Any
 from .errors import ComposeError
 from .interpolate import Lookup
 
-
 # --------------------------------------------------------------------------- durations
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 

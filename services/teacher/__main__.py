@@ -9,55 +9,17 @@ One teacher per group: a second one for the same group and rendezvous directory 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
-from pathlib import Path
-from typing import IO
 
 from shared.config import Config, ConfigError, load_config
 from shared.link import LinkError, TeacherModel, TeacherServer
+from shared.link.rendezvous import GroupRendezvous
 from shared.metrics import MetricsServer, TeacherMetrics
 
 log = logging.getLogger("teacher")
-
-
-class GroupTaken(RuntimeError):
-    """Another live teacher serves this group in this rendezvous directory."""
-
-
-def claim_group(rendezvous_dir: str, group: int) -> IO[str]:
-    """Hold the group's teacher lock for this process's life (kept open; the kernel drops it
-    when the process dies, even by kill -9, so a restarted teacher takes it at once).
-
-    Without it a second teacher of the group would open a new generation and delete the
-    running one's, cutting its trainers off."""
-    lock_dir = Path(rendezvous_dir) / f"group-{group}"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_dir / "teacher.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        try:
-            owner = json.loads(handle.read())
-            holder = f"pid {owner['pid']} on {owner['host']}"
-        except (ValueError, KeyError, TypeError):
-            holder = "another process"
-        handle.close()
-        raise GroupTaken(f"group {group} already has a teacher ({holder} holds "
-                         f"{lock_dir / 'teacher.lock'}): stop that one, or give this one "
-                         "another --group or link.rendezvous_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    handle.flush()
-    return handle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device_id is not None:
         cfg.teacher.device_id = args.device_id
     try:
-        claim = claim_group(cfg.link.rendezvous_dir, args.group)
-    except (GroupTaken, OSError) as err:
+        claim = GroupRendezvous(cfg.link.rendezvous_dir, args.group).claim()
+    except (LinkError, OSError) as err:
         log.error("%s", err)
         return 2
     try:

@@ -8,7 +8,7 @@
     out = handle.result()                             # {"logits"|"topk_*"|"hidden_states"}
 
 The trainer outlives its teacher: when a transfer fails, the teacher's heartbeat goes stale or
-the teacher opens a new generation, ``result()`` aborts the link's process groups, waits
+the teacher opens a new generation, ``result()`` closes the link, waits
 (at most ``link.reconnect_seconds``) for a live teacher's new generation, rejoins it with the
 other trainers of the group, sends the requests still in flight again (the same ids give the
 same answer) and returns the answer as if nothing happened, apart from a log line and
@@ -26,6 +26,7 @@ import torch
 
 from shared.config import LinkConfig
 from shared.link.channel import Completion, PeerLost, wait_all
+from shared.link.control import Receive, connect
 from shared.link.protocol import (
     ERROR_CODES,
     KIND_BYE,
@@ -48,11 +49,10 @@ from shared.link.protocol import (
 from shared.link.rendezvous import (
     GroupRendezvous,
     Heartbeat,
-    LinkGroups,
-    abort_link_groups,
-    make_link_groups,
+    Link,
+    close_links,
+    nccl_data_group,
     peer_state,
-    read_json,
     resolve_backend,
 )
 
@@ -113,18 +113,16 @@ class TeacherClient:
         self.on_reconnect = on_reconnect
         self.backend = resolve_backend(cfg.backend, device)
         self.rendezvous = GroupRendezvous(cfg.rendezvous_dir, group)
-        self.teacher = cfg.trainers_per_group  # the teacher's rank in the group
         self.manifest: dict = {}
         self.generation = 0
-        self.groups: LinkGroups | None = None
+        self.link: Link | None = None
         self.reconnects = 0
         self._heartbeat: Heartbeat | None = None
         self._seq = 0
         self._in_flight: dict[int, _InFlight] = {}
         # one status receive posted per request in flight (FIFO on the status tag), so a
-        # status is taken as soon as the teacher sends it (Gloo: a sleeping thread, no GPU)
-        self._status_recvs: deque[tuple[torch.Tensor, Completion]] = deque()
-        self._sends: list[Completion] = []  # control sends in progress (keep tensors alive)
+        # status is taken as soon as the teacher sends it (a socket read by a thread, no GPU)
+        self._status_recvs: deque[tuple[torch.Tensor, Receive]] = deque()
         self._recv_stream = torch.cuda.Stream(device) if self.backend == "nccl" else None
 
     # -- joining ---------------------------------------------------------------------------
@@ -151,7 +149,7 @@ class TeacherClient:
                         why = str(err)
                         after_generation = manifest["generation"]
             if time.monotonic() > deadline:
-                raise LinkError(self._no_teacher_message(bound, why, after_generation > 0))
+                raise LinkError(rdv.no_teacher_message(bound, why, after_generation > 0))
             time.sleep(0.1)
 
     def _join_generation(self, manifest: dict, deadline: float) -> None:
@@ -160,7 +158,7 @@ class TeacherClient:
         gen_dir = rdv.gen_dir(generation)
         heartbeat = Heartbeat(gen_dir / f"trainer-{self.index}.alive", cfg.heartbeat_seconds,
                               {"generation": generation})
-        groups = None
+        link = None
         try:
             while not rdv.is_complete(generation):  # the teacher has all N heartbeats
                 current = rdv.read_manifest() or {}
@@ -176,37 +174,23 @@ class TeacherClient:
                                  f"joined generation {generation}: are all trainers of the "
                                  "group running?")
                 time.sleep(0.05)
-            groups = make_link_groups(gen_dir / "store", self.index, self.teacher + 1,
-                                      self.backend, cfg.timeout_seconds)
+            n = cfg.trainers_per_group
+            link = Link(connect(tuple(manifest["control"]), generation, self.index,
+                                cfg.timeout_seconds), None, n)
             if self.backend == "nccl":  # the teacher connects the data channel now
+                link = link._replace(data=nccl_data_group(gen_dir / "store", self.index, n + 1,
+                                                          cfg.timeout_seconds))
                 one = torch.empty(1, device=self.device)
-                wait_all([Completion(groups.data.recv([one], self.teacher, 0), "nccl")],
-                         cfg.timeout_seconds, lambda: None, "connecting the data channel")
-        except (_Retry, RuntimeError, LinkError) as err:
+                wait_all([Completion(link.data.recv([one], n, 0))], cfg.timeout_seconds,
+                         lambda: None, "connecting the data channel")
+        except (_Retry, OSError, RuntimeError, LinkError) as err:
             heartbeat.stop()
-            abort_link_groups(groups)
+            close_links(link)
             raise _Retry(str(err)) from err
-        self.manifest, self.generation, self.groups = manifest, generation, groups
+        self.manifest, self.generation, self.link = manifest, generation, link
         self._heartbeat = heartbeat
         log.info("joined teacher group %d generation %d over %s", self.group, generation,
                  self.backend)
-
-    def _no_teacher_message(self, bound: float, why: str, rejoining: bool) -> str:
-        rdv = self.rendezvous
-        manifest = rdv.read_manifest() or {}
-        beat = read_json(rdv.gen_dir(manifest.get("generation", 0)) / "teacher.alive")
-        age = (f"its last heartbeat is {time.time() - float(beat['time']):.0f} s old (pid "
-               f"{beat.get('pid')} on {beat.get('host')})" if beat else "no teacher heartbeat")
-        same_dir = "that link.rendezvous_dir is the same shared directory on both sides"
-        if rejoining:
-            return (f"teacher of group {self.group} did not come back within {bound:.0f} s "
-                    f"(link.reconnect_seconds): rendezvous {rdv.dir}, {age}; last problem: "
-                    f"{why}. Check that the teacher service of group {self.group} is running "
-                    "(its log; supervisorctl status or docker compose ps), that every trainer "
-                    f"of the group is running, and {same_dir}")
-        return (f"no live teacher for group {self.group} in {rdv.dir} within {bound:.0f} s "
-                f"({why}; {age}): start it with `python -m services.teacher --config CFG "
-                f"--group {self.group}` and check {same_dir}")
 
     def _check_manifest(self, m: dict) -> None:
         problems = []
@@ -269,15 +253,15 @@ class TeacherClient:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
-        abort_link_groups(self.groups)
-        self.groups, self._sends = None, []
+        close_links(self.link)
+        self.link = None
         self._status_recvs.clear()
 
     # -- requests --------------------------------------------------------------------------
     def request(self, input_ids: torch.Tensor, lengths: torch.Tensor, spec: RequestSpec,
                 position_ids: torch.Tensor | None = None) -> TeacherHandle:
         """Send one batch; ``position_ids`` (restarting at each document) for packed rows."""
-        if self.groups is None:
+        if self.link is None:
             raise LinkError("TeacherClient.request() before connect()")
         fp = self.manifest["fingerprint"]
         check_batch(input_ids, lengths, fp["vocab_size"],
@@ -294,25 +278,25 @@ class TeacherClient:
             pass  # the first wait on this answer rejoins and sends it again
         return flight.handle
 
-    def _control(self, op: str, tensor: torch.Tensor, tag: int) -> Completion:
-        if self.groups is None:
+    def _send(self, tensor: torch.Tensor, tag: int) -> None:
+        if self.link is None:
             raise PeerLost("no link (reconnecting)")
-        try:
-            work = getattr(self.groups.control, op)([tensor], self.teacher, tag)
-        except RuntimeError as err:  # Gloo raises at once on a closed connection
-            raise PeerLost(f"teacher of group {self.group}: {err}") from err
-        return Completion(work, "gloo")
+        self.link.control.send(tensor, tag)
+
+    def _recv(self, tensor: torch.Tensor, tag: int) -> Receive:
+        if self.link is None:
+            raise PeerLost("no link (reconnecting)")
+        return self.link.control.recv(tensor, tag)
 
     def _send_request(self, seq: int, flight: _InFlight) -> None:
         b, t = flight.input_ids.shape
         header = encode_request(flight.spec, seq, b, t, flight.position_ids is not None)
-        self._sends = [c for c in self._sends if not c.done()]
-        self._sends.append(self._control("send", header, TAG_HEADER))
+        self._send(header, TAG_HEADER)
         for tensor in (flight.input_ids, flight.lengths, flight.position_ids):
             if tensor is not None:
-                self._sends.append(self._control("send", tensor, TAG_BODY))
+                self._send(tensor, TAG_BODY)
         status = torch.zeros(STATUS_LEN, dtype=torch.int64)
-        self._status_recvs.append((status, self._control("recv", status, TAG_STATUS)))
+        self._status_recvs.append((status, self._recv(status, TAG_STATUS)))
 
     def _poll_status(self, seq: int) -> bool:
         """Take every status that has arrived; True once ``seq``'s has."""
@@ -346,7 +330,7 @@ class TeacherClient:
         while True:
             try:
                 while not self._poll_status(seq):
-                    if self.groups is None or not self._status_recvs:
+                    if self.link is None or not self._status_recvs:
                         raise PeerLost("the control channel failed")
                     wait_all([self._status_recvs[0][1]], self.cfg.timeout_seconds,
                              self.check_teacher, what)
@@ -367,10 +351,10 @@ class TeacherClient:
         layout = response_layout(flight.spec, b, t, fp["vocab_size"], fp["hidden_size"])
         if not layout:
             return {}
-        self._sends.append(self._control("send", encode_control(KIND_GO, seq), TAG_HEADER))
+        self._send(encode_control(KIND_GO, seq), TAG_HEADER)
         if self._recv_stream is None:
             answer = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in layout}
-            comps = [self._control("recv", tensor, TAG_PAYLOAD) for tensor in answer.values()]
+            comps = [self._recv(tensor, TAG_PAYLOAD) for tensor in answer.values()]
             wait_all(comps, self.cfg.timeout_seconds, self.check_teacher, what)
             return answer
         # Allocated and received on a stream of our own, so the transfer neither waits for nor
@@ -378,8 +362,9 @@ class TeacherClient:
         with torch.cuda.stream(self._recv_stream):
             answer = {name: torch.empty(shape, dtype=dtype, device=self.device)
                       for name, shape, dtype in layout}
+            link = self.link
             try:
-                comps = [Completion(self.groups.data.recv([tensor], self.teacher, 0), "nccl")
+                comps = [Completion(link.data.recv([tensor], link.data_peer, 0))
                          for tensor in answer.values()]
             except RuntimeError as err:
                 raise PeerLost(f"{what}: {err}") from err
@@ -391,10 +376,9 @@ class TeacherClient:
 
     def close(self, clean: bool = True) -> None:
         """Leave the group; a clean close tells the teacher, which opens a new generation."""
-        if self.groups is not None and clean:
+        if self.link is not None and clean:
             try:
-                wait_all([self._control("send", encode_control(KIND_BYE, self._seq + 1),
-                                        TAG_HEADER)], 5.0, lambda: None, "goodbye")
+                self._send(encode_control(KIND_BYE, self._seq + 1), TAG_HEADER)
             except LinkError:
                 pass
         self._leave()

@@ -2,7 +2,8 @@
 
 Nothing is pickled. Two channels join a trainer and its teacher (rendezvous.py builds both):
 
-* **control** (Gloo, CPU tensors, always): fixed-size int64 headers, the request bodies (token
+* **control** (one TCP connection per trainer, control.py; CPU tensors, always): fixed-size
+  int64 headers, the request bodies (token
   ids are small) and the teacher's status; a pending control receive costs a sleeping thread;
 * **data** (NCCL between GPUs, or the control group itself on CPU): the answer's tensors only,
   posted on both ends at the same moment, when the trainer asks for them (``KIND_GO``), so no
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-PROTOCOL_VERSION = 3  # 2: packed rows; 3: control over Gloo, payload sent on GO
+PROTOCOL_VERSION = 3  # 2: packed rows; 3: control channel apart, payload sent on GO
 MAGIC = 0x4C32524B  # "L2RK"
 MAX_HIDDEN_LAYERS = 128
 HEADER_LEN = 16 + MAX_HIDDEN_LAYERS

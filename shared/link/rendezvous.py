@@ -2,7 +2,7 @@
 
     <rendezvous_dir>/group-<G>/
         manifest.json        written atomically by the teacher (tmp file + rename)
-        gen-<N>/store        torch FileStore of generation N (Gloo addresses, NCCL unique ids)
+        gen-<N>/store        torch FileStore of generation N (the NCCL group's unique ids)
         gen-<N>/teacher.alive, gen-<N>/trainer-<r>.alive   heartbeat files (JSON, rewritten
                              every heartbeat_seconds; a trainer's file is also its join)
         gen-<N>/complete     the teacher saw every trainer's heartbeat: build the groups now
@@ -15,6 +15,7 @@ group before ``complete`` exists, so a trainer that dies while joining costs one
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,11 +24,12 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from shared.link.control import Connection
 from shared.link.protocol import LinkError
 
 MANIFEST = "manifest.json"
@@ -47,6 +49,18 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+# Containers with ``network_mode: host`` share the hostname but not the pid namespace: a pid is
+# only checked where both processes see the same pids.
+PID_NAMESPACE = _pid_namespace()
+
+
 class Heartbeat:
     """A daemon thread that rewrites ``path`` with (host, pid, time) every ``interval`` s."""
 
@@ -62,7 +76,8 @@ class Heartbeat:
     def beat(self) -> None:
         try:
             write_json_atomic(self.path, {"host": socket.gethostname(), "pid": os.getpid(),
-                                          "time": time.time(), **self.extra})
+                                          "pidns": PID_NAMESPACE, "time": time.time(),
+                                          **self.extra})
         except FileNotFoundError:  # the generation directory was removed: we are stale
             pass
 
@@ -82,14 +97,14 @@ class Heartbeat:
 def peer_state(path: Path, stale_after: float) -> tuple[bool, str]:
     """(alive, why) of the peer whose heartbeat file is ``path``.
 
-    A peer on this host is dead as soon as its pid is gone; elsewhere we rely on the age of
-    its heartbeat, which must stay under ``stale_after`` seconds.
+    A peer on this host (and in this pid namespace) is dead as soon as its pid is gone;
+    elsewhere we rely on the age of its heartbeat, which must stay under ``stale_after`` s.
     """
     beat = read_json(path)
     if beat is None:
         return False, f"no heartbeat file {path}"
     age = time.time() - float(beat.get("time", 0))
-    if beat.get("host") == socket.gethostname():
+    if beat.get("host") == socket.gethostname() and beat.get("pidns") == PID_NAMESPACE:
         try:
             os.kill(int(beat["pid"]), 0)
         except ProcessLookupError:
@@ -120,19 +135,32 @@ class GroupRendezvous:
         return read_json(self.manifest_path)
 
     # -- teacher side ---------------------------------------------------------------------
-    def claim(self) -> None:
-        """Refuse to serve a group another live teacher serves (teacher start)."""
-        manifest = self.read_manifest()
-        if manifest is None:
-            return
-        beat_path = self.gen_dir(int(manifest.get("generation", 0))) / "teacher.alive"
-        beat = read_json(beat_path) or {}
-        alive, _ = peer_state(beat_path, float(manifest.get("heartbeat_stale_seconds", 60)))
-        if alive and (beat.get("host"), beat.get("pid")) != (socket.gethostname(), os.getpid()):
-            raise LinkError(
-                f"group {self.group} in {self.dir} is already served by a live teacher (pid "
-                f"{beat.get('pid')} on {beat.get('host')}): stop it first, or give this teacher "
-                "another --group or link.rendezvous_dir")
+    def claim(self) -> IO[str]:
+        """Hold the group's teacher lock for this process's life (keep the returned file open;
+        the kernel drops the lock when the process dies, even by kill -9, so a restarted teacher
+        takes it at once). Without it a second teacher of the group would open a new generation
+        and delete the running one's, cutting its trainers off."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "teacher.lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                owner = json.loads(handle.read())
+                holder = f"pid {owner['pid']} on {owner['host']}"
+            except (ValueError, KeyError, TypeError):
+                holder = "another process"
+            handle.close()
+            raise LinkError(f"group {self.group} already has a teacher ({holder} holds {path}): "
+                            "stop that one, or give this one another --group or "
+                            "link.rendezvous_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        handle.flush()
+        return handle
 
     def open_generation(self, manifest: dict[str, Any]) -> int:
         """Create a new generation (store dir) and publish its manifest; return its number."""
@@ -162,6 +190,23 @@ class GroupRendezvous:
         return [r for r in range(trainers)
                 if peer_state(gen / f"trainer-{r}.alive", stale_after)[0]]
 
+    def no_teacher_message(self, bound: float, why: str, rejoining: bool) -> str:
+        """A trainer's error when no teacher served this group within ``bound`` seconds."""
+        manifest = self.read_manifest() or {}
+        beat = read_json(self.gen_dir(manifest.get("generation", 0)) / "teacher.alive")
+        age = (f"its last heartbeat is {time.time() - float(beat['time']):.0f} s old (pid "
+               f"{beat.get('pid')} on {beat.get('host')})" if beat else "no teacher heartbeat")
+        same_dir = "that link.rendezvous_dir is the same shared directory on both sides"
+        if rejoining:
+            return (f"teacher of group {self.group} did not come back within {bound:.0f} s "
+                    f"(link.reconnect_seconds): rendezvous {self.dir}, {age}; last problem: "
+                    f"{why}. Check that the teacher service of group {self.group} is running "
+                    "(its log; supervisorctl status or docker compose ps), that every trainer "
+                    f"of the group is running, and {same_dir}")
+        return (f"no live teacher for group {self.group} in {self.dir} within {bound:.0f} s "
+                f"({why}; {age}): start it with `python -m services.teacher --config CFG "
+                f"--group {self.group}` and check {same_dir}")
+
     def remove_manifest(self) -> None:
         try:
             self.manifest_path.unlink()
@@ -169,41 +214,35 @@ class GroupRendezvous:
             pass
 
 
-class LinkGroups(NamedTuple):
-    """The two process groups of one generation (protocol.py says what travels on each)."""
+class Link(NamedTuple):
+    """One trainer's link to its teacher in a generation (protocol.py: what travels on each)."""
 
-    control: dist.ProcessGroup  # Gloo: headers, request bodies, statuses (CPU tensors)
-    data: dist.ProcessGroup     # NCCL for GPU payloads; on CPU, the control group itself
+    control: Connection               # headers, request bodies, statuses (control.py)
+    data: dist.ProcessGroup | None    # NCCL over the group; None: answers travel on control
+    data_peer: int                    # the other end's rank in ``data``
 
 
-def make_link_groups(store_path: Path, rank: int, world_size: int, backend: str,
-                     timeout_seconds: float) -> LinkGroups:
-    """The link's own groups on a FileStore, outside any default group. Building the control
-    group waits (at most ``timeout_seconds``) for every rank; NCCL connects lazily, per pair."""
+def nccl_data_group(store_path: Path, rank: int, world_size: int,
+                    timeout_seconds: float) -> dist.ProcessGroup:
+    """The generation's NCCL group on its FileStore (connects lazily, pair by pair)."""
     store = dist.FileStore(str(store_path), world_size)
     store.set_timeout(timedelta(seconds=timeout_seconds))
-    # The timeout bounds the connection set-up; each receive is waited on with its own (long)
-    # timeout by channel.Completion, and our polling bounds it with the peer's liveness.
-    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world_size,
-                                    timedelta(seconds=timeout_seconds))
-    if backend == "gloo":
-        return LinkGroups(control, control)
-    if backend != "nccl":
-        raise LinkError(f"unknown link backend {backend!r}")
     options = dist.ProcessGroupNCCL.Options()
     # Our own bounded waits watch the peers; NCCL's watchdog must not kill the process
     # while a teacher legitimately waits hours for a paused trainer.
     options._timeout = timedelta(days=7)
-    return LinkGroups(control, dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank,
-                                                     world_size, options))
+    return dist.ProcessGroupNCCL(store, rank, world_size, options)
 
 
-def abort_link_groups(groups: LinkGroups | None) -> None:
-    """Best effort: free a generation's connections and communicators after a peer was lost
-    (an NCCL abort also ends any kernel still waiting for the lost peer)."""
-    if groups is None:
+def close_links(links: Link | list[Link] | None) -> None:
+    """Close a generation's connections and abort its NCCL communicator (which also ends any
+    kernel still waiting for a lost peer); best effort, as the peer may be gone."""
+    if links is None:
         return
-    for pg in dict.fromkeys((groups.data, groups.control)):  # data first; once if the same
+    links = [links] if isinstance(links, Link) else links
+    for link in links:
+        link.control.close()
+    for pg in dict.fromkeys(link.data for link in links if link.data is not None):
         for name in ("abort", "_abort", "shutdown"):
             fn = getattr(pg, name, None)
             if fn is not None:

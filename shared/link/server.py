@@ -1,6 +1,6 @@
 """The teacher's end of the link: publish a generation, gather the group's requests, answer.
 
-An event loop per generation. Requests arrive on the control channel (Gloo, CPU): the first
+An event loop per generation. Requests arrive on the control channel (TCP, CPU): the first
 one opens a gather window of ``gather_window_seconds`` for the other trainers' (closed early
 once every trainer has one queued); then one packed forward answers all of them. When the
 forward is done the teacher tells each trainer its status; an answer leaves on the data
@@ -22,6 +22,7 @@ import torch
 
 from shared.config import LinkConfig, TeacherConfig
 from shared.link.channel import Completion, PeerLost, wait_all
+from shared.link.control import Listener, Receive
 from shared.link.protocol import (
     HEADER_LEN,
     KIND_BYE,
@@ -40,9 +41,9 @@ from shared.link.protocol import (
 from shared.link.rendezvous import (
     GroupRendezvous,
     Heartbeat,
-    LinkGroups,
-    abort_link_groups,
-    make_link_groups,
+    Link,
+    close_links,
+    nccl_data_group,
     peer_state,
     resolve_backend,
 )
@@ -75,7 +76,6 @@ class Answer:
     tensors: dict[str, torch.Tensor]
     ready: torch.cuda.Event | None
     sending: list[Completion] | None = None  # None: not posted yet (no GO)
-    status_sent: Completion | None = None
     sent_at: float = 0.0
 
 
@@ -108,6 +108,7 @@ class TeacherServer:
         self.ready = False
         self.generation = 0
         self._cuda = teacher.device.type == "cuda"
+        self.listener = Listener(link.control_host, link.timeout_seconds)
 
     def manifest(self) -> dict:
         return {
@@ -118,12 +119,12 @@ class TeacherServer:
                        "max_batch_tokens": self.teacher_cfg.max_batch_tokens},
             "trainers": self.trainers,
             "backend": self.backend,
-            "heartbeat_stale_seconds": self.link.timeout_seconds,
+            "control": list(self.listener.address),
         }
 
     def serve(self, stop: threading.Event) -> None:
-        """Open generation after generation until ``stop`` is set."""
-        self.rendezvous.claim()
+        """Open generation after generation until ``stop`` is set (the caller holds the group's
+        lock: GroupRendezvous.claim)."""
         heartbeat = None
         try:
             while not stop.is_set():
@@ -131,6 +132,7 @@ class TeacherServer:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+            self.listener.close()
             self.ready = False
             self.metrics.ready.set(0)
             self.rendezvous.remove_manifest()
@@ -154,19 +156,23 @@ class TeacherServer:
         self.ready = True
         log.info("group %d: generation %d published in %s, waiting for %d trainers",
                  self.group, self.generation, rdv.dir, self.trainers)
-        groups = None
+        links = None
         try:
             while len(rdv.joined_trainers(self.generation, self.trainers,
                                           link.timeout_seconds)) < self.trainers:
                 if stop.wait(0.05):
                     return heartbeat
             rdv.mark_complete(self.generation)
-            groups = make_link_groups(gen_dir / "store", self.trainers, self.trainers + 1,
-                                      self.backend, link.timeout_seconds)
+            connections = self.listener.accept(self.generation, self.trainers,
+                                               time.monotonic() + link.timeout_seconds,
+                                               self.check_trainers)
+            data = (nccl_data_group(gen_dir / "store", self.trainers, self.trainers + 1,
+                                    link.timeout_seconds) if self.backend == "nccl" else None)
+            links = [Link(connections[r], data, r) for r in range(self.trainers)]
             self.metrics.trainers_connected.set(self.trainers)
             log.info("group %d: %d trainers joined generation %d", self.group,
                      self.trainers, self.generation)
-            _GenerationLoop(self, groups).run(stop)
+            _GenerationLoop(self, links).run(stop)
         except (PeerLost, LinkError, RuntimeError) as err:
             log.warning("group %d: generation %d ended: %s", self.group, self.generation, err)
         except BaseException:
@@ -174,7 +180,7 @@ class TeacherServer:
             raise
         finally:
             self.metrics.trainers_connected.set(0)
-            abort_link_groups(groups)
+            close_links(links)
         return heartbeat
 
     def check_trainers(self, which: list[int] | None = None) -> None:
@@ -188,12 +194,12 @@ class TeacherServer:
 class _GenerationLoop:
     """The serving loop of one generation (state that dies with it)."""
 
-    def __init__(self, server: TeacherServer, groups: LinkGroups) -> None:
+    def __init__(self, server: TeacherServer, links: list[Link]) -> None:
         self.server = server
-        self.groups = groups
+        self.links = links
         self.metrics = server.metrics
         self.device = server.teacher.device
-        self.headers: dict[int, tuple[torch.Tensor, Completion]] = {}
+        self.headers: dict[int, tuple[torch.Tensor, Receive]] = {}
         self.queued: list[Queued] = []
         self.answers: dict[tuple[int, int], Answer] = {}
         self.go: set[tuple[int, int]] = set()       # GO received before the answer was ready
@@ -206,24 +212,16 @@ class _GenerationLoop:
     def _warm_up(self) -> None:
         """Connect the data channel to every trainer now (NCCL connects a pair on its first
         transfer, seconds), not inside the first answer's transfer."""
-        if self.send_stream is None:
+        if self.links[0].data is None:
             return
         one = torch.ones(1, device=self.device)
-        sends = [Completion(self.groups.data.send([one], r, 0), "nccl")
-                 for r in range(self.server.trainers)]
+        sends = [Completion(link.data.send([one], link.data_peer, 0)) for link in self.links]
         wait_all(sends, self.server.link.timeout_seconds, self.server.check_trainers,
                  f"group {self.server.group}: connecting the data channel")
 
-    def _control(self, op: str, tensor: torch.Tensor, peer: int, tag: int) -> Completion:
-        try:
-            work = getattr(self.groups.control, op)([tensor], peer, tag)
-        except RuntimeError as err:  # Gloo raises at once on a closed connection
-            raise PeerLost(f"trainer {peer}: {err}") from err
-        return Completion(work, "gloo")
-
     def _post_header(self, r: int) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        self.headers[r] = (header, self._control("recv", header, r, TAG_HEADER))
+        self.headers[r] = (header, self.links[r].control.recv(header, TAG_HEADER))
 
     def run(self, stop: threading.Event) -> None:
         server = self.server
@@ -284,7 +282,7 @@ class _GenerationLoop:
         ids = torch.empty(request.batch, request.length, dtype=torch.int64)
         lengths = torch.empty(request.batch, dtype=torch.int64)
         positions = torch.empty_like(ids) if request.packed else None
-        comps = [self._control("recv", t, r, TAG_BODY)
+        comps = [self.links[r].control.recv(t, TAG_BODY)
                  for t in (ids, lengths, positions) if t is not None]
         wait_all(comps, self.server.link.timeout_seconds, lambda: self.server.check_trainers([r]),
                  f"group {self.server.group}: receiving the token ids of trainer {r}")
@@ -349,8 +347,7 @@ class _GenerationLoop:
         for q, out in zip(fwd.batch, fwd.outputs, strict=True):
             answer = Answer(q.trainer, q.request.seq, out, fwd.timer[1] if fwd.timer else None)
             self.answers[(q.trainer, q.request.seq)] = answer
-            answer.status_sent = self._send_status(q.trainer, q.request.seq, True, 0,
-                                                   fwd.started, finished)
+            self._send_status(q.trainer, q.request.seq, True, 0, fwd.started, finished)
             if not out:
                 answer.sending = []  # nothing to send: the status is the whole answer
             elif (q.trainer, q.request.seq) in self.go:
@@ -359,9 +356,9 @@ class _GenerationLoop:
         return True
 
     def _send_status(self, r: int, seq: int, ok: bool, code: int, started: float,
-                     finished: float | None = None) -> Completion:
+                     finished: float | None = None) -> None:
         status = encode_status(seq, ok, code, started, finished or time.time())
-        return self._control("send", status, r, TAG_STATUS)
+        self.links[r].control.send(status, TAG_STATUS)
 
     # -- answers --------------------------------------------------------------------------
     def _send_answer(self, answer: Answer) -> None:
@@ -369,16 +366,18 @@ class _GenerationLoop:
         self.go.discard((answer.trainer, answer.seq))
         answer.sent_at = time.perf_counter()
         tensors = list(answer.tensors.values())
+        link = self.links[answer.trainer]
+        if link.data is None:  # CPU: the answer travels on the control connection
+            for t in tensors:
+                link.control.send(t, TAG_PAYLOAD)
+            answer.sending = []
+            return
         try:
-            if self.send_stream is None:
-                answer.sending = [self._control("send", t, answer.trainer, TAG_PAYLOAD)
-                                  for t in tensors]
-                return
             # A stream of its own that waits only for this answer's forward: the NCCL send
             # must not queue behind a later forward running for the other trainers.
             with torch.cuda.stream(self.send_stream):
                 self.send_stream.wait_event(answer.ready)
-                answer.sending = [Completion(self.groups.data.send([t], answer.trainer, 0), "nccl")
+                answer.sending = [Completion(link.data.send([t], link.data_peer, 0))
                                   for t in tensors]
         except RuntimeError as err:
             raise PeerLost(f"trainer {answer.trainer}: sending answer {answer.seq}: {err}") from err
@@ -386,8 +385,7 @@ class _GenerationLoop:
     def _poll_sends(self) -> bool:
         progressed = False
         for key, answer in list(self.answers.items()):
-            if answer.sending is not None and all(c.done() for c in answer.sending) and (
-                    answer.status_sent is None or answer.status_sent.done()):
+            if answer.sending is not None and all(c.done() for c in answer.sending):
                 self.metrics.send_seconds.observe(time.perf_counter() - answer.sent_at)
                 del self.answers[key]
                 progressed = True
