@@ -3,6 +3,7 @@
 
     python3 scripts/docker_engine.py ensure     # install what is missing, start dockerd if none answers
     python3 scripts/docker_engine.py stop       # stop the dockerd that `ensure` started (and only that one)
+    python3 scripts/docker_engine.py compose    # only the Compose plugin (`docker compose config` needs no engine)
     python3 scripts/docker_engine.py status
 
 * The engine is Debian's ``docker.io`` (apt-get). Where no bridge or iptables can be set up (CI
@@ -71,10 +72,20 @@ def engine_answers() -> bool:
         return False
 
 
+def compose_command() -> list[str] | None:
+    """How to run Compose v2 here: ``docker compose``, else the plugin binary on its own."""
+    if shutil.which("docker") and _run(["docker", "compose", "version"]).returncode == 0:
+        return ["docker", "compose"]
+    if PLUGIN.is_file() and os.access(PLUGIN, os.X_OK):
+        return [str(PLUGIN)]
+    return None
+
+
 def compose_version() -> tuple[int, ...] | None:
-    if shutil.which("docker") is None:
+    cmd = compose_command()
+    if cmd is None:
         return None
-    done = _run(["docker", "compose", "version", "--short"])
+    done = _run(cmd + ["version", "--short"])
     if done.returncode != 0:
         return None
     try:
@@ -230,8 +241,17 @@ def stop(pid: int | None = None, timeout: float = 60) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("ensure", "stop", "status"))
+    ap.add_argument("action", choices=("ensure", "stop", "compose", "status"))
     args = ap.parse_args(argv)
+    if args.action == "compose":
+        try:
+            install_compose()
+        except DockerUnavailable as err:
+            say(f"error: {err}")
+            return 1
+        say(f"compose {'.'.join(map(str, compose_version() or ()))}: "
+            f"{' '.join(compose_command() or [])}")
+        return 0
     if args.action == "ensure":
         try:
             engine = ensure()
