@@ -8,9 +8,10 @@ clusters), so nothing is pulled.
 
 * **Base images**, from Debian's packages with ``debootstrap --variant=minbase bookworm``,
   imported with ``docker import``:
-  ``llama2rwkv-base:cpu`` (Python 3.11 in a venv at /opt/venv, first on PATH, and g++ and the
-  Python headers for the C++ ops DeepSpeed compiles at run time) is the ``BASE_IMAGE`` of
-  docker/Dockerfile's CPU flavour; ``llama2rwkv-prometheus:cpu`` is Debian's ``prometheus``
+  ``llama2rwkv-base:bookworm`` (Python 3.11 in a venv at /opt/venv, first on PATH, and g++ and
+  the Python headers for the C++ ops DeepSpeed compiles at run time) is the ``BASE_IMAGE`` of
+  docker/Dockerfile's offline flavour (CPU torch from the wheelhouse; a CUDA torch wheel works
+  the same way); ``llama2rwkv-prometheus:bookworm`` is Debian's ``prometheus``
   package, run as its own user, for compose's prometheus service.
 * **The wheelhouse** ``docker/wheelhouse/``: every Python dependency of the image as a wheel
   (``pip wheel`` of docker/requirements.txt, torch and setuptools, on this host, which must run
@@ -19,7 +20,7 @@ clusters), so nothing is pulled.
 Each is keyed by its inputs (package lists and recipe for a base image; requirements, torch
 spec, pip arguments and Python version for the wheelhouse): an image ``…:cpu-<key>`` that
 exists, or a wheelhouse under ``~/.cache/llama2rwkv/wheelhouse/<key>``, is reused; the
-``:cpu`` tags point at the current keys. ``--rebuild`` makes them again (e.g. for Debian's
+``:bookworm`` tags point at the current keys. ``--rebuild`` makes them again (e.g. for Debian's
 security updates). Needs root (debootstrap, chroot), Docker and, for the wheelhouse, pip.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ BASES = {
                     '"--storage.tsdb.path=/prometheus"]', "EXPOSE 9090"],
     },
 }
-FLAVOUR_TAG = "cpu"
+SUITE_TAG = SUITE  # llama2rwkv-base:bookworm, llama2rwkv-base:bookworm-<key>
 
 
 class ImageError(RuntimeError):
@@ -119,7 +120,7 @@ def _owner_ids(rootfs: Path, user: str) -> tuple[int, int]:
 def build_base(name: str, workdir: Path) -> str:
     """debootstrap + the recipe's steps + docker import; returns the keyed tag."""
     recipe = BASES[name]
-    tag = f"{name}:{FLAVOUR_TAG}-{base_key(name)}"
+    tag = f"{name}:{SUITE_TAG}-{base_key(name)}"
     rootfs = workdir / name
     debs = CACHE / "debootstrap-debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -155,36 +156,36 @@ def build_base(name: str, workdir: Path) -> str:
 def ensure_bases(rebuild: bool = False) -> dict[str, str]:
     """Every base image, built when its keyed tag is missing; ``name:cpu`` points at it."""
     tags: dict[str, str] = {}
-    missing = [n for n in BASES if rebuild or not image_exists(f"{n}:{FLAVOUR_TAG}-{base_key(n)}")]
+    missing = [n for n in BASES if rebuild or not image_exists(f"{n}:{SUITE_TAG}-{base_key(n)}")]
     if missing:
         _need_root_tools()
     with tempfile.TemporaryDirectory(prefix="llama2rwkv-rootfs-", dir="/var/tmp") as tmp:
         for name in BASES:
-            keyed = f"{name}:{FLAVOUR_TAG}-{base_key(name)}"
+            keyed = f"{name}:{SUITE_TAG}-{base_key(name)}"
             if name in missing:
                 build_base(name, Path(tmp))
             else:
                 say(f"{keyed}: reused")
-            run(["docker", "tag", keyed, f"{name}:{FLAVOUR_TAG}"])
-            tags[name] = f"{name}:{FLAVOUR_TAG}"
+            run(["docker", "tag", keyed, f"{name}:{SUITE_TAG}"])
+            tags[name] = f"{name}:{SUITE_TAG}"
     return tags
 
 
 # --------------------------------------------------------------------------- wheelhouse
-def wheelhouse_key(torch: str, pip_args: list[str]) -> str:
+def wheelhouse_key(torch: str, pip_args: list[str], image_python: str = IMAGE_PYTHON) -> str:
     return key_of({"requirements": REQUIREMENTS.read_text(), "torch": torch,
-                   "build": BUILD_REQUIREMENTS, "pip_args": pip_args, "python": IMAGE_PYTHON})
+                   "build": BUILD_REQUIREMENTS, "pip_args": pip_args, "python": image_python})
 
 
-def ensure_wheelhouse(python: str, torch: str, pip_args: list[str],
-                      rebuild: bool = False) -> Path:
+def ensure_wheelhouse(python: str, torch: str, pip_args: list[str], rebuild: bool = False,
+                      image_python: str = IMAGE_PYTHON) -> Path:
     """Fill the keyed wheelhouse (pip wheel) when missing; link its wheels into docker/wheelhouse."""
     version = run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-    if version.stdout.strip() != IMAGE_PYTHON:
+    if version.stdout.strip() != image_python:
         raise ImageError(f"{python} is Python {version.stdout.strip()}, but the image runs "
-                         f"Python {IMAGE_PYTHON} (Debian 12): its wheels would not install. "
-                         f"Pass --python with a Python {IMAGE_PYTHON}.")
-    key = wheelhouse_key(torch, pip_args)
+                         f"Python {image_python}: its wheels would not install. Pass --python "
+                         f"with a Python {image_python} (--image-python names another base's).")
+    key = wheelhouse_key(torch, pip_args, image_python)
     cached = CACHE / "wheelhouse" / key
     if rebuild and cached.exists():
         shutil.rmtree(cached)
@@ -194,7 +195,7 @@ def ensure_wheelhouse(python: str, torch: str, pip_args: list[str],
         partial.mkdir(parents=True)
         t0 = time.monotonic()
         run([python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", partial, *pip_args,
-             "-r", REQUIREMENTS, torch, *BUILD_REQUIREMENTS])
+             "-r", REQUIREMENTS, *([torch] if torch else []), *BUILD_REQUIREMENTS])
         (partial / "COMPLETE").write_text(json.dumps({"torch": torch, "pip_args": pip_args})
                                           + "\n")
         shutil.rmtree(cached, ignore_errors=True)
@@ -226,18 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="make the bases and wheelhouse again")
     ap.add_argument("--torch", default=os.environ.get("TORCH_SPEC") or DEFAULT_TORCH,
                     help=f"torch requirement for the wheelhouse (env TORCH_SPEC; default "
-                         f"{DEFAULT_TORCH}: a CPU build where pip finds one)")
+                         f"{DEFAULT_TORCH}: a CPU build where pip finds one; '' for none, when "
+                         "the base image has torch)")
     ap.add_argument("--pip-arg", action="append", default=shlex.split(os.environ.get(
         "PIP_EXTRA", "")), help="extra pip argument, e.g. --extra-index-url=URL (env PIP_EXTRA)")
     ap.add_argument("--python", default=sys.executable,
                     help=f"Python {IMAGE_PYTHON} whose pip fills the wheelhouse")
+    ap.add_argument("--image-python", default=IMAGE_PYTHON,
+                    help=f"Python version of the base image (default {IMAGE_PYTHON}, ours)")
     ap.add_argument("--skip-bases", action="store_true", help="only the wheelhouse")
     args = ap.parse_args(argv)
     try:
         if not args.skip_bases:
             for name, tag in ensure_bases(args.rebuild).items():
                 say(f"{tag} ready")
-        ensure_wheelhouse(args.python, args.torch, args.pip_arg, args.rebuild)
+        ensure_wheelhouse(args.python, args.torch, args.pip_arg, args.rebuild, args.image_python)
     except ImageError as err:
         say(f"error: {err}")
         return 1
