@@ -18,7 +18,7 @@ clusters), so nothing is pulled.
   the image's Python version), so the Dockerfile installs with ``pip install --no-index``.
 
 Each is keyed by its inputs (package lists and recipe for a base image; requirements, torch
-spec, pip arguments and Python version for the wheelhouse): an image ``…:cpu-<key>`` that
+spec, pip arguments and Python version for the wheelhouse): an image ``…:bookworm-<key>`` that
 exists, or a wheelhouse under ``~/.cache/llama2rwkv/wheelhouse/<key>``, is reused; the
 ``:bookworm`` tags point at the current keys. ``--rebuild`` makes them again (e.g. for Debian's
 security updates). Needs root (debootstrap, chroot), Docker and, for the wheelhouse, pip.
@@ -153,10 +153,15 @@ def build_base(name: str, workdir: Path) -> str:
     return tag
 
 
+def missing_bases() -> list[str]:
+    """Base images whose keyed tag does not exist yet (building them needs root)."""
+    return [n for n in BASES if not image_exists(f"{n}:{SUITE_TAG}-{base_key(n)}")]
+
+
 def ensure_bases(rebuild: bool = False) -> dict[str, str]:
-    """Every base image, built when its keyed tag is missing; ``name:cpu`` points at it."""
+    """Every base image, built when its keyed tag is missing; ``name:bookworm`` points at it."""
     tags: dict[str, str] = {}
-    missing = [n for n in BASES if rebuild or not image_exists(f"{n}:{SUITE_TAG}-{base_key(n)}")]
+    missing = list(BASES) if rebuild else missing_bases()
     if missing:
         _need_root_tools()
     with tempfile.TemporaryDirectory(prefix="llama2rwkv-rootfs-", dir="/var/tmp") as tmp:

@@ -14,7 +14,8 @@ compose.cpu.yaml run under their own project name with a tiny teacher:
 3. `docker stop` of the trainer: supervisord stops torchrun's ranks, which checkpoint and exit;
 4. `make down` leaves no container behind.
 
-Skips, with the reason, only where Docker cannot be installed or started (no root).
+Skips, with the reason, only where Docker cannot be installed or started, or the base images
+cannot be built (no root).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import docker_engine  # noqa: E402 (scripts/)
+import docker_images  # noqa: E402 (scripts/)
 
 PROJECT = "llama2rwkv-test"
 FILES = ["--env-file", "deploy/cpu.env", "-f", "compose.yaml", "-f", "compose.cpu.yaml"]
@@ -168,6 +170,9 @@ def stack(engine, tmp_path_factory):
     if busy:
         pytest.fail(f"ports in use: {', '.join(busy)} (compose.yaml's fixed metrics ports): "
                     "another stack runs here; stop it first (make down, make demo-down)")
+    if os.geteuid() != 0 and docker_images.missing_bases():
+        pytest.skip(f"the Debian base images {docker_images.missing_bases()} are missing and "
+                    "building them (debootstrap, chroot) needs root")
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     images = subprocess.run([sys.executable, str(ROOT / "scripts" / "docker_images.py")],
