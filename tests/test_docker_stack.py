@@ -188,7 +188,8 @@ def stack(engine, tmp_path_factory):
     runs.mkdir()
     env = dict(os.environ, COMPOSE_PROJECT_NAME=PROJECT, MODELS_DIR=str(teacher.parent),
                TEACHER_MODEL=teacher.name, DATA_DIR=str(data), RUNS_DIR=str(runs),
-               PROMETHEUS_LISTEN=f"127.0.0.1:{free_port()}", NCCL_NVLS_ENABLE="0")
+               PROMETHEUS_LISTEN=f"127.0.0.1:{free_port()}", NCCL_NVLS_ENABLE="0",
+               IMAGE=f"{PROJECT}:latest")  # never replaces the user's llama2rwkv:latest
     cpu = CpuStack(env, runs, env["PROMETHEUS_LISTEN"])
     t1 = time.monotonic()
     cpu.compose("build", "trainer", timeout=1200)
