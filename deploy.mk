@@ -50,9 +50,10 @@ images-cpu: $(VENV_STAMP)
 	$(COMPOSE) $(CPU_COMPOSE_FILES) build trainer
 
 up-cpu: images-cpu
-	$(DEPLOY_PYTHON) scripts/demo_prepare.py --run-dir $(CPU_RUN_DIR) --teacher-steps $(CPU_TEACHER_STEPS)
+	$(DEPLOY_PYTHON) scripts/demo_prepare.py --run-dir $(CPU_RUN_DIR) \
+	    --teacher-steps $(CPU_TEACHER_STEPS)
 	$(COMPOSE) $(CPU_COMPOSE_FILES) up -d
-	@echo "up-cpu: 'docker compose $(CPU_COMPOSE_FILES) logs -f trainer' (or make logs SERVICE=trainer); make down stops it"
+	@echo "up-cpu: started; make ps, make logs SERVICE=trainer; make down stops it"
 
 down:
 	$(COMPOSE) $(STACK_FILES) down --remove-orphans

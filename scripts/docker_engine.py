@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A Docker engine with the Compose v2 plugin on this machine, installed and started on demand.
 
-    python3 scripts/docker_engine.py ensure     # install what is missing, start dockerd if none answers
-    python3 scripts/docker_engine.py stop       # stop the dockerd that `ensure` started (and only that one)
-    python3 scripts/docker_engine.py compose    # only the Compose plugin (`docker compose config` needs no engine)
+    python3 scripts/docker_engine.py ensure   # install what is missing; start dockerd if needed
+    python3 scripts/docker_engine.py stop     # stop the dockerd `ensure` started (only that one)
+    python3 scripts/docker_engine.py compose  # only the Compose plugin (`compose config` needs
+                                              # no engine)
     python3 scripts/docker_engine.py status
 
 * The engine is Debian's ``docker.io`` (apt-get). Where no bridge or iptables can be set up (CI

@@ -184,7 +184,7 @@ def wheelhouse_key(torch: str, pip_args: list[str], image_python: str = IMAGE_PY
 
 def ensure_wheelhouse(python: str, torch: str, pip_args: list[str], rebuild: bool = False,
                       image_python: str = IMAGE_PYTHON) -> Path:
-    """Fill the keyed wheelhouse (pip wheel) when missing; link its wheels into docker/wheelhouse."""
+    """Fill the keyed wheelhouse (pip wheel) if missing; link its wheels into docker/wheelhouse."""
     version = run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
     if version.stdout.strip() != image_python:
         raise ImageError(f"{python} is Python {version.stdout.strip()}, but the image runs "
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if not args.skip_bases:
-            for name, tag in ensure_bases(args.rebuild).items():
+            for tag in ensure_bases(args.rebuild).values():
                 say(f"{tag} ready")
         ensure_wheelhouse(args.python, args.torch, args.pip_arg, args.rebuild, args.image_python)
     except ImageError as err:

@@ -128,7 +128,8 @@ def test_cpu_override_removes_gpu_settings_in_both_readers():
         for key in ("deploy", "ulimits"):
             assert key not in composed["services"][name] and key not in project.raw(name)
         build = composed["services"][name]["build"]
-        assert build["args"]["BASE_IMAGE"] == "llama2rwkv-base:bookworm" and build["network"] == "host"
+        assert build["args"]["BASE_IMAGE"] == "llama2rwkv-base:bookworm"
+        assert build["network"] == "host"
     assert project.select() == ["teacher-0", "teacher-1", "trainer", "prometheus"]
 
 

@@ -24,15 +24,25 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from .errors import ComposeError
 from .interpolate import Lookup, interpolate, interpolate_tree, parse_dotenv
-from .normalise import (Healthcheck, Mount, Service, as_argv, as_list, normalise_depends_on,
-                        normalise_environment, parse_duration, scalar)
+from .normalise import (
+    Healthcheck,
+    Mount,
+    Service,
+    as_argv,
+    as_list,
+    normalise_depends_on,
+    normalise_environment,
+    parse_duration,
+    scalar,
+)
 
 __all__ = ["ComposeError", "Healthcheck", "Lookup", "Mount", "Project", "Service", "interpolate",
            "interpolate_tree", "normalise_environment", "parse_dotenv", "parse_duration"]
@@ -45,7 +55,7 @@ class _Reset:
     def __repr__(self) -> str:
         return "!reset"
 
-    def __deepcopy__(self, memo: dict) -> "_Reset":
+    def __deepcopy__(self, memo: dict) -> _Reset:
         return self  # one marker, compared by identity
 
 
