@@ -1,5 +1,6 @@
-# llama2rwkv — the two commands that do everything on a fresh machine:
+# llama2rwkv — the commands that do everything on a fresh machine:
 #   make demo    the whole stack on CPU with a tiny teacher (install included)
+#   make up-cpu  the same services in Docker on CPU, built offline (deploy.mk; make down)
 #   make test    the linter, then the whole test suite (install included)
 
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 .PHONY: install lint test test-gpu demo clean help
 
 help:
-	@echo "make demo | make test | make lint | make install | make up | make up-local | make check-deploy"
+	@echo "make demo | make test | make lint | make install | make up | make up-cpu | make down | make up-local | make check-deploy"
 
 install: $(VENV_STAMP)
 

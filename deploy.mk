@@ -1,12 +1,16 @@
 # Deployment targets (docs/deploy.md), included from the main Makefile.
 #
 #   make up / down / logs / ps    the stack in Docker (compose.yaml, settings in .env)
+#   make up-cpu                   the same stack in Docker on a machine without a GPU, built
+#                                 offline (compose.cpu.yaml, deploy/cpu.env); make down stops it
+#   make images-cpu               only build its images (Debian bases, wheelhouse, the image)
 #   make up-local / down-local    the same services without Docker (services/runner + supervisord)
 #   make check-deploy             static checks: compose schema, hadolint, promtool
 #
 # Variables: SERVICE=teacher-0 (logs of one service); LOCAL_FILE=compose.demo.yaml (another
 # compose file for up-local/down-local); LOCAL_ARGS='--services teacher-0 --env NCCL_DEBUG=INFO'
-# (more runner options for up-local); LOCAL_RUN_DIR (default runs/local/<file stem>).
+# (more runner options for up-local); LOCAL_RUN_DIR (default runs/local/<file stem>);
+# CPU_TEACHER_STEPS (LM steps of up-cpu's tiny teacher, default 600; 0 keeps it random).
 
 DEPLOY_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 RUNNER ?= $(DEPLOY_PYTHON) -m services.runner
@@ -16,29 +20,49 @@ SERVICE ?=
 LOCAL_FILE ?= compose.yaml
 LOCAL_RUN_DIR ?=
 LOCAL_ARGS ?=
+CPU_COMPOSE_FILES ?= --env-file deploy/cpu.env -f compose.yaml -f compose.cpu.yaml
+CPU_RUN_DIR ?= runs/cpu
+CPU_TEACHER_STEPS ?= 600
+# down / logs / ps act on either stack: both have the same project and service names, and
+# without .env only the CPU files interpolate (deploy/cpu.env sets every variable).
+STACK_FILES = $(if $(wildcard .env),$(COMPOSE_FILES),$(CPU_COMPOSE_FILES))
 
 _local_common = -f $(LOCAL_FILE) $(if $(LOCAL_RUN_DIR),--run-dir $(LOCAL_RUN_DIR))
 _need_env = $(if $(filter compose.yaml,$(notdir $(LOCAL_FILE))),--require-env-file)
 
-.PHONY: up down logs ps up-local down-local check-deploy
+.PHONY: up up-cpu images-cpu down logs ps up-local down-local check-deploy
 
 define _require_dotenv
 	@test -f .env || { echo "error: .env is missing: run 'cp .env.example .env', then set MODELS_DIR, TEACHER_MODEL, DATA_DIR, RUNS_DIR and GRAFANA_ADMIN_PASSWORD in it (see docs/deploy.md)" >&2; exit 1; }
 endef
 
+# The three services share one image: build it once (compose would build it per service).
 up:
 	$(_require_dotenv)
 	$(RUNNER) check $(COMPOSE_FILES) --require-env-file
-	$(COMPOSE) $(COMPOSE_FILES) up -d --build
+	$(COMPOSE) $(COMPOSE_FILES) build trainer
+	$(COMPOSE) $(COMPOSE_FILES) up -d
+
+# Engine: installed (Debian's docker.io + the Compose plugin) and started when missing.
+images-cpu: $(VENV_STAMP)
+	$(DEPLOY_PYTHON) scripts/docker_engine.py ensure
+	$(DEPLOY_PYTHON) scripts/docker_images.py
+	$(COMPOSE) $(CPU_COMPOSE_FILES) build trainer
+
+up-cpu: images-cpu
+	$(DEPLOY_PYTHON) scripts/demo_prepare.py --run-dir $(CPU_RUN_DIR) \
+	    --teacher-steps $(CPU_TEACHER_STEPS)
+	$(COMPOSE) $(CPU_COMPOSE_FILES) up -d
+	@echo "up-cpu: started; make ps, make logs SERVICE=trainer; make down stops it"
 
 down:
-	$(COMPOSE) $(COMPOSE_FILES) down
+	$(COMPOSE) $(STACK_FILES) down --remove-orphans
 
 logs:
-	$(COMPOSE) $(COMPOSE_FILES) logs -f --tail=200 $(SERVICE)
+	$(COMPOSE) $(STACK_FILES) logs -f --tail=200 $(SERVICE)
 
 ps:
-	$(COMPOSE) $(COMPOSE_FILES) ps
+	$(COMPOSE) $(STACK_FILES) ps
 
 up-local:
 	$(RUNNER) up $(_local_common) $(_need_env) $(LOCAL_ARGS)

@@ -3,10 +3,14 @@
 A tiny Llama teacher (``python -m shared.tiny``) given a short language-model training so
 that it has something to distil, a C4-layout sample of the system's documentation
 (scripts/make_c4_sample.py), and that sample prepared for the trainer with a held-out
-validation split (``python -m services.trainer.data c4``). :func:`prepare` is the entry point.
+validation split (``python -m services.trainer.data c4``). :func:`prepare` is the entry point;
+run as a script it prepares a run directory alone, for the CPU stack in Docker (make up-cpu):
+
+    python scripts/demo_prepare.py --run-dir runs/cpu [--teacher-steps N] [--fresh]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -134,3 +138,20 @@ def prepare(run_dir: Path, teacher_steps: int, fresh: bool) -> tuple[Path, Path,
         else:
             (teacher / PRETRAIN_STAMP).write_text(json.dumps({"steps": 0}) + "\n")
     return teacher, c4, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Make the demo's tiny teacher and data in a run "
+                                 "directory (models/, c4/, data/), reused while they fit.")
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--teacher-steps", type=int, default=600,
+                    help="LM training steps of the tiny teacher (0: keep it random)")
+    ap.add_argument("--fresh", action="store_true", help="make a new teacher and dataset")
+    args = ap.parse_args(argv)
+    teacher, _, data = prepare(args.run_dir.resolve(), args.teacher_steps, args.fresh)
+    say(f"teacher {teacher}\ndata    {data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

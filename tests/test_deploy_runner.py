@@ -297,6 +297,12 @@ def test_rendered_programs_are_the_compose_services(tmp_path: Path, gpu_env, com
         Path(gpu_env["MODELS_DIR"]) / gpu_env["TEACHER_MODEL"])
     assert argv[argv.index("--link.rendezvous_dir") + 1] == str(
         run_dir.resolve() / "volumes" / "rendezvous")
+    if compose_name == "compose.yaml":  # compiled kernels persist on the kernel-cache volume
+        cache = run_dir.resolve() / "volumes" / "kernel-cache"
+        for name in OUR_IMAGE_SERVICES[compose_name]:
+            env = programs[name].environment
+            assert env["TRITON_CACHE_DIR"] == str(cache / "triton"), name
+            assert env["TORCH_EXTENSIONS_DIR"] == str(cache / "torch_extensions"), name
 
 
 def test_compose_layout_of_the_8_gpu_node(gpu_env, tmp_path: Path):
@@ -399,7 +405,10 @@ def test_make_up_passes_its_checks_then_calls_compose(project_copy: Path, gpu_en
     write_env(project_copy / ".env", gpu_env)
     done = _make(project_copy, "up")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "docker compose -f compose.yaml up -d --build" in done.stdout
+    # One build of the image the three services share, then up (compose would build it thrice).
+    lines = done.stdout.splitlines()
+    build = lines.index("docker compose -f compose.yaml build trainer")
+    assert lines.index("docker compose -f compose.yaml up -d") > build
 
 
 def test_check_for_docker_does_not_need_the_programs_on_this_host(project_copy: Path, gpu_env,

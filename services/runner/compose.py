@@ -4,7 +4,8 @@ Covered: ``.env`` files (compose's dotenv syntax), variable interpolation (``$VA
 ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}``, ``${VAR?message}``,
 ``${VAR:+alt}``, ``${VAR+alt}``, nesting, ``$$``), YAML anchors and merge keys, several files
 merged in order (``-f a.yaml -f b.yaml``), ``environment`` (list or mapping), ``env_file``
-(string, list, ``{path, required}``), ``command``/``entrypoint`` (string or list),
+(string, list, ``{path, required}``), the ``!reset`` and ``!override`` tags of override files,
+``command``/``entrypoint`` (string or list),
 ``volumes`` (short and long syntax), ``depends_on``, ``healthcheck``, ``restart``,
 ``stop_grace_period``, ``profiles`` and ``COMPOSE_PROFILES``.
 
@@ -47,12 +48,70 @@ __all__ = ["ComposeError", "Healthcheck", "Lookup", "Mount", "Project", "Service
            "interpolate_tree", "normalise_environment", "parse_dotenv", "parse_duration"]
 
 
+# --------------------------------------------------------------------------- YAML tags
+class _Reset:
+    """``!reset``: the attribute is removed from what earlier files set."""
+
+    def __repr__(self) -> str:
+        return "!reset"
+
+    def __deepcopy__(self, memo: dict) -> _Reset:
+        return self  # one marker, compared by identity
+
+
+RESET = _Reset()
+
+
+class Override:
+    """``!override VALUE``: VALUE replaces what earlier files set instead of merging with it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: safe types plus the ``!reset`` and ``!override`` tags."""
+
+
+def _construct_tagged(loader: ComposeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+ComposeLoader.add_constructor("!override",
+                              lambda loader, node: Override(_construct_tagged(loader, node)))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one compose file (tags kept as markers until the files are merged)."""
+    return yaml.load(text, Loader=ComposeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _untag(value: Any) -> Any:
+    """The value with no markers left: ``!reset`` keys dropped, ``!override`` unwrapped."""
+    if isinstance(value, Override):
+        return _untag(value.value)
+    if isinstance(value, dict):
+        return {k: _untag(v) for k, v in value.items() if v is not RESET}
+    if isinstance(value, list):
+        return [_untag(v) for v in value if v is not RESET]
+    return value
+
+
 # --------------------------------------------------------------------------- merging files
 def _merge_service(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Compose's merge of one service across files (the subset we need)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if key == "environment":
+        if value is RESET:
+            out.pop(key, None)
+        elif isinstance(value, Override):
+            out[key] = copy.deepcopy(value.value)
+        elif key == "environment":
             merged = _env_items(out.get("environment"))
             merged.update(_env_items(value))
             out[key] = merged
@@ -93,7 +152,11 @@ def _env_items(value: Any) -> dict[str, Any]:
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if v is RESET:
+            out.pop(k, None)
+        elif isinstance(v, Override):
+            out[k] = copy.deepcopy(v.value)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -153,7 +216,7 @@ class Project:
         merged: dict[str, Any] = {"services": {}}
         for path in self.files:
             try:
-                doc = yaml.safe_load(path.read_text()) or {}
+                doc = load_yaml(path.read_text()) or {}
             except yaml.YAMLError as err:
                 raise ComposeError(f"{path}: {err}") from None
             if not isinstance(doc, dict):
@@ -165,11 +228,13 @@ class Project:
                         base = merged["services"].get(name)
                         merged["services"][name] = (_merge_service(base, svc)
                                                     if base else copy.deepcopy(svc))
+                elif value is RESET:
+                    merged.pop(key, None)
                 elif isinstance(value, dict) and isinstance(merged.get(key), dict):
                     merged[key] = _deep_merge(merged[key], value)
                 else:
                     merged[key] = copy.deepcopy(value)
-        return merged
+        return _untag(merged)
 
     # ---------------------------------------------------------------- queries
     @property
