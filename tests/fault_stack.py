@@ -24,9 +24,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -122,7 +123,7 @@ class FaultStack:
                                 stderr=subprocess.DEVNULL)
 
     @contextlib.contextmanager
-    def running(self) -> Iterator["FaultStack"]:
+    def running(self) -> Iterator[FaultStack]:
         """``up``; always ``down`` at the end."""
         try:
             self.up()

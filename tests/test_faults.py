@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import wait_for, write_config
 from fault_stack import TEACHERS, FaultStack, signal_pending, signal_process
 from shared.config import LinkConfig
-from conftest import wait_for, write_config
 from test_trainer import prepare_dataset
 
 STEPS = 40
@@ -89,7 +89,7 @@ def assert_same_run(stack: FaultStack, reference: FaultStack) -> None:
     for rank in (0, 1):
         got, want = stack.steps(rank), reference.steps(rank)
         assert [r["step"] for r in got] == list(range(1, STEPS + 1)), (rank, stack.logs())
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             for key in COMPARED:
                 same = a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key]))
                 assert same, (rank, a["step"], key, a[key], b[key])

@@ -291,7 +291,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not files:
         print(f"runner: no logs in {logs}")
         return 1
-    cmd = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [str(f) for f in files]
+    cmd = (["tail", "-n", str(args.lines)] + (["-F"] if args.follow else [])
+           + [str(f) for f in files])
     try:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:

@@ -136,7 +136,8 @@ def normalise_depends_on(value: Any) -> dict[str, str]:
     if isinstance(value, list):
         return {str(v): "service_started" for v in value}
     if isinstance(value, dict):
-        return {str(k): str((v or {}).get("condition", "service_started")) for k, v in value.items()}
+        return {str(k): str((v or {}).get("condition", "service_started"))
+                for k, v in value.items()}
     raise ComposeError("depends_on: expected a list or a mapping")
 
 

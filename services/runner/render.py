@@ -298,7 +298,8 @@ def render_conf(plan: Plan, foreground: bool = False, python: str = sys.executab
     run = plan.run_dir
     path_env = path_env or local_path_env(python)
     lines = [
-        f"; Rendered by `python -m services.runner` from {', '.join(str(f) for f in plan.project.files)}",
+        "; Rendered by `python -m services.runner` from "
+        + ", ".join(str(f) for f in plan.project.files),
         "; Do not edit: change the compose file and render again.",
         "",
         "[unix_http_server]",

@@ -78,8 +78,9 @@ def stopped_message(plan: Plan) -> str:
     record = exit_record(plan.run_dir)
     logs = plan.run_dir / "logs"
     if record:
-        return (f"supervisord stopped: {record.get('process')} went "
-                f"{record.get('event', '').rsplit('_', 1)[-1]} (see {logs}/{record.get('process')}.log)")
+        state = record.get("event", "").rsplit("_", 1)[-1]
+        return (f"supervisord stopped: {record.get('process')} went {state} "
+                f"(see {logs}/{record.get('process')}.log)")
     return f"supervisord is not running (see {plan.run_dir / 'supervisord.log'})"
 
 
