@@ -147,13 +147,13 @@ def vocabulary(w: World, case: Path) -> Run:
     """A student exported from a teacher with another vocabulary (same tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.student import build_student, save_student
+    from shared.student import convert_teacher, save_student
 
     other = w.model("vocab-640", model_vocab_size=640)
     student = w.root / "student-640"
     if not (student / "config.json").is_file():
         teacher = AutoModelForCausalLM.from_pretrained(str(other))
-        save_student(build_student(teacher, {"layers": [1, 2]}),
+        save_student(convert_teacher(teacher, {"layers": [1, 2]}),
                      AutoTokenizer.from_pretrained(str(other)), student)
     cfg = w.config(case, student={"init_from": str(student)})
     return Run("trainer", cfg, problem="has a vocabulary of 640 entries, the teacher",

@@ -104,7 +104,8 @@ def peer_state(path: Path, stale_after: float) -> tuple[bool, str]:
     if beat is None:
         return False, f"no heartbeat file {path}"
     age = time.time() - float(beat.get("time", 0))
-    if beat.get("host") == socket.gethostname() and beat.get("pidns") == PID_NAMESPACE:
+    same_pids = beat.get("pidns", PID_NAMESPACE) == PID_NAMESPACE  # absent: an older writer
+    if beat.get("host") == socket.gethostname() and same_pids:
         try:
             os.kill(int(beat["pid"]), 0)
         except ProcessLookupError:
