@@ -75,14 +75,19 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--model", required=True, help="teacher checkpoint the student converts")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--steps", type=int, default=12, help="steps per mode (3 warm-up)")
+    parser.add_argument("--steps", type=int, default=12,
+                        help="optimizer steps per mode (3 warm-up)")
     parser.add_argument("--modes", nargs="+", default=["none", "converted", "all"],
                         choices=["none", "converted", "all"])
     parser.add_argument("--trace", default=None, help="profile two steps of the first mode here")
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
+                        help="torch AdamW's fused kernel (our default on a GPU) or its foreach "
+                        "form (DeepSpeed's default with torch_adam; the baseline)")
     args, rest = parser.parse_known_args()
 
     from services.trainer.components import (
         build_student,
+        deepspeed_config,
         init_distributed,
         init_engine,
         select_trainable,
@@ -97,6 +102,14 @@ def main() -> None:
     cfg = load_config(args.config, ["--teacher.model_path", args.model, "--data.train_dir",
                                     args.data, "--train.output_dir", out, *rest])
     place = init_distributed(cfg)
+    if args.optimizer == "foreach":  # the same settings, the optimizer in its foreach form
+        ds = deepspeed_config(cfg, place.device, 1)
+        ds["optimizer"]["params"].pop("fused", None)
+        ds["optimizer"]["params"]["foreach"] = True
+        cfg.train.deepspeed_config = str(Path(out) / "foreach.json")
+        Path(cfg.train.deepspeed_config).write_text(json.dumps(
+            {k: ds[k] for k in ("zero_optimization", "optimizer") if k in ds}))
+    accum = cfg.train.grad_accum
     student = build_student(cfg, place.device)
     select_trainable(student, cfg)
     request = teacher_request(cfg.train, cfg.link, student.converted_layers,
@@ -116,10 +129,10 @@ def main() -> None:
         set_checkpointing(engine.module.student, mode)
         if cuda:
             torch.cuda.reset_peak_memory_stats(place.device)
-        times, tokens, lengths = [], [], []
-        for step in range(args.steps):
-            profile = args.trace and index == 0 and step in (WARMUP, WARMUP + 1)
-            if profile and step == WARMUP:
+        times, tokens, lengths = [], [], []  # per micro step
+        for step in range(args.steps * accum):
+            profile = args.trace and index == 0 and step in (WARMUP * accum, WARMUP * accum + 1)
+            if profile and step == WARMUP * accum:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                               + [torch.profiler.ProfilerActivity.CUDA] * cuda)
                 prof.__enter__()
@@ -137,11 +150,11 @@ def main() -> None:
             engine.step()
             float(loss.detach())  # the training loop reads the loss every step too
             sync()
-            if step >= WARMUP:
+            if step >= WARMUP * accum:
                 times.append(time.perf_counter() - t0)
                 tokens.append(int(batch["lengths"].sum()))
                 lengths.append(shape[1])
-            if profile and step == WARMUP + 1:
+            if profile and step == WARMUP * accum + 1:
                 prof.__exit__(None, None, None)
                 Path(args.trace).mkdir(parents=True, exist_ok=True)
                 prof.export_chrome_trace(str(Path(args.trace) / "student_steps.json"))
@@ -150,10 +163,12 @@ def main() -> None:
                 (Path(args.trace) / "student_kernels.txt").write_text(table)
                 print(table, flush=True)
         per_token, n_matmul = flops_per_token(engine.module.student, statistics.median(lengths))
-        step_s = statistics.median(times)
+        # an optimizer step = grad_accum micro steps (DeepSpeed steps the optimizer on the last)
+        step_s = statistics.median(sum(times[i:i + accum]) for i in range(0, len(times), accum))
         tok_s = sum(tokens) / sum(times)
-        result = {"mode": mode, "step_s": step_s, "tokens_per_s": tok_s,
-                  "tokens_per_step": statistics.median(tokens), "n_matmul": n_matmul,
+        result = {"mode": mode, "optimizer": args.optimizer, "grad_accum": accum,
+                  "step_s": step_s, "tokens_per_s": tok_s,
+                  "tokens_per_step": statistics.median(tokens) * accum, "n_matmul": n_matmul,
                   "flops_per_token": per_token, "tflops": tok_s * per_token / 1e12,
                   "mfu": tok_s * per_token / peak, "mfu_vs_matmul": tok_s * per_token / ceiling,
                   "matmul_tflops": ceiling / 1e12,
@@ -164,11 +179,12 @@ def main() -> None:
     print(f"\nN_matmul = {results[0]['n_matmul'] / 1e9:.2f} B; FLOPs per token = "
           f"{results[0]['flops_per_token'] / 1e9:.2f} G; bf16 matmul 8192³ here: "
           f"{results[0]['matmul_tflops']:.0f} TFLOP/s; peak {peak / 1e12:.0f}\n")
-    print("| grad checkpointing | step s (median) | tokens/s | TFLOP/s | MFU (peak) | "
-          "vs matmul | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| grad checkpointing | optimizer | grad accum | step s (median) | tokens/s | TFLOP/s | "
+          "MFU (peak) | vs matmul | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
+        print(f"| {r['mode']} | {r['optimizer']} | {r['grad_accum']} | {r['step_s']:.3f} | "
+              f"{r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
               f"{r['mfu']:.3f} | {r['mfu_vs_matmul']:.3f} | {r['peak_memory_gib']:.1f} |")
 
 

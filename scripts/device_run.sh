@@ -11,9 +11,12 @@
 #   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
 #   benchlink     scripts/bench_link.py: link transfer vs raw NCCL
 #   trainer       scripts/bench_trainer.py at the 8B layer shapes: prefetch on/off pairs,
-#                 the reference protocol, and the student alone (MFU)
+#                 the reference protocol, and the student alone (MFU); PAIRS, STEPS and
+#                 STUDENT_MODES (checkpointing modes of the student-alone arm) from the env
 #   reconnect     scripts/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
-#   studenttests  tests/test_student_gpu.py
+#   student       scripts/bench_student.py at the 8B layer shapes (the student alone, MFU): AdamW
+#                 foreach (baseline) vs fused, 1 and 8 micro batches per optimizer step
+#   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
 #   kernels       scripts/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
 #   memory        scripts/bench_generation_memory.py (memory per generated token, 4k-32k)
 set -uo pipefail
@@ -40,10 +43,21 @@ run_step() {
     trainer) timeout "$limit" $py scripts/bench_trainer.py --tokenizer bench/tok \
                --data bench/data2048 --config configs/bench_8b_layers.yaml --shape 8b-layers \
                --pairs ${PAIRS:-2} --steps ${STEPS:-14} --trace "$logs" \
-               --student-modes none converted all ;;
+               --student-modes ${STUDENT_MODES:-none converted all} ;;
     reconnect) timeout "$limit" $py scripts/bench_reconnect.py --tokenizer bench/tok \
                  --data bench/data2048 ;;
-    studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py ;;
+    student) timeout "$limit" bash -c "
+               set -e; m=/tmp/teacher-8b-layers
+               $py -m shared.tiny --output \$m --tokenizer bench/tok --hidden-size 4096 \
+                 --layers 8 --heads 32 --kv-heads 8 --intermediate-size 14336 \
+                 --model-vocab-size 128256 --dtype bfloat16 --device cuda >/dev/null
+               for arm in 'foreach 1' 'fused 1' 'fused 8'; do set -- \$arm
+                 $py scripts/bench_student.py --config configs/bench_8b_layers.yaml --model \$m \
+                   --data bench/data2048 --steps 8 --modes converted none --optimizer \$1 \
+                   --train.grad_accum \$2 | grep -v '^|---' | grep '^| [a-z]'
+               done" ;;
+    studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
+                    ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py scripts/bench_kernels.py --batch 1 --reps 5 ;;
     memory) timeout "$limit" $py scripts/bench_generation_memory.py ;;
     *) echo "unknown step $name"; false ;;

@@ -45,3 +45,21 @@ def test_every_key_is_documented_in_the_schema_and_the_readme():
     for key, _, _, doc in documented_keys():
         assert doc, f"{key} has no documentation string in shared/config.py"
         assert f"`{key}`" in readme, f"{key} missing from README's config table"
+
+
+@pytest.mark.parametrize("device,offload,fused", [("cuda", False, True), ("cpu", False, None),
+                                                  ("cuda", True, None)])
+def test_deepspeed_optimizer_is_fused_on_a_gpu(tmp_path, device, offload, fused):
+    import json
+
+    import torch
+
+    from services.trainer.components import deepspeed_config
+
+    ds = {"zero_optimization": {"stage": 1}}
+    if offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = load_config(None, ["--train.deepspeed_config", str(tmp_path / "ds.json")])
+    params = deepspeed_config(cfg, torch.device(device), 1)["optimizer"]["params"]
+    assert params.get("fused") is fused and params["torch_adam"] is not offload

@@ -109,7 +109,8 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
     from shared.student import HybridRWKVCache, convert_teacher
     from shared.tiny import tiny_teacher
 
-    teacher = tiny_teacher("llama", layers=4, hidden=256, heads=4, kv_heads=2, vocab=512).to(DEV)
+    # head size 128: the shape of the shipped fla configs (other head sizes tune for minutes)
+    teacher = tiny_teacher("llama", layers=4, hidden=512, heads=4, kv_heads=2, vocab=512).to(DEV)
     torch.manual_seed(0)
     student = convert_teacher(teacher, dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")).eval()
     ids = torch.randint(3, 512, (2, 200), device=DEV)
@@ -128,7 +129,7 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
     assert student.generate(ids[:, :50], max_new_tokens=8, min_new_tokens=8,
                             do_sample=False).shape == (2, 58)
     student.train()
-    states = {i: torch.randn(2, 200, 256, device=DEV, dtype=torch.bfloat16) for i in range(4)}
+    states = {i: torch.randn(2, 200, 512, device=DEV, dtype=torch.bfloat16) for i in range(4)}
     out = student.align_forward(states)
     sum(o.float().pow(2).mean() for o in out.values()).backward()
     grads = [p.grad for n, p in student.named_parameters()
@@ -143,7 +144,7 @@ def test_packed_documents_on_cuda(mixer: str) -> None:
     from shared.student import convert_teacher
     from shared.tiny import tiny_teacher
 
-    teacher = tiny_teacher("llama", layers=3, hidden=256, heads=4, kv_heads=2, vocab=512).to(DEV)
+    teacher = tiny_teacher("llama", layers=3, hidden=512, heads=4, kv_heads=2, vocab=512).to(DEV)
     student = convert_teacher(teacher, dict(layers=[0, 2], mixer=mixer)).to(torch.bfloat16).eval()
     lengths = [70, 33, 100]  # one row: three documents, one of them longer than a chunk multiple
     ids = torch.randint(3, 512, (1, sum(lengths)), device=DEV)
