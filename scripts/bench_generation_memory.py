@@ -58,7 +58,7 @@ def sync(device: str) -> None:
 
 @torch.no_grad()
 def measure(model, cache, context: int, new_tokens: int, prefill_chunk: int,  # noqa: ANN001
-            device: str, vocab: int) -> dict:
+            device: str, vocab: int, profile: bool = False) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     logits = None
@@ -81,6 +81,21 @@ def measure(model, cache, context: int, new_tokens: int, prefill_chunk: int,  # 
         token = logits[:, -1:].argmax(-1)
         sync(device)
         times.append(time.perf_counter() - start)
+    if profile:  # where a decode step's time goes: GPU kernels, or the host launching them
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                    + [torch.profiler.ProfilerActivity.CUDA] * (device == "cuda")
+                                    ) as prof:
+            for _ in range(3):
+                logits = model(token, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits
+                token = logits[:, -1:].argmax(-1)
+            sync(device)
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events) / 3
+        launches = sum(e.count for e in events if e.key == "cudaLaunchKernel") / 3
+        print(f"decode profile: GPU busy {gpu_us / 1e3:.2f} ms per token, {launches:.0f} kernel "
+              "launches per token; top ops by host time:", flush=True)
+        print(events.table(sort_by="cpu_time_total", row_limit=12), flush=True)
     del logits
     sync(device)
     row = {"cache_prefill": cache_before,
@@ -110,12 +125,14 @@ def run(args: argparse.Namespace, layers: int) -> list[tuple[str, int, dict]]:
                 cache = (DynamicCache(config=teacher.config) if name == "teacher"
                          else HybridRWKVCache(student.config))
                 row = measure(model, cache, context, args.new_tokens, args.prefill_chunk,
-                              args.device, config.vocab_size)
+                              args.device, config.vocab_size,
+                              profile=args.profile_decode and context == args.contexts[0])
                 del cache
                 gc.collect()
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                print(f"{name} ctx={context} layers={layers}: {row}", flush=True)
+                print(f"{name} ctx={context} layers={layers} attention="
+                      f"{teacher.config._attn_implementation}: {row}", flush=True)
                 rows.append((name, context, row))
     finally:
         del teacher, student
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="decoder layers to build (full 8B: 32)")
     parser.add_argument("--mixer", default="rwkv7", choices=["rwkv6", "rwkv7"])
     parser.add_argument("--ffn", default="mlp", choices=["mlp", "rwkv_cmix"])
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="profile 3 decode tokens of each model at the first context")
     args = parser.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

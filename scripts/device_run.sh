@@ -59,7 +59,7 @@ run_step() {
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py scripts/bench_kernels.py --batch 1 --reps 5 ;;
-    memory) timeout "$limit" $py scripts/bench_generation_memory.py ;;
+    memory) timeout "$limit" $py scripts/bench_generation_memory.py --profile-decode ;;
     *) echo "unknown step $name"; false ;;
   esac >"$logs/$name.log" 2>&1
   local rc=$?

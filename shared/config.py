@@ -143,7 +143,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient clipping norm."""
     deepspeed_config: str = "configs/deepspeed/zero1.json"
-    """DeepSpeed JSON (ZeRO stage, offload); batch sizes and optimizer are filled in here."""
+    """DeepSpeed JSON (ZeRO stage, offload); batch sizes and the optimizer (torch AdamW, fused
+    on a GPU) are filled in here unless the JSON names its own optimizer."""
     output_dir: str = "runs/train"
     """Checkpoints, logs and the exported student go here."""
     checkpoint_every: int = 50
