@@ -105,6 +105,8 @@ def run_student(args, model: Path, work: Path, env: dict) -> list[dict]:
            *args.student_modes]
     if args.trace:
         cmd += ["--trace", args.trace]
+    if args.kernel:
+        cmd += ["--student.kernel", args.kernel]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     (work / "student.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:

@@ -16,6 +16,7 @@
 #   reconnect     scripts/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
 #   student       scripts/bench_student.py at the 8B layer shapes (the student alone, MFU): AdamW
 #                 foreach (baseline) vs fused, 1 and 8 micro batches per optimizer step
+#                 (STUDENT_ARMS="foreach:1 fused:1 fused:8", STUDENT_MODES="converted none")
 #   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
 #   kernels       scripts/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
 #   memory        scripts/bench_generation_memory.py (memory per generated token, 4k-32k)
@@ -51,10 +52,11 @@ run_step() {
                $py -m shared.tiny --output \$m --tokenizer bench/tok --hidden-size 4096 \
                  --layers 8 --heads 32 --kv-heads 8 --intermediate-size 14336 \
                  --model-vocab-size 128256 --dtype bfloat16 --device cuda >/dev/null
-               for arm in 'foreach 1' 'fused 1' 'fused 8'; do set -- \$arm
+               for arm in ${STUDENT_ARMS:-foreach:1 fused:1 fused:8}; do
                  $py scripts/bench_student.py --config configs/bench_8b_layers.yaml --model \$m \
-                   --data bench/data2048 --steps 8 --modes converted none --optimizer \$1 \
-                   --train.grad_accum \$2 | grep -v '^|---' | grep '^| [a-z]'
+                   --data bench/data2048 --steps 8 --modes ${STUDENT_MODES:-converted none} \
+                   --optimizer \${arm%:*} --train.grad_accum \${arm#*:} \
+                   | grep -v '^|---' | grep '^| [a-z]'
                done" ;;
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;

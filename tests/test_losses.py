@@ -1,4 +1,5 @@
 """The losses against their definitions, computed independently in float64."""
+import pytest
 import torch
 
 from shared.losses import align_loss, ce_loss, kl_full, kl_topk
@@ -54,3 +55,50 @@ def test_align_loss_averages_real_tokens_and_layers():
     mask = torch.tensor([[1, 1, 0]])
     b[1][0, 2] = 100.0  # padding: must not count
     torch.testing.assert_close(align_loss(a, b, mask), torch.tensor(5.0))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kl_weight,ce_weight,temperature,with_teacher",
+                         [(1.0, 0.0, 1.0, True), (0.1, 1.0, 2.0, True), (0.0, 1.0, 1.0, False)])
+def test_fused_kd_ce_equals_the_naive_losses_and_their_gradients(
+        monkeypatch, chunk_rows, dtype, kl_weight, ce_weight, temperature, with_teacher):
+    """kd_ce_full (chunked, gradient made in the forward) == kl_full/ce_loss and autograd."""
+    import shared.losses as L
+
+    vocab = 37
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", chunk_rows * vocab)
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 5, vocab, generator=g) * 3).to(dtype)
+    teacher = (torch.randn(2, 5, vocab, generator=g) * 3).to(dtype) if with_teacher else None
+    labels = torch.randint(0, vocab, (2, 5), generator=g)
+    labels[0, :2] = L.IGNORE
+    labels[1, 4] = L.IGNORE
+
+    ours_in = student.clone().requires_grad_(True)
+    loss, kl, ce = L.kd_ce_full(ours_in, teacher, labels, temperature, kl_weight, ce_weight)
+    (2.5 * loss).backward()
+    ref_in = student.clone().requires_grad_(True)
+    ref_ce = L.ce_loss(ref_in, labels)
+    if with_teacher:
+        ref_kl = L.kl_full(ref_in, teacher, labels, temperature)
+        ref_loss = kl_weight * ref_kl + ce_weight * ref_ce
+        torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-6)
+    else:
+        ref_loss = ref_ce
+    (2.5 * ref_loss).backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-6)
+    assert ours_in.grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    assert not ours_in.grad[0, :2].any() and not ours_in.grad[1, 4].any()  # masked rows
+
+
+def test_fused_kd_ce_without_grad_keeps_no_gradient_buffer():
+    from shared.losses import kd_ce_full
+
+    s = torch.randn(1, 3, 11, requires_grad=True)
+    with torch.no_grad():
+        loss, kl, ce = kd_ce_full(s, torch.randn(1, 3, 11), torch.tensor([[1, 2, 3]]))
+    assert not loss.requires_grad and torch.isfinite(loss) and kl >= 0 and ce > 0

@@ -45,7 +45,7 @@ from services.trainer.stats import (
 )
 from shared.config import Config
 from shared.link import RequestSpec
-from shared.losses import IGNORE, ce_loss, kl_full
+from shared.losses import IGNORE, kd_ce_full
 from shared.metrics import MetricsServer, TrainerMetrics
 from shared.profiling import StepProfiler
 
@@ -147,14 +147,13 @@ def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
         labels = labels.to(place.device)
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          position_ids=b.get("position_ids"), use_cache=False).logits
-        student_nll = float(ce_loss(logits, labels))
         if teacher is None:
-            sums.add(n, student_nll)
+            sums.add(n, float(kd_ce_full(logits, None, labels)[2]))
             continue
         t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec,
                                    batch.get("position_ids")).result()["logits"]
-        sums.add(n, student_nll, float(ce_loss(t_logits.float(), labels)),
-                 float(kl_full(logits, t_logits, labels)))
+        _, kl, student_nll = kd_ce_full(logits, t_logits, labels)
+        sums.add(n, float(student_nll), float(kd_ce_full(t_logits, None, labels)[2]), float(kl))
     student.train()
     return ValidationStats.from_sums(sums.over_ranks(place.device), teacher is not None)
 

@@ -12,7 +12,7 @@ from torch import nn
 from shared.config import LinkConfig, TrainConfig
 from shared.link import RequestSpec
 from shared.link.protocol import layer_io_states, layer_output_states
-from shared.losses import align_loss, ce_loss, kl_full, kl_topk
+from shared.losses import align_loss, ce_loss, kd_ce_full, kl_topk
 
 
 def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
@@ -53,17 +53,19 @@ class DistillObjective(nn.Module):
             return self._align(input_ids, attention_mask, position_ids, teacher)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=False).logits
-        ce = ce_loss(logits, labels)
         if cfg.stage == "sft":
-            return ce, {"ce": ce.detach()}
+            loss, _, ce = kd_ce_full(logits, None, labels)
+            return loss, {"ce": ce}
         assert teacher is not None and self.request is not None
         if self.request.logits == "topk":
+            ce = ce_loss(logits, labels)
             kl = kl_topk(logits, teacher["topk_logprobs"], teacher["topk_indices"], labels,
                          cfg.temperature)
-        else:
-            kl = kl_full(logits, teacher["logits"], labels, cfg.temperature)
-        loss = cfg.kl_weight * kl + cfg.ce_weight * ce
-        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+            loss = cfg.kl_weight * kl + cfg.ce_weight * ce
+            return loss, {"kl": kl.detach(), "ce": ce.detach()}
+        loss, kl, ce = kd_ce_full(logits, teacher["logits"], labels, cfg.temperature,
+                                  cfg.kl_weight, cfg.ce_weight)
+        return loss, {"kl": kl, "ce": ce}
 
     def _align(self, input_ids, attention_mask, position_ids, teacher):
         assert teacher is not None and self.request is not None
