@@ -92,7 +92,9 @@ def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path
     if mean_step > 1.2 * step_s:
         print(f"warning: {name}: mean step {mean_step:.3f} s vs median {step_s:.3f} s: some steps "
               "stalled (new shapes compiling?); use fixed-length data and more steps", flush=True)
+    per_step = statistics.median(s["tokens"] for s in steady) * trainers
     return {"run": name, "tokens_per_s": tokens / span, "step_s": step_s, "mean_step_s": mean_step,
+            "median_tokens_per_s": per_step / step_s,  # robust to a stalled step
             "teacher_wait_share": sum(s["teacher_wait"] for s in steady)
             / sum(s["seconds"] for s in steady),
             "teacher_forward_ms": fwd_ms, "teacher_busy_share": fwd_ms / 1e3 / step_s}
@@ -192,21 +194,25 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps({"runs": runs, "student": student}, indent=1))
     print(f"\n{args.shape} shapes, {args.trainers} trainer rank(s), steps {WARMUP_STEPS + 1}-"
           f"{args.steps} of each run, medians over {args.pairs} pair(s)\n")
-    print("| arm | runs | tokens/s | step s | teacher wait | teacher fwd ms | teacher busy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arm | runs | tokens/s (median step) | tokens/s (span) | step s | teacher wait | "
+          "teacher fwd ms | teacher busy |")
+    print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
-        print(f"| {arm} | {len(runs[arm])} | {med(arm, 'tokens_per_s'):.0f} | "
+        print(f"| {arm} | {len(runs[arm])} | {med(arm, 'median_tokens_per_s'):.0f} | "
+              f"{med(arm, 'tokens_per_s'):.0f} | "
               f"{med(arm, 'step_s'):.3f} | {med(arm, 'teacher_wait_share'):.1%} | "
               f"{med(arm, 'teacher_forward_ms'):.0f} | {med(arm, 'teacher_busy_share'):.0%} |")
     for r in student:
-        print(f"| student alone, checkpointing {r['mode']} | 1 | {r['tokens_per_s']:.0f} | "
+        print(f"| student alone, checkpointing {r['mode']} | 1 | "
+              f"{r['tokens_per_step'] / r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
               f"{r['step_s']:.3f} | - | - | - | MFU {r['mfu']:.3f} |")
     print()
-    pairs = [p["tokens_per_s"] / s["tokens_per_s"]
+    # Ratios of median steps (same tokens per step): one stalled step does not move them.
+    pairs = [s["step_s"] / p["step_s"]
              for p, s in zip(runs["prefetch"], runs["sync"], strict=True)]
     print(f"- prefetch vs sync tokens/s, per pair: {', '.join(f'{x:.2f}×' for x in pairs)}")
     print(f"- prefetch vs reference tokens/s: "
-          f"{med('prefetch', 'tokens_per_s') / med('reference', 'tokens_per_s'):.2f}×")
+          f"{med('reference', 'step_s') / med('prefetch', 'step_s'):.2f}×")
     print(f"- teacher forward prefetch vs sync: "
           f"{med('prefetch', 'teacher_forward_ms') / med('sync', 'teacher_forward_ms'):.2f}×")
     alone = next((r for r in student if r["mode"] == "none"), None)
