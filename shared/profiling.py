@@ -10,9 +10,7 @@ a table of the top kernels by device time, written when the window closes.
 """
 from __future__ import annotations
 
-import gzip
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -60,10 +58,7 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"{self.name}.trace.json"
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        trace.unlink()
+        prof.export_chrome_trace(f"{trace}.gz")  # torch gzips a path ending in .gz
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=25)
         (self.out_dir / f"{self.name}.kernels.txt").write_text(table)

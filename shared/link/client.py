@@ -116,7 +116,6 @@ class TeacherClient:
         self.manifest: dict = {}
         self.generation = 0
         self.link: Link | None = None
-        self.reconnects = 0
         self._heartbeat: Heartbeat | None = None
         self._seq = 0
         self._in_flight: dict[int, _InFlight] = {}
@@ -243,7 +242,6 @@ class TeacherClient:
         except PeerLost:
             pass  # lost again at once: the next wait notices and rejoins once more
         lost = time.monotonic() - start
-        self.reconnects += 1
         log.warning("teacher link of group %d back on generation %d after %.1f s; %d requests "
                     "sent again", self.group, self.generation, lost, len(self._in_flight))
         if self.on_reconnect is not None:

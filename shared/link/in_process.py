@@ -31,6 +31,8 @@ class InProcessTeacher:
         start = time.time()
         (out,) = self.teacher.forward([TeacherRequest(spec, input_ids, lengths.cpu(),
                                                       position_ids)])
+        if self.teacher.device.type == "cuda":  # the forward only queued its kernels
+            torch.cuda.synchronize(self.teacher.device)
         return TeacherHandle(None, self._seq, out, (start, time.time()))
 
     def close(self, clean: bool = True) -> None:
