@@ -167,6 +167,12 @@ class TrainConfig:
     (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""
     device_offset: int = 0
     """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
+    peer_timeout_seconds: float = 300.0
+    """A trainer rank whose heartbeat is silent this long counts as lost, and its peers exit
+    (status 75) instead of waiting in a collective for the process group's 30 minutes; a rank
+    that fails with an error tells them at once (services/trainer/peers.py). Generous
+    because a rank's heartbeat thread can starve while the main thread holds the GIL (a long
+    checkpoint write); 0 turns the watch off."""
     metrics_port: int = 9500
     """Base port of the metrics server; global rank r uses base + r (0 disables)."""
     metrics_host: str = "127.0.0.1"

@@ -40,10 +40,53 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+PORT_BLOCK = 8        # services bind base + rank / base + group: tests use at most 4 ranks
+_handed_out: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel picks for bind(0) and outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A base port p with p .. p + PORT_BLOCK - 1 free, outside the kernel's ephemeral range.
+
+    A service binds base + rank (trainer metrics) or base + group (teacher metrics). A port
+    from bind(0) is free only itself, and inside the ephemeral range base + 2 can be taken
+    between our check and the service's bind by any outgoing connection (Gloo's pairs, TCP
+    stores) -- one CI run lost a whole node that way, its peer node then waited in an
+    all-reduce. Below (or above) the range only explicit binds land, and this session's
+    blocks never overlap."""
+    import random
+
+    low, high = ephemeral_range()
+    spans = [(max(1024, low - 12000), low - PORT_BLOCK), (high + 1, 65535 - PORT_BLOCK)]
+    spans = [(a, b) for a, b in spans if b - a > 200]
+    if not spans:
+        raise RuntimeError(f"the ephemeral port range {low}-{high} leaves no ports for tests")
+    pick = random.SystemRandom()
+    for _ in range(500):
+        base = pick.randrange(*pick.choice(spans))
+        block = range(base, base + PORT_BLOCK)
+        if _handed_out.intersection(block) or not all(map(port_free, block)):
+            continue
+        _handed_out.update(block)
+        return base
+    raise RuntimeError("no block of free ports outside the ephemeral range")
+
+
+def port_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def write_config(path: Path, sections: dict) -> Path:

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,26 +30,11 @@ from typing import Any
 
 import yaml
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, free_port, wait_for
 from shared.metrics import scrape
 
 COMPOSE_DEMO = ROOT / "compose.demo.yaml"
 TEACHERS = ("teacher", "teacher-1")  # groups 0 and 1; trainer rank r talks to group r
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free (a base port of two services)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 def _healthcheck(port: int) -> list[str]:
@@ -88,8 +72,8 @@ class FaultStack:
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.teacher_port = free_port_pair()
-        self.trainer_port = free_port_pair()
+        self.teacher_port = free_port()
+        self.trainer_port = free_port()
         self.override = write_override(self.dir / "override.yaml", self.teacher_port)
 
     @property

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -57,9 +59,11 @@ def stack_config(tmp_path: Path, model: Path, data: Path, rdv: Path, **train) ->
 
 
 def torchrun(config: Path, *extra: str, nnodes: int = 1, node_rank: int = 0,
-             master_port: int | None = None, log: Path | None = None) -> subprocess.Popen:
+             master_port: int | None = None, log: Path | None = None,
+             max_restarts: int = 0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--max-restarts", str(max_restarts),
            "--master-addr", "127.0.0.1", "--master-port", str(master_port or free_port()),
            "-m", "services.trainer", "--config", str(config), *extra]
     out = open(log, "w") if log else subprocess.PIPE
@@ -101,6 +105,28 @@ def run_to_end(proc: subprocess.Popen, timeout: float = 400) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def run_jobs_to_end(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 400) -> None:
+    """Wait for several torchrun jobs (simulated nodes) at once. The first to fail or the
+    deadline stops them all, and the error shows every log: a node whose job failed leaves
+    the other node's ranks waiting in a collective until the process group times out, and
+    the log that says why is the failed node's, not the waiting one's."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = any(p.returncode not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            break
+        time.sleep(0.5)
+    if any(p.returncode != 0 for p in procs):
+        tails = "\n".join(f"--- {log.name} (tail) ---\n{log.read_text(errors='replace')[-3000:]}"
+                          for log in logs if log.is_file())
+        codes = [p.returncode for p in procs]
+        raise AssertionError(f"jobs ended with {codes} (timeout {timeout:.0f} s)\n{tails}")
 
 
 @pytest.mark.parametrize("stage,zero,packed", [("align", "zero1", False), ("kd", "zero3", False),
@@ -183,21 +209,14 @@ def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, teacher):
 
 
 def test_two_simulated_nodes_train_one_model(tmp_path, tiny_llama, dataset, teacher):
-    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv-node0", stage="kd",
-                       steps=4, deepspeed_config="configs/deepspeed/zero2.json")
-    # each node has its own rendezvous volume and its own teacher: group 0 on node 0,
-    # group 1 on node 1 (global ranks 0-1 and 2-3)
-    teacher(cfg, 0)
-    node1 = write_config(tmp_path / "node1.yaml", {**__import__("yaml").safe_load(cfg.read_text())})
-    data1 = __import__("yaml").safe_load(node1.read_text())
-    data1["link"]["rendezvous_dir"] = str(tmp_path / "rdv-node1")
-    write_config(node1, data1)
-    teacher(node1, 1)
+    configs = two_nodes(tmp_path, tiny_llama, dataset, teacher, steps=4)
     port = free_port()
-    procs = [torchrun(cfg, nnodes=2, node_rank=0, master_port=port),
-             torchrun(node1, nnodes=2, node_rank=1, master_port=port)]
-    outs = [run_to_end(p) for p in procs]
-    assert "4 ranks" in outs[0], outs[0][-2000:]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    procs = [torchrun(c, nnodes=2, node_rank=n, master_port=port, log=log)
+             for n, (c, log) in enumerate(zip(configs, logs, strict=True))]
+    run_jobs_to_end(procs, logs + [tmp_path / "teacher0.log", tmp_path / "teacher1.log"])
+    out = logs[0].read_text()
+    assert "4 ranks" in out, out[-2000:]
     for rank in range(4):
         assert sorted(steps(tmp_path / "run", rank)) == [1, 2, 3, 4]
     # both teachers served: each group's rendezvous saw its trainers
@@ -206,6 +225,92 @@ def test_two_simulated_nodes_train_one_model(tmp_path, tiny_llama, dataset, teac
     # one model: every rank saw the same loss-independent learning rate and grad norm
     norms = {steps(tmp_path / "run", r)[4]["grad_norm"] for r in range(4)}
     assert len(norms) == 1, norms
+
+
+def two_nodes(tmp_path: Path, tiny_llama: Path, dataset: Path, teacher, **train) -> list[Path]:
+    """Configs of two simulated nodes: each its own rendezvous volume and teacher (group 0 on
+    node 0, group 1 on node 1: global ranks 0-1 and 2-3), one output directory."""
+    import yaml
+
+    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv-node0", stage="kd",
+                       deepspeed_config="configs/deepspeed/zero2.json", **train)
+    data1 = yaml.safe_load(cfg.read_text())
+    data1["link"]["rendezvous_dir"] = str(tmp_path / "rdv-node1")
+    node1 = write_config(tmp_path / "node1.yaml", data1)
+    teacher(cfg, 0)
+    teacher(node1, 1)
+    return [cfg, node1]
+
+
+def test_a_stopped_rank_on_one_node_restarts_both_nodes(tmp_path, tiny_llama, dataset, teacher):
+    # SIGSTOP of a rank on node 1: no socket closes, so no collective fails and neither
+    # torchrun notices; without the peer watch every rank would wait in the step's all-reduce
+    # for the process group's 30 minutes. Its ring watcher (rank 2) finds it silent within
+    # train.peer_timeout_seconds and tells all ranks, they leave, both torchruns restart their
+    # ranks (node 1's kills the stopped one), and the job resumes from the checkpoint.
+    configs = two_nodes(tmp_path, tiny_llama, dataset, teacher, steps=40, checkpoint_every=5,
+                        peer_timeout_seconds=10)
+    port = free_port()
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    procs = [torchrun(c, nnodes=2, node_rank=n, master_port=port, log=log, max_restarts=1)
+             for n, (c, log) in enumerate(zip(configs, logs, strict=True))]
+    wait_for((tmp_path / "run" / "checkpoints" / "latest").is_file, 300, "the first checkpoint")
+    rank3 = [pid for pid in worker_pids(configs[1]) if worker_env(pid).get("RANK") == "3"]
+    assert rank3, "rank 3's process not found"
+    os.kill(rank3[0], signal.SIGSTOP)
+    stopped_at = max(steps(tmp_path / "run", 3))
+    run_jobs_to_end(procs, logs + [tmp_path / "teacher0.log", tmp_path / "teacher1.log"])
+    assert stopped_at < 40, "the job finished before rank 3 could be stopped"
+    for log in logs:
+        assert "trainer rank 3 of 4" in log.read_text() and "sent no heartbeat" in log.read_text()
+    for rank in range(4):
+        assert sorted(steps(tmp_path / "run", rank)) == list(range(1, 41)), rank
+    norms = {steps(tmp_path / "run", r)[40]["grad_norm"] for r in range(4)}
+    assert len(norms) == 1, norms
+
+
+def test_a_rank_failing_on_its_way_in_ends_the_other_node_at_once(tmp_path, tiny_llama, dataset,
+                                                                  teacher):
+    # node 1's ranks stop at a bad flag before they join the process group; node 0's ranks,
+    # already waiting in init_process_group, must not wait there for 30 minutes
+    configs = two_nodes(tmp_path, tiny_llama, dataset, teacher, steps=4)
+    port = free_port()
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    node0 = torchrun(configs[0], nnodes=2, node_rank=0, master_port=port, log=logs[0])
+    node1 = torchrun(configs[1], "--train.steps", "many", nnodes=2, node_rank=1,
+                     master_port=port, log=logs[1])
+    for proc, log in zip((node1, node0), logs[::-1], strict=True):
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{log.name} still running:\n{log.read_text()[-3000:]}") from None
+    assert node0.returncode != 0 and node1.returncode != 0
+    out = logs[0].read_text()
+    assert re.search(r"trainer rank [23] \(.*\) failed: ConfigError", out), out[-3000:]
+    assert "train.steps: expected an integer, got 'many'" in out, out[-3000:]
+
+
+def worker_pids(config: Path) -> list[int]:
+    """The trainer ranks (not torchrun's agent) started with ``config``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(config).encode() in cmd and b"services.trainer" in cmd \
+                and b"torch.distributed.run" not in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def worker_env(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
 def test_train_device_cuda_without_a_gpu_is_a_clear_error():

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from services.trainer.peers import announce_failure
 from shared.config import ConfigError, load_config
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, rest)
     except ConfigError as err:
         logging.getLogger("trainer").error("%s", err)
+        announce_failure(err)
         return 2
     from services.trainer.loop import train
     from shared.link import LinkError
@@ -36,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (LinkError, FileNotFoundError, ValueError, RuntimeError) as err:
         logging.getLogger("trainer").error("%s: %s", type(err).__name__, err)
+        announce_failure(err)  # the other ranks leave now, not after a collective's timeout
         return 1
+    except BaseException as err:
+        announce_failure(err)
+        raise
     return 0
 
 

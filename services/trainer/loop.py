@@ -32,6 +32,7 @@ from services.trainer.components import (
 )
 from services.trainer.inputs import check_inputs, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
+from services.trainer.peers import PeerWatch, start_peer_watch
 from services.trainer.stats import (
     ProgressLogger,
     PrometheusStatLogger,
@@ -198,6 +199,7 @@ class TrainingRun:
     history: dict = field(default_factory=dict)
     totals: RunTotals = field(default_factory=RunTotals)
     http: MetricsServer | None = None
+    peers: PeerWatch | None = None
 
     def close(self, linger: float = 0.0) -> None:
         """Release everything; the metrics server last, after ``linger`` seconds (so
@@ -233,9 +235,13 @@ def start(cfg: Config) -> TrainingRun:
     inputs = check_inputs(cfg)
     out_dir = Path(cfg.train.output_dir)
     resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint, too
+    peers = start_peer_watch(cfg.train.peer_timeout_seconds)  # under torchrun: before a failure
     metrics = TrainerMetrics(int(os.environ.get("RANK", 0)))
     http = serve_metrics(cfg, int(os.environ.get("RANK", 0)), metrics)  # a taken port, too
     place = init_distributed(cfg)
+    peers = peers or start_peer_watch(cfg.train.peer_timeout_seconds)
+    if peers is not None:
+        peers.arm()  # every rank has joined: from now on a silent rank is a lost one
     # Joining now runs the link's checks (vocabulary, tokenizer, group size) before the
     # student is built: a mismatch is an error within seconds, not after the model loaded.
     def on_reconnect(seconds_lost: float) -> None:
@@ -273,7 +279,7 @@ def start(cfg: Config) -> TrainingRun:
                  len(trainable), sum(_numel(p) for p in student.parameters()),
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
-                       out_dir, frozen, step, history, http=http)
+                       out_dir, frozen, step, history, http=http, peers=peers)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -363,10 +369,10 @@ def train(cfg: Config) -> dict:
             if stats.stop_requested:
                 log.info("stop requested: checkpointed at step %d, exiting", run.step)
                 break
-        if run.step < t.steps:
-            return {}
-        summary = finish(run)
-        finished = True
+        finished = run.step >= t.steps
+        summary = finish(run) if finished else {}
+        if run.peers is not None:
+            run.peers.finish()  # after this rank's last collective: its silence is no loss
         return summary
     finally:
         run.close(linger=t.metrics_linger_seconds if finished else 0.0)
