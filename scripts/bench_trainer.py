@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,18 @@ def teacher_forward() -> tuple[float, float]:
             m['distill_teacher_forward_seconds_count{group="0"}'])
 
 
+def stall_report(steps: list[dict]) -> str:
+    """Where a run's stalled time went: the slowest steps (time inside a step: its teacher
+    wait, forward, backward, optimizer) and the longest gaps between one step's end and the
+    next one's start (outside the steps: logging, a checkpoint, a pause of the process)."""
+    slow = sorted(steps, key=lambda s: -s["seconds"])[:3]
+    gaps = sorted(((b["start"] - a["end"], b["step"]) for a, b in pairwise(steps)),
+                  reverse=True)[:3]
+    return ("slowest steps: " + ", ".join(f"#{s['step']} {s['seconds']:.2f} s (teacher wait "
+                                          f"{s['teacher_wait']:.2f} s)" for s in slow)
+            + "; longest gaps before: " + ", ".join(f"#{n} {g:.2f} s" for g, n in gaps))
+
+
 def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path, env: dict,
                 trainers: int) -> dict:
     out = work / name  # a fresh directory per run: nothing appended to an earlier steps file
@@ -91,7 +104,8 @@ def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path
     mean_step = span / len(steady)
     if mean_step > 1.2 * step_s:
         print(f"warning: {name}: mean step {mean_step:.3f} s vs median {step_s:.3f} s: some steps "
-              "stalled (new shapes compiling?); use fixed-length data and more steps", flush=True)
+              "stalled (new shapes compiling?); use fixed-length data and more steps. "
+              f"{stall_report(steady)}", flush=True)
     per_step = statistics.median(s["tokens"] for s in steady) * trainers
     return {"run": name, "tokens_per_s": tokens / span, "step_s": step_s, "mean_step_s": mean_step,
             "median_tokens_per_s": per_step / step_s,  # robust to a stalled step
