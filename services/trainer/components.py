@@ -66,6 +66,11 @@ def init_distributed(cfg: Config) -> Place:
         # the other ranks wait in the step's all-reduce: that wait must not time out first.
         timeout = timedelta(seconds=max(1800.0, cfg.link.reconnect_seconds + 600.0))
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    # DeepSpeed's communication backend probes every op for compatibility (compiler runs) and
+    # JIT-builds its shared-memory all-reduce, used only by its inference all-reduce: never by
+    # training. Skipped: the build costs half a minute on a fresh CPU machine, and its lock
+    # file, left by a rank killed while holding it, would hang every later start in silence.
+    deepspeed.ops.__compatible_ops__ = {}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     n = cfg.link.trainers_per_group
     if cfg.link.mode == "service" and cfg.train.stage != "sft" and world % n:
