@@ -72,8 +72,7 @@ class PeerWatch:
     def finish(self) -> None:
         """This rank is done (or stopping cleanly): peers must not take its silence for a
         loss. Called after its last collective."""
-        self._stop.set()
-        self._thread.join(timeout=self.interval * 2 + 5)
+        self._halt()
         try:
             self.store.set(f"done/{self.rank}", "1")
         except Exception as err:  # noqa: BLE001 - the store may be gone at the very end
@@ -81,13 +80,18 @@ class PeerWatch:
 
     def fail(self, error: BaseException) -> None:
         """This rank is failing: tell the peers now rather than after the timeout."""
-        self._stop.set()
+        self._halt()  # first: its own thread must not read the finding back and exit 75
         finding = f"trainer rank {self.rank} ({self._host(self.rank)}) failed: " \
                   f"{type(error).__name__}: {error}"
         try:
             self.store.compare_set(LOST_KEY, "", finding)
         except Exception as err:  # noqa: BLE001 - the peers find out after the timeout
             log.debug("peer watch: could not post the failure: %s", err)
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval * 2 + 5)
 
     def _run(self) -> None:
         last_count, last_change = -1, time.monotonic()
