@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -59,11 +60,9 @@ def free_port() -> int:
     A service binds base + rank (trainer metrics) or base + group (teacher metrics). A port
     from bind(0) is free only itself, and inside the ephemeral range base + 2 can be taken
     between our check and the service's bind by any outgoing connection (Gloo's pairs, TCP
-    stores) -- one CI run lost a whole node that way, its peer node then waited in an
-    all-reduce. Below (or above) the range only explicit binds land, and this session's
-    blocks never overlap."""
-    import random
-
+    stores): the likely cause of a CI run whose node 1 failed unseen while node 0 waited
+    400 s. Below (or above) the range only explicit binds land, and this session's blocks
+    never overlap."""
     low, high = ephemeral_range()
     spans = [(max(1024, low - 12000), low - PORT_BLOCK), (high + 1, 65535 - PORT_BLOCK)]
     spans = [(a, b) for a, b in spans if b - a > 200]
