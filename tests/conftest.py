@@ -88,6 +88,32 @@ def port_free(port: int) -> bool:
             return False
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter in /proc/PID/stat (R, S, T, Z ...); None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def torchrun_workers(agent: int) -> dict[int, int]:
+    """{RANK: pid} of the live worker processes of the torchrun agent ``agent``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) != agent or stat[0] == "Z":
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(
+                errors="replace").split("\0") if "=" in v)
+            found[int(env["RANK"])] = int(entry.name)
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
 def write_config(path: Path, sections: dict) -> Path:
     path.write_text(yaml.safe_dump(sections))
     return path

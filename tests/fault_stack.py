@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, process_state, torchrun_workers, wait_for
 from shared.metrics import scrape
 
 COMPOSE_DEMO = ROOT / "compose.demo.yaml"
@@ -136,21 +136,7 @@ class FaultStack:
 
     def workers(self) -> dict[int, int]:
         """{rank: pid} of the trainer's worker processes (torchrun's children)."""
-        agent = self.pid("trainer")
-        found = {}
-        for entry in Path("/proc").iterdir():
-            try:
-                if not entry.name.isdigit():
-                    continue
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) != agent or stat[0] == "Z":
-                    continue
-                env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(
-                    errors="replace").split("\0") if "=" in v)
-                found[int(env["RANK"])] = int(entry.name)
-            except (OSError, KeyError, ValueError):
-                continue
-        return found
+        return torchrun_workers(self.pid("trainer"))
 
     def wait_workers(self) -> dict[int, int]:
         holder: dict[str, dict[int, int]] = {}
@@ -243,10 +229,6 @@ def signal_process(pid: int, sig: signal.Signals) -> None:
     if sig == signal.SIGKILL:  # gone before the caller looks at what it left behind
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                return
-            if state == "Z":
+            if process_state(pid) in (None, "Z"):
                 return
             time.sleep(0.01)

@@ -1,6 +1,7 @@
-"""The trainer ranks' peer watch (services/trainer/peers.py) on a real TCP store, in one
-process (the watches keep their process: ``exit_process=False``). The torchrun jobs that need
-it are in tests/test_trainer.py (a stopped rank, a rank failing on its way in)."""
+"""The trainer ranks' peer watch (services/trainer/peers.py): on a real TCP store in one
+process (the watches keep their process: ``exit_process=False``), and under torchrun with
+Gloo or NCCL (tests/peer_worker.py). The trainer's own multi-node jobs that rely on it are in
+tests/test_trainer.py (a stopped rank, a rank failing on its way in)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, free_port, service_env
+from conftest import ROOT, free_port, process_state, service_env
 from services.trainer.peers import PeerWatch
 
 TIMEOUT = 1.5
@@ -97,7 +98,8 @@ def test_under_torchrun_a_slow_peer_is_waited_for_and_a_stopped_one_ends_the_job
         assert proc.poll() is None, log.read_text()[-3000:]    # phase 1: nobody lost
         pids = [int(_read(tmp_path / f"rank-{r}.txt").split()[1]) for r in (0, 1)]
         os.kill(pids[1], signal.SIGSTOP)
-        until(lambda: not _running(pids[0]), 60)  # rank 0 leaves by itself
+        # rank 0 leaves by itself (a zombie, not yet reaped by torchrun, has left too)
+        until(lambda: process_state(pids[0]) in (None, "Z"), 60)
         os.kill(pids[1], signal.SIGKILL)  # (torchrun's own SIGTERM waits 30 s on a stopped rank)
         proc.wait(60)
     finally:
@@ -112,9 +114,3 @@ def test_under_torchrun_a_slow_peer_is_waited_for_and_a_stopped_one_ends_the_job
 def _read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
-
-def _running(pid: int) -> bool:
-    try:  # a zombie (exited, not yet reaped by torchrun) has left already
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

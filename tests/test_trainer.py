@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, service_env, start_teacher, wait_for, write_config
+from conftest import (
+    ROOT,
+    free_port,
+    service_env,
+    start_teacher,
+    torchrun_workers,
+    wait_for,
+    write_config,
+)
 
 
 def prepare_dataset(tiny_llama: Path, root: Path, *extra: str) -> Path:
@@ -255,9 +263,9 @@ def test_a_stopped_rank_on_one_node_restarts_both_nodes(tmp_path, tiny_llama, da
     procs = [torchrun(c, nnodes=2, node_rank=n, master_port=port, log=log, max_restarts=1)
              for n, (c, log) in enumerate(zip(configs, logs, strict=True))]
     wait_for((tmp_path / "run" / "checkpoints" / "latest").is_file, 300, "the first checkpoint")
-    rank3 = [pid for pid in worker_pids(configs[1]) if worker_env(pid).get("RANK") == "3"]
+    rank3 = torchrun_workers(procs[1].pid).get(3)   # node 1's torchrun is the agent itself
     assert rank3, "rank 3's process not found"
-    os.kill(rank3[0], signal.SIGSTOP)
+    os.kill(rank3, signal.SIGSTOP)
     stopped_at = max(steps(tmp_path / "run", 3))
     run_jobs_to_end(procs, logs + [tmp_path / "teacher0.log", tmp_path / "teacher1.log"])
     assert stopped_at < 40, "the job finished before rank 3 could be stopped"
@@ -289,28 +297,6 @@ def test_a_rank_failing_on_its_way_in_ends_the_other_node_at_once(tmp_path, tiny
     out = logs[0].read_text()
     assert re.search(r"trainer rank [23] \(.*\) failed: ConfigError", out), out[-3000:]
     assert "train.steps: expected an integer, got 'many'" in out, out[-3000:]
-
-
-def worker_pids(config: Path) -> list[int]:
-    """The trainer ranks (not torchrun's agent) started with ``config``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if proc.name.isdigit() and str(config).encode() in cmd and b"services.trainer" in cmd \
-                and b"torch.distributed.run" not in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
-def worker_env(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return {}
-    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
 def test_train_device_cuda_without_a_gpu_is_a_clear_error():

@@ -235,11 +235,11 @@ def start(cfg: Config) -> TrainingRun:
     inputs = check_inputs(cfg)
     out_dir = Path(cfg.train.output_dir)
     resume_from = checkpoint.latest(out_dir)  # a damaged checkpoint, too
-    peers = start_peer_watch(cfg.train.peer_timeout_seconds)  # under torchrun: before a failure
+    start_peer_watch(cfg.train.peer_timeout_seconds)  # under torchrun: before a failure
     metrics = TrainerMetrics(int(os.environ.get("RANK", 0)))
     http = serve_metrics(cfg, int(os.environ.get("RANK", 0)), metrics)  # a taken port, too
     place = init_distributed(cfg)
-    peers = peers or start_peer_watch(cfg.train.peer_timeout_seconds)
+    peers = start_peer_watch(cfg.train.peer_timeout_seconds)  # that one, or now (no torchrun)
     if peers is not None:
         peers.arm()  # every rank has joined: from now on a silent rank is a lost one
     # Joining now runs the link's checks (vocabulary, tokenizer, group size) before the

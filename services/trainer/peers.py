@@ -55,13 +55,14 @@ class PeerWatch:
         self.interval = max(0.05, min(2.0, timeout / 10))
         self.watched = (rank + 1) % world_size
         self.exit_process = exit_process  # tests of the watch itself keep their process
+        self.where = f"{socket.gethostname()} pid {os.getpid()}"
         self.lost: str | None = None
         self.armed = False  # until every rank has joined, only failures posted count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
 
     def start(self) -> PeerWatch:
-        self.store.set(f"host/{self.rank}", f"{socket.gethostname()} pid {os.getpid()}")
+        self.store.set(f"host/{self.rank}", self.where)
         self._thread.start()
         return self
 
@@ -81,8 +82,7 @@ class PeerWatch:
     def fail(self, error: BaseException) -> None:
         """This rank is failing: tell the peers now rather than after the timeout."""
         self._halt()  # first: its own thread must not read the finding back and exit 75
-        finding = f"trainer rank {self.rank} ({self._host(self.rank)}) failed: " \
-                  f"{type(error).__name__}: {error}"
+        finding = f"trainer rank {self.rank} ({self.where}) failed: {type(error).__name__}: {error}"
         try:
             self.store.compare_set(LOST_KEY, "", finding)
         except Exception as err:  # noqa: BLE001 - the peers find out after the timeout
@@ -182,10 +182,14 @@ def start_peer_watch(timeout: float) -> PeerWatch | None:
 def announce_failure(error: BaseException) -> None:
     """Called by the service on the error that ends this rank, even one before the watch
     started (a config error): the peers leave now instead of after a timeout."""
-    try:
-        watch = _active or start_peer_watch(1.0)
-    except Exception as err:  # noqa: BLE001 - no store: the peers find out by themselves
-        log.debug("peer watch: cannot announce the failure: %s", err)
-        return
+    watch, world = _active, int(os.environ.get("WORLD_SIZE", 1))
+    if watch is None and world > 1:
+        try:
+            store = job_store(10.0)
+        except Exception as err:  # noqa: BLE001 - no store: the peers find out by themselves
+            log.debug("peer watch: cannot announce the failure: %s", err)
+            return
+        if store is not None:
+            watch = PeerWatch(store, int(os.environ.get("RANK", 0)), world, 10.0)
     if watch is not None:
         watch.fail(error)
