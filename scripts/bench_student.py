@@ -167,6 +167,7 @@ def main() -> None:
         step_s = statistics.median(sum(times[i:i + accum]) for i in range(0, len(times), accum))
         tok_s = sum(tokens) / sum(times)
         result = {"mode": mode, "optimizer": args.optimizer, "grad_accum": accum,
+                  "loss_kernel": cfg.train.loss_kernel,
                   "step_s": step_s, "tokens_per_s": tok_s,
                   "tokens_per_step": statistics.median(tokens) * accum, "n_matmul": n_matmul,
                   "flops_per_token": per_token, "tflops": tok_s * per_token / 1e12,
@@ -179,11 +180,12 @@ def main() -> None:
     print(f"\nN_matmul = {results[0]['n_matmul'] / 1e9:.2f} B; FLOPs per token = "
           f"{results[0]['flops_per_token'] / 1e9:.2f} G; bf16 matmul 8192³ here: "
           f"{results[0]['matmul_tflops']:.0f} TFLOP/s; peak {peak / 1e12:.0f}\n")
-    print("| grad checkpointing | optimizer | grad accum | step s (median) | tokens/s | TFLOP/s | "
-          "MFU (peak) | vs matmul | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| grad checkpointing | optimizer | grad accum | loss kernel | step s (median) | "
+          "tokens/s | TFLOP/s | MFU (peak) | vs matmul | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['optimizer']} | {r['grad_accum']} | {r['step_s']:.3f} | "
+        print(f"| {r['mode']} | {r['optimizer']} | {r['grad_accum']} | {r['loss_kernel']} | "
+              f"{r['step_s']:.3f} | "
               f"{r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
               f"{r['mfu']:.3f} | {r['mfu_vs_matmul']:.3f} | {r['peak_memory_gib']:.1f} |")
 

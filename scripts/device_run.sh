@@ -4,9 +4,11 @@
 # last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
 #   bash scripts/device_run.sh STEP[:SECONDS] ...
 # Steps:
-#   tune          fla configs for rwkv7 (head size 128) into shared/student/ops/fla_configs/<GPU>
-#                 (candidates compiled by 30 processes first), returned as $OUT/fla_configs.tgz
-#   check         first fla fwd+bwd on an empty Triton cache with the shipped configs
+#   tune          fla configs (MIXERS, default rwkv7; HEAD_SIZES, default 128) into
+#                 shared/student/ops/fla_configs/<GPU> (candidates compiled by 30 processes
+#                 first), returned as $OUT/fla_configs.tgz
+#   check         first fla fwd+bwd on an empty Triton cache with the shipped configs (MIXERS,
+#                 default rwkv7 rwkv6; HEAD_SIZES)
 #   pending       scripts/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
 #   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
 #   benchlink     scripts/bench_link.py: link transfer vs raw NCCL
@@ -14,9 +16,12 @@
 #                 the reference protocol, and the student alone (MFU); PAIRS, STEPS and
 #                 STUDENT_MODES (checkpointing modes of the student-alone arm) from the env
 #   reconnect     scripts/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
-#   student       scripts/bench_student.py at the 8B layer shapes (the student alone, MFU): AdamW
-#                 foreach (baseline) vs fused, 1 and 8 micro batches per optimizer step
+#   student       scripts/bench_student.py at the 8B layer shapes (the student alone, MFU): arms
+#                 OPTIMIZER:MICRO_BATCHES[:LOSS_KERNEL], AdamW foreach (baseline) or fused, micro
+#                 batches per optimizer step, train.loss_kernel (default auto)
 #                 (STUDENT_ARMS="foreach:1 fused:1 fused:8", STUDENT_MODES="converted none")
+#   losstests     tests/test_losses_gpu.py: the Triton KL + CE kernel == its PyTorch reference
+#   benchloss     scripts/bench_loss.py: that kernel vs the chunked PyTorch path
 #   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
 #   kernels       scripts/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
 #   memory        scripts/bench_generation_memory.py (memory per generated token, 4k-32k)
@@ -35,9 +40,11 @@ run_step() {
   echo "== $name (limit ${limit}s) $(date +%T)"
   local start=$(date +%s)
   case $name in
-    tune) timeout "$limit" $py scripts/tune_fla.py tune --mixer rwkv7 --head-size 128 \
-            --compile-workers 30 && tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs ;;
-    check) timeout "$limit" $py scripts/tune_fla.py check --mixer rwkv7 rwkv6 --head-size 128 ;;
+    tune) timeout "$limit" $py scripts/tune_fla.py tune --mixer ${MIXERS:-rwkv7} \
+            --head-size ${HEAD_SIZES:-128} --compile-workers 30 \
+            && tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs ;;
+    check) timeout "$limit" $py scripts/tune_fla.py check --mixer ${MIXERS:-rwkv7 rwkv6} \
+             --head-size ${HEAD_SIZES:-128} ;;
     pending) timeout "$limit" $py scripts/bench_pending_nccl.py --trace "$logs" ;;
     linktest) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_link_gpu.py ;;
     benchlink) timeout "$limit" $py scripts/bench_link.py --reps 8 ;;
@@ -53,11 +60,14 @@ run_step() {
                  --layers 8 --heads 32 --kv-heads 8 --intermediate-size 14336 \
                  --model-vocab-size 128256 --dtype bfloat16 --device cuda >/dev/null
                for arm in ${STUDENT_ARMS:-foreach:1 fused:1 fused:8}; do
+                 IFS=: read -r opt accum loss <<< \$arm
                  $py scripts/bench_student.py --config configs/bench_8b_layers.yaml --model \$m \
                    --data bench/data2048 --steps 8 --modes ${STUDENT_MODES:-converted none} \
-                   --optimizer \${arm%:*} --train.grad_accum \${arm#*:} \
-                   | grep -v '^|---' | grep '^| [a-z]'
+                   --optimizer \$opt --train.grad_accum \$accum \
+                   --train.loss_kernel \${loss:-auto} | grep -v '^|---' | grep '^| [a-z]'
                done" ;;
+    losstests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_losses_gpu.py ;;
+    benchloss) timeout "$limit" $py scripts/bench_loss.py ;;
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py scripts/bench_kernels.py --batch 1 --reps 5 ;;

@@ -126,6 +126,10 @@ class TrainConfig:
     """Weight of cross-entropy on the labels in kd."""
     temperature: float = 1.0
     """Softmax temperature of the KL (the loss is multiplied by T² as usual)."""
+    loss_kernel: Literal["auto", "triton", "torch"] = "auto"
+    """KL + CE over the full vocabulary (kd, sft): auto = one Triton kernel for logits on a GPU
+    (shared/kd_ce_triton.py), the chunked PyTorch path elsewhere; torch forces that path (the
+    kernel's reference)."""
     steps: int = 100
     """Optimizer steps to train."""
     grad_accum: int = 1

@@ -102,3 +102,15 @@ def test_fused_kd_ce_without_grad_keeps_no_gradient_buffer():
     with torch.no_grad():
         loss, kl, ce = kd_ce_full(s, torch.randn(1, 3, 11), torch.tensor([[1, 2, 3]]))
     assert not loss.requires_grad and torch.isfinite(loss) and kl >= 0 and ce > 0
+
+
+def test_fused_kd_ce_names_a_bad_kernel_and_a_vocabulary_mismatch():
+    from shared.losses import kd_ce_full
+
+    s, labels = torch.randn(1, 3, 11), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="loss kernel 'cuda'.*auto, triton, torch"):
+        kd_ce_full(s, s, labels, kernel="cuda")
+    with pytest.raises(ValueError, match=r"teacher logits \(1, 3, 12\).*one vocabulary"):
+        kd_ce_full(s, torch.randn(1, 3, 12), labels)
+    with pytest.raises(RuntimeError, match="train.loss_kernel: torch"):  # CPU logits
+        kd_ce_full(s, s, labels, kernel="triton")

@@ -54,7 +54,7 @@ class DistillObjective(nn.Module):
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=False).logits
         if cfg.stage == "sft":
-            loss, _, ce = kd_ce_full(logits, None, labels)
+            loss, _, ce = kd_ce_full(logits, None, labels, kernel=cfg.loss_kernel)
             return loss, {"ce": ce}
         assert teacher is not None and self.request is not None
         if self.request.logits == "topk":
@@ -64,7 +64,7 @@ class DistillObjective(nn.Module):
             loss = cfg.kl_weight * kl + cfg.ce_weight * ce
             return loss, {"kl": kl.detach(), "ce": ce.detach()}
         loss, kl, ce = kd_ce_full(logits, teacher["logits"], labels, cfg.temperature,
-                                  cfg.kl_weight, cfg.ce_weight)
+                                  cfg.kl_weight, cfg.ce_weight, cfg.loss_kernel)
         return loss, {"kl": kl, "ce": ce}
 
     def _align(self, input_ids, attention_mask, position_ids, teacher):
