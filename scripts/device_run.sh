@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device measurements, as named steps that fit one device call together (issues 3, 10, 11).
-# Each step has its own time limit and log; the logs come back as $OUT/logs.tgz and each step's
+# Each step has its own time limit and log; the logs come back as $OUT/logs-HHMMSS.tgz (one per
+# invocation, so two in one device call keep both) and each step's
 # last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
 #   bash scripts/device_run.sh STEP[:SECONDS] ...
 # Steps:
@@ -40,9 +41,10 @@ run_step() {
   echo "== $name (limit ${limit}s) $(date +%T)"
   local start=$(date +%s)
   case $name in
-    tune) timeout "$limit" $py scripts/tune_fla.py tune --mixer ${MIXERS:-rwkv7} \
-            --head-size ${HEAD_SIZES:-128} --compile-workers 30 \
-            && tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs ;;
+    tune) (timeout "$limit" $py scripts/tune_fla.py tune --mixer ${MIXERS:-rwkv7} \
+             --head-size ${HEAD_SIZES:-128} --compile-workers 30
+           rc=$?  # the shapes tuned before a time limit are written too: keep them
+           tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs; exit $rc) ;;
     check) timeout "$limit" $py scripts/tune_fla.py check --mixer ${MIXERS:-rwkv7 rwkv6} \
              --head-size ${HEAD_SIZES:-128} ;;
     pending) timeout "$limit" $py scripts/bench_pending_nccl.py --trace "$logs" ;;
@@ -81,5 +83,5 @@ run_step() {
 }
 
 for step in "$@"; do run_step "$step"; done
-tar czf "$out/logs.tgz" -C "$logs" .
+tar czf "$out/logs-$(date +%H%M%S).tgz" -C "$logs" .
 exit $status
