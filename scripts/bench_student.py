@@ -14,8 +14,9 @@ Llama layers (QKᵀ and AV over T/2 keys on average, forward + backward = 3×). 
 (O(T·d·head_size) per layer) and the elementwise work are left out. MFU is that rate over the
 bf16 dense peak of the card's datasheet (989 TFLOP/s for the H100/H200 SXM); the table also
 gives it against a bf16 matmul (8192³) measured in the same run.
-Runs in one process on one GPU (``--train.device_offset`` picks it). Prints a table last and a
-``RESULT {json}`` line per mode (bench_trainer.py reads those).
+TFLOP/s and MFU come from the median optimizer step (a stalled step moves only the "all steps"
+column). Runs in one process on one GPU (``--train.device_offset`` picks it). Prints a table
+last and a ``RESULT {json}`` line per mode (bench_trainer.py reads those).
 """
 from __future__ import annotations
 
@@ -165,13 +166,16 @@ def main() -> None:
         per_token, n_matmul = flops_per_token(engine.module.student, statistics.median(lengths))
         # an optimizer step = grad_accum micro steps (DeepSpeed steps the optimizer on the last)
         step_s = statistics.median(sum(times[i:i + accum]) for i in range(0, len(times), accum))
-        tok_s = sum(tokens) / sum(times)
+        tok_s = sum(tokens) / sum(times)  # over every measured step: a stalled one shows here
+        # the figures: from the median optimizer step (as bench_trainer.py), robust to a stall
+        median_tok_s = statistics.median(tokens) * accum / step_s
         result = {"mode": mode, "optimizer": args.optimizer, "grad_accum": accum,
                   "loss_kernel": cfg.train.loss_kernel,
-                  "step_s": step_s, "tokens_per_s": tok_s,
+                  "step_s": step_s, "tokens_per_s": tok_s, "median_tokens_per_s": median_tok_s,
                   "tokens_per_step": statistics.median(tokens) * accum, "n_matmul": n_matmul,
-                  "flops_per_token": per_token, "tflops": tok_s * per_token / 1e12,
-                  "mfu": tok_s * per_token / peak, "mfu_vs_matmul": tok_s * per_token / ceiling,
+                  "flops_per_token": per_token, "tflops": median_tok_s * per_token / 1e12,
+                  "mfu": median_tok_s * per_token / peak,
+                  "mfu_vs_matmul": median_tok_s * per_token / ceiling,
                   "matmul_tflops": ceiling / 1e12,
                   "peak_memory_gib": torch.cuda.max_memory_allocated(place.device) / 2 ** 30
                   if cuda else float("nan")}
@@ -181,11 +185,12 @@ def main() -> None:
           f"{results[0]['flops_per_token'] / 1e9:.2f} G; bf16 matmul 8192³ here: "
           f"{results[0]['matmul_tflops']:.0f} TFLOP/s; peak {peak / 1e12:.0f}\n")
     print("| grad checkpointing | optimizer | grad accum | loss kernel | step s (median) | "
-          "tokens/s | TFLOP/s | MFU (peak) | vs matmul | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "tokens/s (median step) | tokens/s (all steps) | TFLOP/s | MFU (peak) | vs matmul | "
+          "peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['optimizer']} | {r['grad_accum']} | {r['loss_kernel']} | "
-              f"{r['step_s']:.3f} | "
+              f"{r['step_s']:.3f} | {r['median_tokens_per_s']:.0f} | "
               f"{r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
               f"{r['mfu']:.3f} | {r['mfu_vs_matmul']:.3f} | {r['peak_memory_gib']:.1f} |")
 
