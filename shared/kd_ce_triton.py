@@ -126,11 +126,15 @@ def kd_ce_sums(s_rows: torch.Tensor, t_rows: torch.Tensor | None, labels: torch.
     kl = torch.zeros(rows, device=s.device, dtype=torch.float32)
     ce = torch.empty_like(kl)
     grad = torch.empty_like(s) if need_grad else None
-    _kernel()[(rows,)](
-        s, s if t is None else t, labels.reshape(-1), count, s if grad is None else grad, kl,
-        ce, s.stride(0), s.stride(0) if t is None else t.stride(0),
-        0 if grad is None else grad.stride(0), vocab,
-        1.0 / temperature, kl_weight * temperature, ce_weight, IGNORE_INDEX=IGNORE,
-        HAS_TEACHER=t is not None, USE_KL=t is not None and kl_weight != 0,
-        USE_CE=ce_weight != 0, NEED_GRAD=need_grad, BLOCK=BLOCK, num_warps=8)
+    try:
+        _kernel()[(rows,)](
+            s, s if t is None else t, labels.reshape(-1), count, s if grad is None else grad, kl,
+            ce, s.stride(0), s.stride(0) if t is None else t.stride(0),
+            0 if grad is None else grad.stride(0), vocab,
+            1.0 / temperature, kl_weight * temperature, ce_weight, IGNORE_INDEX=IGNORE,
+            HAS_TEACHER=t is not None, USE_KL=t is not None and kl_weight != 0,
+            USE_CE=ce_weight != 0, NEED_GRAD=need_grad, BLOCK=BLOCK, num_warps=8)
+    except Exception as err:  # Triton cannot build or launch it here (an older GPU, a new Triton)
+        raise RuntimeError(f"the Triton KL + CE kernel failed on this device ({err}); set "
+                           "train.loss_kernel: torch to use the PyTorch path") from err
     return kl.sum(), ce.sum(), grad

@@ -114,3 +114,16 @@ def test_fused_kd_ce_names_a_bad_kernel_and_a_vocabulary_mismatch():
         kd_ce_full(s, torch.randn(1, 3, 12), labels)
     with pytest.raises(RuntimeError, match="train.loss_kernel: torch"):  # CPU logits
         kd_ce_full(s, s, labels, kernel="triton")
+
+
+def test_a_triton_failure_names_the_fallback(monkeypatch):
+    """A GPU or Triton the kernel cannot build for gets an error that names the PyTorch path."""
+    from shared import kd_ce_triton
+
+    def launch(*args, **kwargs):
+        raise ValueError("unsupported architecture")
+
+    monkeypatch.setattr(kd_ce_triton, "_kernel", lambda: {(3,): launch})
+    s, labels = torch.randn(3, 11), torch.tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match="unsupported architecture.*train.loss_kernel: torch"):
+        kd_ce_triton.kd_ce_sums(s, s, labels, torch.tensor(3.0), 1.0, 1.0, 0.0, True)
