@@ -71,8 +71,8 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction; defined lazily (CPU build
                 cross = cross * rescale + tl.sum(tl.where(inside, e * (b - a), 0.0), 0)
                 m_b = m_new
         lse_s = m_s + tl.log(z_s)
-        # ids outside the vocabulary are refused by the data module; clamped here all the same,
-        # so that no bad row can make the kernel read outside its row
+        # ids outside the vocabulary are refused before a step (services/trainer/loop.py);
+        # clamped here all the same, so that no bad row can make the kernel read outside its row
         safe_label = tl.minimum(tl.maximum(tl.where(real, label, 0), 0), vocab - 1)
         ce = lse_s - tl.load(s_row + safe_label).to(tl.float32)
         tl.store(CE + row, tl.where(real, ce, 0.0))
@@ -108,9 +108,8 @@ def available() -> bool:
     return True
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _unit_stride(rows: torch.Tensor) -> torch.Tensor:
+    return rows if rows.stride(-1) == 1 else rows.contiguous()  # the kernel steps by element
 
 
 def kd_ce_sums(s_rows: torch.Tensor, t_rows: torch.Tensor | None, labels: torch.Tensor,
@@ -120,8 +119,8 @@ def kd_ce_sums(s_rows: torch.Tensor, t_rows: torch.Tensor | None, labels: torch.
     sums over the real rows (KL without the T² factor), the gradient of
     kl_weight·T²·ΣKL/count + ce_weight·ΣCE/count in the logits' dtype. ``count`` (the real
     rows, a float32 tensor ≥ 1) stays on the GPU: no host sync here."""
-    s = _rows(s_rows)
-    t = None if t_rows is None else _rows(t_rows)
+    s = _unit_stride(s_rows)
+    t = None if t_rows is None else _unit_stride(t_rows)
     rows, vocab = s.shape
     kl = torch.zeros(rows, device=s.device, dtype=torch.float32)
     ce = torch.empty_like(kl)

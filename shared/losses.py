@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared import kd_ce_triton
 from shared.labels import IGNORE
 
 
@@ -108,11 +109,8 @@ class _FusedKdCe(torch.autograd.Function):
         flat_labels = labels.reshape(-1)
         count = _real(flat_labels).sum().clamp_min(1).to(torch.float32)
         sums = _chunked_sums
-        if kernel != "torch" and s_rows.is_cuda:
-            from shared import kd_ce_triton
-
-            if kd_ce_triton.available():
-                sums = kd_ce_triton.kd_ce_sums
+        if kernel != "torch" and s_rows.is_cuda and kd_ce_triton.available():
+            sums = kd_ce_triton.kd_ce_sums
         if kernel == "triton" and sums is _chunked_sums:
             raise RuntimeError("loss kernel 'triton' needs Triton and logits on a CUDA device; "
                                "use train.loss_kernel: torch (or auto) on this machine")
