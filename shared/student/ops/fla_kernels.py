@@ -10,7 +10,7 @@ So :func:`prepare_fla`, called before the first fla import, loads fla's cache mo
 and makes it ``triton.autotune`` for the duration of the import.
 
 Shipped configs live in ``fla_configs/<GPU>/`` beside this file (``<GPU>`` is the device name as
-fla sanitises it, e.g. ``NVIDIA_H200``), made on that GPU by ``scripts/tune_fla.py``. The user's
+fla sanitises it, e.g. ``NVIDIA_H200``), made on that GPU by ``benchmarks/tune_fla.py``. The user's
 own ``FLA_CONFIG_DIR`` / ``FLA_CACHE_MODE`` always win. The default mode is ``strict``: a config is
 used only for the exact autotune key (block sizes, head counts, dtypes) it was tuned for, anything
 else is tuned as before, so a shipped file can never force a config onto a shape it was not

@@ -4,7 +4,7 @@ byte-level BPE of 8,000 entries) and bench/data2048, rows of exactly 2048 tokens
 text allows — documents are joined into ~1 MB texts and split, so shapes stay fixed and a
 benchmark times training, not the compilation of new shapes.
 
-    python scripts/prepare_bench_data.py [--out bench] [--max-mb 4]
+    python -m benchmarks.prepare_bench_data [--out bench] [--max-mb 4]
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import ROOT
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ one at a time with its cache. Reported per model and context:
 * CUDA allocated-memory growth per generated token and the peak above the pre-decode level;
 * decode latency per token.
 
-    python scripts/bench_generation_memory.py          # GPU: Llama-3.1-8B shapes, bf16, 4k/16k/32k
-    python scripts/bench_generation_memory.py --smoke  # tiny shapes; runs on CPU too
+    python -m benchmarks.bench_generation_memory          # GPU: Llama-3.1-8B shapes, 4k-32k
+    python -m benchmarks.bench_generation_memory --smoke  # tiny shapes; runs on CPU too
 
 If the full model does not fit, it retries with fewer layers and scales the per-layer figures
 back to the full depth (the table says so). The markdown table is printed last.
@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from shared.student import HybridRWKVCache, convert_teacher  # noqa: E402
+from shared.student import HybridRWKVCache, convert_teacher
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,

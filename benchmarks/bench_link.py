@@ -6,12 +6,11 @@ trainer in this process (GPU 0); the raw baseline sends the same number of bytes
 same GPUs with a ProcessGroupNCCL built on a FileStore, in the same run. Also reports the NCCL
 transport the link used (from NCCL_DEBUG=INFO). Prints a markdown table last.
 
-    python scripts/bench_link.py [--reps 10] [--batch 3 --length 2048 --vocab 128256]
+    python -m benchmarks.bench_link [--reps 10] [--batch 3 --length 2048 --vocab 128256]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import statistics
@@ -26,10 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shared.metrics import scrape  # noqa: E402
+from benchmarks.common import ROOT, service_env
+from shared.metrics import scrape
 
 
 def raw_worker(rank: int, store_path: str, numel: int, reps: int, queue) -> None:
@@ -84,9 +81,7 @@ def main() -> None:
                     "max_tokens_per_request": 1 << 20, "max_batch_tokens": 1 << 16},
         "link": {"rendezvous_dir": str(work / "rdv"), "trainers_per_group": 1,
                  "timeout_seconds": 120}}))
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "NCCL_DEBUG": "INFO",
-           "NCCL_DEBUG_SUBSYS": "INIT,P2P", "NCCL_NVLS_ENABLE": "0"}
+    env = service_env(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,P2P", NCCL_NVLS_ENABLE="0")
     log_path = work / "teacher.log"
     teacher = subprocess.Popen([sys.executable, "-m", "services.teacher", "--config",
                                 str(cfg_path), "--group", "0", "--device-id", "1"], cwd=ROOT,

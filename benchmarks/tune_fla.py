@@ -2,9 +2,9 @@
 """Tune flash-linear-attention's RWKV kernels on this GPU and write configs fla loads instead.
 
     # tune (minutes per mixer on a fresh GPU), write fla_configs/<GPU>/{kernel}.json
-    python scripts/tune_fla.py tune --mixer rwkv7 --heads 32 --head-size 128 64
+    python -m benchmarks.tune_fla tune --mixer rwkv7 --heads 32 --head-size 128 64
     # a fresh node with the shipped configs: time the first fwd+bwd (empty Triton cache)
-    python scripts/tune_fla.py check --mixer rwkv7 rwkv6
+    python -m benchmarks.tune_fla check --mixer rwkv7 rwkv6
 
 ``tune`` disables config loading, runs one forward+backward per (heads, head size) so every
 kernel autotunes, and merges the winners into the output directory (default: the shipped one
@@ -30,15 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def fwd_bwd(mixer: str, heads: int, head_size: int, batch: int, length: int) -> float:
     """One forward+backward through our fla wrapper; returns seconds (synchronised)."""
     import torch
 
-    from scripts.bench_kernels import make_inputs
+    from benchmarks.bench_kernels import make_inputs
     from shared.student.ops import rwkv6_fla, rwkv7_fla
 
     fn = rwkv6_fla if mixer == "rwkv6" else rwkv7_fla

@@ -17,49 +17,30 @@ Per run: tokens/s over the steps after warm-up, median step time, the share of s
 waiting for the teacher, the teacher's mean forward time and its busy share (forward time over
 step time). Medians over the pairs. Prints a markdown table last.
 
-    python scripts/bench_trainer.py --tokenizer bench/tok --data bench/data2048 \\
+    python -m benchmarks.bench_trainer --tokenizer bench/tok --data bench/data2048 \\
         --config configs/bench_8b_layers.yaml --shape 8b-layers --pairs 2 --steps 14
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shared.metrics import scrape  # noqa: E402
+from benchmarks.common import ROOT, TEACHER_PORT, TRAINER_PORT, service_env, wait_healthy
+from shared.metrics import scrape
 
 WARMUP_STEPS = 4
-TEACHER_PORT, TRAINER_PORT = 19400, 19500
 SHAPES = {  # hidden, layers, heads, kv heads, MLP, vocab
     "1b": (2048, 16, 32, 8, 8192, 128256),
     "8b-layers": (4096, 8, 32, 8, 14336, 128256),
     "tiny": (128, 16, 4, 2, 256, 8000),  # CPU dry runs of this script
 }
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("teacher exited during start-up")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("teacher not healthy in time")
 
 
 def teacher_forward() -> tuple[float, float]:
@@ -116,7 +97,7 @@ def run_trainer(args, common: list[str], name: str, extra: list[str], work: Path
 
 
 def run_student(args, model: Path, work: Path, env: dict) -> list[dict]:
-    cmd = [sys.executable, "scripts/bench_student.py", "--config", args.config, "--model",
+    cmd = [sys.executable, "-m", "benchmarks.bench_student", "--config", args.config, "--model",
            str(model), "--data", args.data, "--steps", str(args.steps), "--train.device_offset",
            str(args.device_offset), "--train.output_dir", str(work / "student"), "--modes",
            *args.student_modes]
@@ -153,8 +134,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     args.device_offset = 1 if cuda else 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = service_env(NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="4")
     hidden, layers, heads, kv, mlp, vocab = SHAPES[args.shape]
     model = work / f"teacher-{args.shape}"
     if not (model / "config.json").is_file():

@@ -12,8 +12,9 @@ converted, and all layers) it times forward + backward of one micro batch three 
   cost when documents are allowed to see each other);
 * ``one per row``: the same documents, one per row, padded to the longest (what packing avoids).
 
-    python scripts/bench_packing.py                 # CPU-sized defaults
-    python scripts/bench_packing.py --device cuda --hidden 4096 --heads 32 --kv-heads 8 --seq 2048
+    python -m benchmarks.bench_packing                 # CPU-sized defaults
+    python -m benchmarks.bench_packing --device cuda --hidden 4096 --heads 32 --kv-heads 8 \\
+        --seq 2048
 
 Times are medians over ``--reps`` after one warm-up; the table (tokens/s and ratios against
 ``no reset`` in the same run) is printed last.
@@ -22,16 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from shared.student import convert_teacher  # noqa: E402
-from shared.tiny import tiny_teacher  # noqa: E402
+from shared.student import convert_teacher
+from shared.tiny import tiny_teacher
 
 
 def pack(seq: int, rows: int, median: float, seed: int) -> list[list[int]]:

@@ -3,7 +3,7 @@
 step time, tokens/s and MFU, with gradient checkpointing off, on the converted layers (ours,
 ``student.grad_checkpointing``) and on every layer (transformers' gradient_checkpointing_enable).
 
-    python scripts/bench_student.py --config configs/bench_8b_layers.yaml --model DIR \\
+    python -m benchmarks.bench_student --config configs/bench_8b_layers.yaml --model DIR \\
         --data bench/data2048 [--steps 12] [--modes none converted all] [--trace DIR]
 
 FLOPs per trained token (stated so the figure can be checked):
@@ -24,15 +24,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 WARMUP = 3

@@ -3,7 +3,7 @@
 chunked PyTorch path (its reference, the baseline) in the same run, forward + backward at the
 kd stage's shape (default 2 × 2048 tokens, Llama-3's 128,256-token vocabulary, bf16 logits).
 
-    python scripts/bench_loss.py [--rows 4096] [--vocab 128256] [--reps 20]
+    python -m benchmarks.bench_loss [--rows 4096] [--vocab 128256] [--reps 20]
 
 Prints a markdown table last: milliseconds per forward + backward (median of CUDA-event
 timings), the bytes the kernel must move (both logits read twice, the gradient written once)
@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from shared.losses import kd_ce_full  # noqa: E402
+from shared.losses import kd_ce_full
 
 
 def time_kernel(kernel: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,

@@ -13,7 +13,7 @@ trainer") and rank 0 (GPU 0, "the teacher") time the same bf16 matmul workload
 
 and profiles one pending case with torch.profiler (kernel names and times). Prints a table last.
 
-    python scripts/bench_pending_nccl.py [--size 8192 --reps 40] [--trace DIR]
+    python -m benchmarks.bench_pending_nccl [--size 8192 --reps 40] [--trace DIR]
 """
 from __future__ import annotations
 

@@ -3,29 +3,29 @@
 # Each step has its own time limit and log; the logs come back as $OUT/logs-HHMMSS.tgz (one per
 # invocation, so two in one device call keep both) and each step's
 # last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
-#   bash scripts/device_run.sh STEP[:SECONDS] ...
+#   bash benchmarks/device_run.sh STEP[:SECONDS] ...
 # Steps:
 #   tune          fla configs (MIXERS, default rwkv7; HEAD_SIZES, default 128) into
 #                 shared/student/ops/fla_configs/<GPU> (candidates compiled by 30 processes
 #                 first), returned as $OUT/fla_configs.tgz
 #   check         first fla fwd+bwd on an empty Triton cache with the shipped configs (MIXERS,
 #                 default rwkv7 rwkv6; HEAD_SIZES)
-#   pending       scripts/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
+#   pending       benchmarks/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
 #   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
-#   benchlink     scripts/bench_link.py: link transfer vs raw NCCL
-#   trainer       scripts/bench_trainer.py at the 8B layer shapes: prefetch on/off pairs,
+#   benchlink     benchmarks/bench_link.py: link transfer vs raw NCCL
+#   trainer       benchmarks/bench_trainer.py at the 8B layer shapes: prefetch on/off pairs,
 #                 the reference protocol, and the student alone (MFU); PAIRS, STEPS and
 #                 STUDENT_MODES (checkpointing modes of the student-alone arm) from the env
-#   reconnect     scripts/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
-#   student       scripts/bench_student.py at the 8B layer shapes (the student alone, MFU): arms
+#   reconnect     benchmarks/bench_reconnect.py: kill -9 the teacher mid-run over NCCL
+#   student       benchmarks/bench_student.py at the 8B layer shapes (the student alone, MFU): arms
 #                 OPTIMIZER:MICRO_BATCHES[:LOSS_KERNEL], AdamW foreach (baseline) or fused, micro
 #                 batches per optimizer step, train.loss_kernel (default auto)
 #                 (STUDENT_ARMS="foreach:1 fused:1 fused:8", STUDENT_MODES="converted none")
 #   losstests     tests/test_losses_gpu.py: the Triton KL + CE kernel == its PyTorch reference
-#   benchloss     scripts/bench_loss.py: that kernel vs the chunked PyTorch path
+#   benchloss     benchmarks/bench_loss.py: that kernel vs the chunked PyTorch path
 #   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
-#   kernels       scripts/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
-#   memory        scripts/bench_generation_memory.py (memory per generated token, 4k-32k)
+#   kernels       benchmarks/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
+#   memory        benchmarks/bench_generation_memory.py (memory per generated token, 4k-32k)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-out}
@@ -41,20 +41,20 @@ run_step() {
   echo "== $name (limit ${limit}s) $(date +%T)"
   local start=$(date +%s)
   case $name in
-    tune) (timeout "$limit" $py scripts/tune_fla.py tune --mixer ${MIXERS:-rwkv7} \
+    tune) (timeout "$limit" $py -m benchmarks.tune_fla tune --mixer ${MIXERS:-rwkv7} \
              --head-size ${HEAD_SIZES:-128} --compile-workers 30
            rc=$?  # the shapes tuned before a time limit are written too: keep them
            tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs; exit $rc) ;;
-    check) timeout "$limit" $py scripts/tune_fla.py check --mixer ${MIXERS:-rwkv7 rwkv6} \
+    check) timeout "$limit" $py -m benchmarks.tune_fla check --mixer ${MIXERS:-rwkv7 rwkv6} \
              --head-size ${HEAD_SIZES:-128} ;;
-    pending) timeout "$limit" $py scripts/bench_pending_nccl.py --trace "$logs" ;;
+    pending) timeout "$limit" $py -m benchmarks.bench_pending_nccl --trace "$logs" ;;
     linktest) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_link_gpu.py ;;
-    benchlink) timeout "$limit" $py scripts/bench_link.py --reps 8 ;;
-    trainer) timeout "$limit" $py scripts/bench_trainer.py --tokenizer bench/tok \
+    benchlink) timeout "$limit" $py -m benchmarks.bench_link --reps 8 ;;
+    trainer) timeout "$limit" $py -m benchmarks.bench_trainer --tokenizer bench/tok \
                --data bench/data2048 --config configs/bench_8b_layers.yaml --shape 8b-layers \
                --pairs ${PAIRS:-2} --steps ${STEPS:-14} --trace "$logs" \
                --student-modes ${STUDENT_MODES:-none converted all} ;;
-    reconnect) timeout "$limit" $py scripts/bench_reconnect.py --tokenizer bench/tok \
+    reconnect) timeout "$limit" $py -m benchmarks.bench_reconnect --tokenizer bench/tok \
                  --data bench/data2048 ;;
     student) timeout "$limit" bash -c "
                set -e; m=/tmp/teacher-8b-layers
@@ -63,17 +63,17 @@ run_step() {
                  --model-vocab-size 128256 --dtype bfloat16 --device cuda >/dev/null
                for arm in ${STUDENT_ARMS:-foreach:1 fused:1 fused:8}; do
                  IFS=: read -r opt accum loss <<< \$arm
-                 $py scripts/bench_student.py --config configs/bench_8b_layers.yaml --model \$m \
+                 $py -m benchmarks.bench_student --config configs/bench_8b_layers.yaml --model \$m \
                    --data bench/data2048 --steps 8 --modes ${STUDENT_MODES:-converted none} \
                    --optimizer \$opt --train.grad_accum \$accum \
                    --train.loss_kernel \${loss:-auto} | grep -v '^|---' | grep '^| [a-z]'
                done" ;;
     losstests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_losses_gpu.py ;;
-    benchloss) timeout "$limit" $py scripts/bench_loss.py ;;
+    benchloss) timeout "$limit" $py -m benchmarks.bench_loss ;;
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
-    kernels) timeout "$limit" $py scripts/bench_kernels.py --batch 1 --reps 5 ;;
-    memory) timeout "$limit" $py scripts/bench_generation_memory.py --profile-decode ;;
+    kernels) timeout "$limit" $py -m benchmarks.bench_kernels --batch 1 --reps 5 ;;
+    memory) timeout "$limit" $py -m benchmarks.bench_generation_memory --profile-decode ;;
     *) echo "unknown step $name"; false ;;
   esac >"$logs/$name.log" 2>&1
   local rc=$?

@@ -6,7 +6,8 @@ packages: `apt-get install -y python3-doc linux-doc manpages` when run as root (
 (.gz decompressed, HTML tags stripped). One JSON line per documentation file. If the files
 add up to less than --target_mb, the corpus is repeated and the script says so.
 
-    python scripts/bench_data.py [--work_dir /tmp/bench_data] [--target_mb 100] [--vocab_size 32000]
+    python -m benchmarks.bench_data [--work_dir /tmp/bench_data] [--target_mb 100] \\
+        [--vocab_size 32000]
 
 Prints the corpus origin, then a markdown table last: corpus bytes, docs, tokens, seconds,
 tokens/s, speed-up (pipeline seconds from the card: read, tokenise, write, save; best of
@@ -29,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, service_env
+
 PACKAGES = ("python3-doc", "linux-doc", "manpages")
 FALLBACK_DIRS = ("/usr/share/doc", "/usr/share/man")
 TEXT_SUFFIXES = (".html", ".htm", ".txt", ".rst", ".md", "")
@@ -155,7 +157,7 @@ def run_text(corpus: Path, tokenizer: Path, out: Path, num_proc: int, max_len: i
     cmd = [sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
            "--tokenizer", str(tokenizer), "--output_dir", str(out), "--max_len", str(max_len),
            "--num_proc", str(num_proc), "--long_docs", "split", "--overwrite"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = service_env()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = usage.ru_utime + usage.ru_stime
     started = time.time()
@@ -189,7 +191,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternated runs per setting")
     parser.add_argument("--no_install", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from shared.tiny import train_tokenizer
 
     args.work_dir.mkdir(parents=True, exist_ok=True)

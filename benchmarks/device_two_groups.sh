@@ -3,7 +3,7 @@
 # through the no-Docker runner: teacher-0 on GPU $T0, teacher-1 on GPU $T1, torchrun with 2
 # ranks on GPUs 0-1 (rank 0 -> group 0, rank 1 -> group 1). Prints the NCCL transports and
 # the trainers' last steps. On CPU (no GPU) the same command runs the services on the CPU.
-#   bash scripts/device_two_groups.sh TOKENIZER_DIR DATA_DIR [WORKDIR]
+#   bash benchmarks/device_two_groups.sh TOKENIZER_DIR DATA_DIR [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tok=$1; data=$(realpath "$2"); work=${3:-/tmp/two-groups}

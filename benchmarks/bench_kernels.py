@@ -4,8 +4,8 @@ pure-PyTorch chunked path, for RWKV-6 and RWKV-7, forward and forward+backward, 
 
 Default shapes are one 8B layer (hidden 4096, 32 heads x 128, T=2048, batch 1-3, bf16):
 
-    python scripts/bench_kernels.py                 # GPU, needs flash-linear-attention==0.6.0
-    python scripts/bench_kernels.py --smoke         # tiny shapes; also runs on CPU (no fla rows)
+    python -m benchmarks.bench_kernels                 # GPU, needs flash-linear-attention==0.6.0
+    python -m benchmarks.bench_kernels --smoke         # tiny shapes; also runs on CPU (no fla rows)
 
 Levels: ``op`` times the WKV operator alone; ``layer`` times a whole RWKV time-mix module
 (projections, LoRAs, GroupNorm) with each backend. Times are medians over ``--reps`` runs after
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from shared.student.layers import RWKV6TimeMix, RWKV7TimeMix  # noqa: E402
-from shared.student.ops import (  # noqa: E402
+from shared.student.layers import RWKV6TimeMix, RWKV7TimeMix
+from shared.student.ops import (
     RWKV7_LOG_DECAY_MIN,
     fla_available,
     rwkv6_chunked,

@@ -9,13 +9,12 @@ teacher's start-up time (process start to /healthz), the seconds the trainer los
 ``distill_trainer_teacher_reconnect_seconds`` and its log), whether every step ran exactly
 once. Prints a table last. Also runs on CPU (Gloo) with a smaller teacher.
 
-    python scripts/bench_reconnect.py --tokenizer bench/tok --data bench/data2048
+    python -m benchmarks.bench_reconnect --tokenizer bench/tok --data bench/data2048
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,10 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from scripts.bench_trainer import TEACHER_PORT, wait_healthy  # noqa: E402
+from benchmarks.common import ROOT, TEACHER_PORT, service_env, wait_healthy
 
 
 def main() -> None:
@@ -42,8 +38,7 @@ def main() -> None:
 
     cuda = torch.cuda.device_count() >= 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-reconnect-"))
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "4",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = service_env(NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="4")
     model = work / "teacher"
     size = ["2048", "4", "16", "8", "128256"] if cuda else ["256", "4", "4", "2", "8000"]
     subprocess.run([sys.executable, "-m", "shared.tiny", "--output", str(model), "--tokenizer",
