@@ -124,12 +124,9 @@ def build_student(cfg: Config, device: torch.device):
 
 def select_trainable(student, cfg: Config) -> list[str]:
     """Freeze everything but what the stage trains; return the trainable names."""
-    if cfg.train.stage == "align" or cfg.train.trainable == "mixers":
-        names = set(student.mixer_parameter_names())
-    elif cfg.train.trainable == "rwkv_layers":
-        names = set(student.converted_layer_parameter_names())
-    else:
-        names = {n for n, _ in student.named_parameters()}
+    from shared.student.param_groups import trainable_names
+
+    names = trainable_names(student, cfg.train.stage, cfg.train.trainable)
     for n, p in student.named_parameters():
         p.requires_grad_(n in names)
     if not names:

@@ -34,3 +34,13 @@ def param_groups(model: nn.Module, weight_decay: float,
                 "time_decay": (0.0, time_decay_lr_scale)}
     return [{"params": ps, "weight_decay": settings[k][0], "lr_scale": settings[k][1],
              "name": k} for k, ps in groups.items() if ps]
+
+
+def trainable_names(student: nn.Module, stage: str, trainable: str) -> set[str]:
+    """Names of the parameters that train for ``train.stage`` / ``train.trainable``: align
+    trains the mixers only; kd and sft the mixers, the converted layers or everything."""
+    if stage == "align" or trainable == "mixers":
+        return set(student.mixer_parameter_names())
+    if trainable == "rwkv_layers":
+        return set(student.converted_layer_parameter_names())
+    return {n for n, _ in student.named_parameters()}
