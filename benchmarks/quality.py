@@ -1,0 +1,175 @@
+"""The quality experiment (issue 18): SmolLM2-135M-Instruct distilled on one GPU, three arms.
+
+    python -m benchmarks.quality --teacher DIR --corpus bench/quality --work /root/quality \
+        --out $OUT [--hybrid-steps 120,480] [--rwkv7-steps 240,1200] [--parallel]
+
+Arms, each through the product's own commands (``python -m services.data``,
+``python -m services.trainer``, ``python -m services.evaluate``) and recipes
+(configs/smollm2_*.yaml):
+
+* ``hybrid``: layers 1, 3, ..., 29 as RWKV-7 blocks: align (mixers only, teacher-forced), then
+  kd (all parameters, KL at T = 1);
+* ``rwkv7``: all 30 layers RWKV-7, the same two stages;
+* ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
+  as many tokens as ``rwkv7``'s two stages together.
+
+The corpus is what ``python -m benchmarks.quality_corpus`` writes (train.jsonl of the kernel's
+and Python's documentation; held-out files of that domain; the Debian handbook, a domain the
+training never sees). ``--parallel`` runs the arms at once: on one H200 a 135M-parameter
+student leaves most of the GPU idle. Each stage's tokens, seconds and tokens/s come from its
+summary.json; the evaluation's table from services.evaluate. Last it prints both tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "hybrid": ("configs/smollm2_hybrid_align.yaml", "configs/smollm2_hybrid_kd.yaml"),
+    "rwkv7": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
+}
+PROMPTS = ROOT / "benchmarks" / "quality_prompts.txt"
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Run ``cmd`` with its output in ``log``; return its seconds; raise on failure."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}, check=False)
+    if done.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n" + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def prepare_data(corpus: Path, teacher: Path, work: Path) -> Path:
+    out = work / "data" / "train"
+    if (out / "card.json").is_file():
+        return out
+    run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus / "train.jsonl"),
+         "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", "1024", "--pack",
+         "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
+        work / "data.log")
+    return out
+
+
+def random_student(teacher: Path, out: Path) -> Path:
+    """The control's start: the all-RWKV-7 student's architecture, every weight re-drawn."""
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from shared.student import convert_teacher, save_student
+torch.manual_seed(0)
+teacher = AutoModelForCausalLM.from_pretrained({str(teacher)!r}, dtype=torch.float32)
+student = convert_teacher(teacher, {{"layers": "all", "mixer": "rwkv7", "mode": "block"}})
+for module in student.modules():
+    for p in module.parameters(recurse=False):
+        p._is_hf_initialized = False
+student.init_weights()
+for name, p in student.named_parameters():
+    if p.dim() >= 2 and "lora" not in name:
+        torch.nn.init.normal_(p, std=0.02)
+save_student(student, AutoTokenizer.from_pretrained({str(teacher)!r}), {str(out)!r})
+"""
+    if not (out / "config.json").is_file():
+        run([sys.executable, "-c", code], out.with_suffix(".log"))
+    return out
+
+
+def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, work: Path,
+                init_from: Path | None, extra: list[str]) -> dict:
+    out = work / name
+    cmd = [sys.executable, "-m", "services.trainer", "--config", config,
+           "--teacher.model_path", str(teacher), "--data.train_dir", str(data),
+           "--train.output_dir", str(out), "--train.steps", str(steps),
+           "--train.metrics_port", "0", "--train.checkpoint_every", str(10 ** 6), *extra]
+    if init_from is not None:
+        cmd += ["--student.init_from", str(init_from)]
+    seconds = run(cmd, work / f"{name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"stage": name, "steps": steps, "tokens": summary["tokens"], "seconds": seconds,
+            "tokens_per_second": summary["tokens_per_second"], "student": summary["student"],
+            "mfu": summary.get("mfu")}
+
+
+def run_arm(arm: str, steps: tuple[int, int], teacher: Path, data: Path, work: Path) -> list:
+    if arm == "control":
+        start = random_student(teacher, work / "control-init")
+        total = steps[0] + steps[1]
+        return [train_stage("control-sft", CONFIGS["rwkv7"][1], total, teacher, data, work, start,
+                            ["--train.stage", "sft", "--train.ce_weight", "1.0",
+                             "--train.lr_init", "1e-3", "--train.lr_final", "1e-5"])]
+    align, kd = CONFIGS[arm]
+    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None, [])
+    second = train_stage(f"{arm}-kd", kd, steps[1], teacher, data, work,
+                         Path(first["student"]), [])
+    return [first, second]
+
+
+def stage_table(stages: list[dict]) -> str:
+    rows = ["| stage | steps | tokens | seconds | tokens/s | MFU |", "|---|---|---|---|---|---|"]
+    for s in stages:
+        mfu = f"{s['mfu']:.3f}" if s.get("mfu") else "–"
+        rows.append(f"| {s['stage']} | {s['steps']} | {s['tokens'] / 1e6:.2f}M | "
+                    f"{s['seconds']:.0f} | {s['tokens_per_second']:,.0f} | {mfu} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", type=Path, required=True, help="imported teacher directory")
+    parser.add_argument("--corpus", type=Path, required=True, help="quality_corpus's directory")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
+    parser.add_argument("--arms", default="hybrid,rwkv7,control")
+    parser.add_argument("--hybrid-steps", default="120,480", help="align,kd optimizer steps")
+    parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
+    parser.add_argument("--parallel", action="store_true", help="run the arms at once")
+    parser.add_argument("--eval-tokens", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepare_data(args.corpus, args.teacher, args.work)
+    print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
+    steps = {"hybrid": tuple(map(int, args.hybrid_steps.split(","))),
+             "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
+    steps["control"] = steps["rwkv7"]
+    arms = args.arms.split(",")
+    results: dict[str, list] = {}
+    with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
+        futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work)
+                   for arm in arms}
+        for arm, future in futures.items():
+            try:
+                results[arm] = future.result()
+                print(f"{arm}: done\n{stage_table(results[arm])}", flush=True)
+            except Exception as err:  # noqa: BLE001 - one failed arm must not lose the others
+                print(f"{arm}: FAILED: {err}", flush=True)
+    stages = [s for arm in arms for s in results.get(arm, [])]
+    (args.out / "quality_stages.json").write_text(json.dumps(stages, indent=1))
+    students = []
+    for arm in arms:
+        if arm in results:
+            students += ["--student", f"{arm}={results[arm][-1]['student']}"]
+    run([sys.executable, "-m", "services.evaluate", "--teacher", str(args.teacher), *students,
+         "--data", f"docs={args.corpus / 'heldout_docs.jsonl'}",
+         "--data", f"handbook={args.corpus / 'heldout_handbook.jsonl'}",
+         "--max-tokens", str(args.eval_tokens), "--prompts", str(PROMPTS),
+         "--json", str(args.out / "quality_eval.json"),
+         "--markdown", str(args.out / "quality_eval.md")], args.work / "evaluate.log")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s\n\n{stage_table(stages)}\n")
+    print((args.out / "quality_eval.md").read_text())
+    return 0 if len(results) == len(arms) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

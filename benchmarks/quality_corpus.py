@@ -1,0 +1,123 @@
+"""Real text for the quality experiment (issue 18), from Debian documentation packages.
+
+    apt-get install linux-doc-6.1 python3.11-doc debian-handbook
+    python -m benchmarks.quality_corpus --output bench/quality        # three .jsonl files
+
+* ``train.jsonl``: the training domain, technical documentation: the Linux kernel's
+  (``linux-doc-6.1``: Documentation/**/*.rst.gz and *.txt.gz) and Python's
+  (``python3.11-doc``: html/_sources/**/*.rst.txt), one record per source file;
+* ``heldout_docs.jsonl``: held-out *files* of that same domain (1 in 50, chosen by a hash of
+  the path, so the split never changes), never trained on;
+* ``heldout_handbook.jsonl``: a domain the training never sees: the Debian Administrator's
+  Handbook (``debian-handbook``, English HTML, tags stripped), system administration prose.
+
+Each record is ``{"text": ..., "source": path}``, the ``text`` corpus format of
+``python -m services.data text``.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import html
+import json
+import re
+import sys
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+KERNEL_DOCS = Path("/usr/share/doc/linux-doc-6.1/Documentation")
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
+PACKAGES = {KERNEL_DOCS: "linux-doc-6.1", PYTHON_DOCS: "python3.11-doc", HANDBOOK: "debian-handbook"}
+HELD_OUT_ONE_IN = 50
+
+
+def held_out(path: Path) -> bool:
+    """The fixed in-domain held-out files: 1 in HELD_OUT_ONE_IN, by a hash of the path."""
+    return int(hashlib.sha256(str(path).encode()).hexdigest(), 16) % HELD_OUT_ONE_IN == 0
+
+
+class _TextOfHTML(HTMLParser):
+    """The visible text of a page: script/style dropped, block elements as line breaks."""
+
+    BLOCKS = {"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "pre", "tr", "br", "dt", "dd"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs) -> None:  # noqa: ANN001 - HTMLParser's API
+        if tag in ("script", "style", "head"):
+            self.skip += 1
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "head"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data)
+
+
+def html_text(page: str) -> str:
+    parser = _TextOfHTML()
+    parser.feed(page)
+    text = html.unescape("".join(parser.parts))
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _read(path: Path) -> str:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return data.decode("utf-8", errors="replace")
+
+
+def documentation_files() -> Iterator[Path]:
+    """The training domain's files, in a fixed order."""
+    yield from sorted(p for p in KERNEL_DOCS.rglob("*") if p.name.endswith((".rst.gz", ".txt.gz")))
+    yield from sorted(PYTHON_DOCS.rglob("*.rst.txt"))
+
+
+def write_jsonl(path: Path, records: Iterator[dict]) -> tuple[int, int]:
+    count = chars = 0
+    with path.open("w") as out:
+        for record in records:
+            if len(record["text"].strip()) < 200:
+                continue  # index pages, stubs
+            out.write(json.dumps(record) + "\n")
+            count, chars = count + 1, chars + len(record["text"])
+    return count, chars
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, required=True, help="directory for the .jsonl")
+    args = parser.parse_args(argv)
+    missing = [pkg for root, pkg in PACKAGES.items() if not root.is_dir()]
+    if missing:
+        print(f"error: {', '.join(missing)} not installed: apt-get install {' '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    docs = list(documentation_files())
+    sets = {
+        "train": ({"text": _read(p), "source": str(p)} for p in docs if not held_out(p)),
+        "heldout_docs": ({"text": _read(p), "source": str(p)} for p in docs if held_out(p)),
+        "heldout_handbook": ({"text": html_text(_read(p)), "source": str(p)}
+                             for p in sorted(HANDBOOK.glob("*.html"))),
+    }
+    for name, records in sets.items():
+        count, chars = write_jsonl(args.output / f"{name}.jsonl", records)
+        print(f"{name}: {count} documents, {chars / 1e6:.1f}M characters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
