@@ -1,0 +1,77 @@
+"""Greedy generations of every model for the same prompts, side by side.
+
+A prompt goes through the tokenizer's chat template as one user turn (with the generation
+prompt) when the tokenizer has a template, else it is tokenised as it is. Each model decodes
+one prompt at a time (no padding, so nothing depends on how a model handles left padding) with
+its cache: the teacher's KV cache, the student's RWKV state cache (``use_cache=True``).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.evaluate.heldout import EvaluateError, render_chat
+from services.evaluate.models import Model
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line (``.txt`` and anything else), or ``.jsonl`` records with ``"prompt"``."""
+    file = Path(path)
+    if not file.is_file():
+        raise EvaluateError(f"--prompts {file}: no such file")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix.lower() != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise EvaluateError(f"--prompts {file}:{number}: not JSON ({exc})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise EvaluateError(f"--prompts {file}:{number}: a record needs a 'prompt' string")
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = render_chat([{"role": "user", "content": prompt}], tokenizer, "--prompts",
+                           add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+@torch.inference_mode()
+def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) -> str:
+    """The model's greedy continuation of ``ids``, decoded without special tokens."""
+    from transformers import GenerationConfig
+
+    module = model.module
+    device = next(module.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    eos = getattr(module.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                              eos_token_id=eos, pad_token_id=pad)
+    out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                          generation_config=config)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def side_by_side(models: Sequence[Model], tokenizer: Any, prompts: Sequence[str],
+                 max_new_tokens: int) -> list[dict[str, Any]]:
+    """``[{"prompt": p, "outputs": {model name: text}}]`` for every prompt."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for prompt in tqdm(prompts, desc="generate", unit=" prompts", dynamic_ncols=True):
+        ids = prompt_ids(prompt, tokenizer)
+        rows.append({"prompt": prompt, "prompt_tokens": len(ids),
+                     "outputs": {m.name: greedy(m, ids, tokenizer, max_new_tokens)
+                                 for m in models}})
+    return rows
