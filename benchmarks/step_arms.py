@@ -1,0 +1,280 @@
+"""One group of bench_steps.py's arms, run in a process of its own (``python step_arms.py SPEC``).
+
+It imports the trainer from whatever tree ``PYTHONPATH`` names, so bench_steps.py measures an
+older checkout (``--baseline-tree``) with the same code. Only the APIs that tree has are used:
+``services.trainer.components`` (init_distributed, build_student, select_trainable, init_engine,
+teacher_source), ``services.trainer.objective``, ``services.trainer.loop`` (Prefetcher,
+TrainingRun, train_step) and ``shared.tiny``. Prints one ``RESULT {json}`` line per arm.
+
+Arms of a spec:
+  trainer  ``loop.train_step`` on a DeepSpeed engine, the in-process teacher answering (ZeRO
+           and bf16 as the trainer configures them);
+  plain    the same student and DistillObjective (hence the same loss kernel) in a plain
+           PyTorch loop: fp32 weights, bf16 autocast on a GPU, fused AdamW, foreach clipping;
+  teacher  the in-process teacher's forward alone (the request and its answer).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab; embeddings tied
+    "135m": (576, 30, 9, 3, 1536, 49152),    # SmolLM2-135M
+    "1b": (2048, 16, 32, 8, 8192, 128256),   # Llama-3.2-1B
+    "tiny": (64, 4, 4, 2, 128, 512),         # CPU runs of the script
+}
+
+
+def ensure_teacher(model_dir: Path, shape: str, device: str) -> Path:
+    """A random Llama checkpoint of ``shape`` with a small trained tokenizer (the teacher's
+    fingerprint needs one; ids are random, so its size does not matter)."""
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    from shared.tiny import tiny_teacher, train_tokenizer
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    train_tokenizer(tmp, vocab_size=512, max_bytes=200_000)
+    model = tiny_teacher("llama", layers=layers, hidden=hidden, heads=heads, kv_heads=kv,
+                         vocab=vocab, dtype="bfloat16" if device == "cuda" else "float32",
+                         device=device, intermediate_size=inter, max_position_embeddings=8192,
+                         tie_word_embeddings=True)
+    model.save_pretrained(str(tmp))
+    del model
+    tmp.rename(model_dir)
+    return model_dir
+
+
+class RandomBatches:
+    """The data loader's interface (``forever``, ``state_dict``) over random full-length rows."""
+
+    def __init__(self, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        from shared.labels import IGNORE
+
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, vocab, (micro_batch, seq_len), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full((micro_batch, 1), IGNORE)], dim=1)
+        self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "labels": labels, "lengths": torch.full((micro_batch,), seq_len)}
+        self.data = type("Data", (), {"root": "random"})()
+
+    def forever(self):
+        while True:
+            yield dict(self.batch)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def make_config(spec: dict, model_dir: Path, out: Path):
+    from shared.config import apply, load_config, parse_overrides
+
+    _, layers, *_ = SHAPES[spec["shape"]]
+    cfg = load_config(None, [])
+    tokens = max(spec["micro_batches"]) * spec["seq"]
+    sections = {
+        "teacher": {"model_path": str(model_dir), "max_batch_tokens": tokens,
+                    "max_tokens_per_request": tokens},
+        "link": {"mode": "in_process", "logits": "bf16"},
+        "student": {"layers": list(range(1, layers, 2)) if spec["layers"] == "hybrid" else "all",
+                    "mixer": "rwkv7", "mode": "block"},
+        "data": {"micro_batch_size": spec["micro_batches"][0], "max_len": spec["seq"]},
+        "train": {"stage": spec["stage"], "device": spec["device"], "output_dir": str(out),
+                  "metrics_port": 0, "peer_timeout_seconds": 0.0, "grad_accum": 1},
+    }
+    apply(cfg, sections, "bench_steps")
+    if spec.get("overrides"):
+        apply(cfg, parse_overrides(spec["overrides"]), "command line")
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile(fn, device: torch.device) -> dict:
+    """One step under torch.profiler (a traced warm-up step before it is discarded): the self
+    CPU time of every op, the summed time and count of the device's kernels, aten ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1),
+                                acc_events=True) as prof:
+        for _ in range(2):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            wall = time.perf_counter() - t0
+            prof.step()
+    events = prof.events()
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    aten = collections.Counter(e.name for e in cpu if e.name.startswith("aten::"))
+    return {"profiled_wall_s": wall,
+            "host_self_cpu_s": sum(e.self_cpu_time_total for e in cpu) / 1e6,
+            "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+            "kernels": len(kernels), "aten_ops": sum(aten.values()),
+            "top_aten": dict(aten.most_common(15))}
+
+
+def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: dict | None,
+            extra: dict) -> dict:
+    p50 = statistics.median(times)
+    p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    tokens = micro_batch * spec["seq"]
+    result = {"arm": arm, "shape": spec["shape"], "layers": spec["layers"],
+              "stage": spec["stage"], "micro_batch": micro_batch, "seq": spec["seq"],
+              "tree": spec["tree"], "step_s": p50, "p90_over_p50": p90 / p50,
+              "tokens_per_s": tokens / p50, "steps": len(times), "model_dir": spec["model_dir"],
+              "device_name": torch.cuda.get_device_name() if spec["device"] == "cuda" else "cpu",
+              **extra}
+    if prof is not None:
+        result.update(prof)
+        result["gpu_busy"] = prof["kernel_s"] / p50 if spec["device"] == "cuda" else None
+    return result
+
+
+def model_facts(student) -> dict:
+    """The student's config, from which the parent counts the FLOPs (with our tree's
+    shared/flops.py, also for a baseline tree's arms)."""
+    return {"student_config": json.loads(student.config.to_json_string())}
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def run_spec(spec: dict) -> list[dict]:
+    from services.trainer import loop
+    from services.trainer.components import (
+        build_student,
+        init_distributed,
+        init_engine,
+        select_trainable,
+        teacher_source,
+    )
+    from services.trainer.objective import DistillObjective, teacher_request
+    from shared.fingerprint import tokenizer_fingerprint
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    model_dir = ensure_teacher(Path(spec["model_dir"]), spec["shape"], spec["device"])
+    out = Path(tempfile.mkdtemp(prefix="bench-steps-"))
+    cfg = make_config(spec, model_dir, out)
+    place = init_distributed(cfg)
+    device = place.device
+    vocab = SHAPES[spec["shape"]][5]
+    teacher = teacher_source(cfg, place, tokenizer_fingerprint(model_dir), vocab)
+    student = build_student(cfg, device)
+    select_trainable(student, cfg)
+    request = teacher_request(cfg.train, cfg.link, student.converted_layers,
+                              student.config.num_hidden_layers)
+    objective = DistillObjective(student, cfg.train, request)
+    facts = model_facts(student)
+    results = []
+    arms = spec["arms"]
+    if "teacher" in arms:
+        for mb in spec["micro_batches"]:
+            b = RandomBatches(mb, spec["seq"], vocab).batch
+            def forward(b=b) -> None:
+                teacher.request(b["input_ids"], b["lengths"], request).result()
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+            times = timed(forward, device, spec["steps"], spec["warmup"])
+            prof = profile(forward, device) if spec["profile"] else None
+            results.append(summary("teacher", spec, mb, times, prof,
+                                   {"peak_gib": peak_gib(device)}))
+            print("RESULT " + json.dumps(results[-1]), flush=True)
+    if "plain" in arms:
+        results += plain_arm(spec, cfg, objective, teacher, request, device, vocab, facts)
+    if "trainer" in arms:
+        engine = init_engine(objective, cfg, place)
+        for mb in spec["micro_batches"]:
+            batches = RandomBatches(mb, spec["seq"], vocab)
+            prefetcher = loop.Prefetcher(batches, teacher, request, cfg.link.prefetch, vocab)
+            run = loop.TrainingRun(cfg, place, engine, None, prefetcher, teacher,
+                                   loop.StatLoggers(), loop.StopFlag(), out)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = timed(lambda run=run: loop.train_step(run), device, spec["steps"],
+                          spec["warmup"])
+            prof = profile(lambda run=run: loop.train_step(run), device) if spec["profile"] \
+                else None
+            results.append(summary("trainer", spec, mb, times, prof,
+                                   {**facts, "peak_gib": peak_gib(device)}))
+            print("RESULT " + json.dumps(results[-1]), flush=True)
+    return results
+
+
+def plain_arm(spec: dict, cfg, objective, teacher, request, device, vocab: int,
+              facts: dict) -> list[dict]:
+    """The issue's baseline loop: no DeepSpeed, fp32 master weights, bf16 autocast."""
+    from shared.student.param_groups import param_groups
+
+    objective.to(device).train()
+    cuda = device.type == "cuda"
+    groups = param_groups(objective, cfg.train.weight_decay, cfg.train.time_decay_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr_init, betas=(0.9, 0.99), eps=1e-8,
+                                  fused=True)
+    params = [p for g in groups for p in g["params"]]
+    results = []
+    for mb in spec["micro_batches"]:
+        cpu_batch = RandomBatches(mb, spec["seq"], vocab).batch
+        b = {k: v.to(device) for k, v in cpu_batch.items()}
+
+        def step(cpu_batch=cpu_batch, b=b) -> None:
+            answer = teacher.request(cpu_batch["input_ids"], cpu_batch["lengths"],
+                                     request).result()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], answer)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss.detach())
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = timed(step, device, spec["steps"], spec["warmup"])
+        prof = profile(step, device) if spec["profile"] else None
+        results.append(summary("plain", spec, mb, times, prof,
+                               {**facts, "peak_gib": peak_gib(device)}))
+        print("RESULT " + json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    run_spec(spec)
+    # DeepSpeed's and the process group's teardown can hang on exit: the results are out.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
