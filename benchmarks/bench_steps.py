@@ -10,10 +10,12 @@ runs), random token ids. Arms, each group in a fresh process (benchmarks/step_ar
   teacher  the in-process teacher's forward alone.
 Per arm: tokens/s of the median step, p90/p50 step time, MFU, and of one profiled step: its
 self CPU time (host), its summed kernel time, GPU busy (kernel time / median step time), kernel
-launches and aten ops. ``--baseline-tree DIR`` runs every arm also from an older checkout
-(PYTHONPATH=DIR), interleaved with ours, and adds our/baseline ratios. A Markdown table last.
+launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt). ``--baseline-tree DIR``
+runs every arm also from an older checkout (PYTHONPATH=DIR), interleaved with ours, and adds
+our/baseline ratios. A Markdown table last.
 
-    python -m benchmarks.bench_steps --shapes 135m --layers hybrid all --micro-batches 8 32
+    python -m benchmarks.bench_steps --shapes 135m --layers hybrid all --micro-batches 8 32 \
+        --workdir $OUT/bench-steps --json $OUT/bench_steps.json
     python -m benchmarks.bench_steps --shape tiny --device cpu --steps 2      # a CPU check
 Extra ``--section.key value`` arguments are config overrides for our tree's arms only.
 """
@@ -91,7 +93,7 @@ def specs_for(args: argparse.Namespace, shape: str, work: Path) -> list[dict]:
     common = {"shape": shape, "seq": args.seq or seq,
               "micro_batches": args.micro_batches or batches, "steps": args.steps,
               "warmup": args.warmup, "profile": not args.no_profile, "device": args.device,
-              "model_dir": str(work / f"teacher-{shape}")}
+              "model_dir": str(work / f"teacher-{shape}"), "log_dir": str(work / "logs")}
     specs, teacher_done = [], False
     for layers in args.layers:
         for stage in args.stages:

@@ -133,7 +133,9 @@ def profile(fn, device: torch.device) -> dict:
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     aten = collections.Counter(e.name for e in cpu if e.name.startswith("aten::"))
-    return {"profiled_wall_s": wall,
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {"profiled_wall_s": wall, "ops_table": prof.key_averages().table(sort_by=sort,
+                                                                            row_limit=40),
             "host_self_cpu_s": sum(e.self_cpu_time_total for e in cpu) / 1e6,
             "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
@@ -152,6 +154,10 @@ def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: di
               "device_name": torch.cuda.get_device_name() if spec["device"] == "cuda" else "cpu",
               **extra}
     if prof is not None:
+        table = prof.pop("ops_table")
+        name = "-".join([spec["tree"], spec["shape"], spec["layers"], spec["stage"], arm,
+                         str(micro_batch)])
+        (Path(spec["log_dir"]) / f"{name}.ops.txt").write_text(table)
         result.update(prof)
         result["gpu_busy"] = prof["kernel_s"] / p50 if spec["device"] == "cuda" else None
     return result
