@@ -8,17 +8,45 @@ can be overridden on a service's command line as ``--section.key value`` (lists 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric key, declared with its type: ``Annotated[float, Bound(...)]``
+    (the aliases below). ``apply`` checks it for every source (YAML, command line)."""
+
+    low: float
+    high: float | None = None
+    exclusive: bool = False   # low itself is not allowed
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in {self.low:g}..{self.high:g}"
+        return f"{'>' if self.exclusive else '>='} {self.low:g}"
+
+    def check(self, value: float, key: str) -> None:
+        below = value <= self.low if self.exclusive else value < self.low
+        if math.isnan(value) or below or (self.high is not None and value > self.high):
+            raise ConfigError(f"{key}: {value!r} must be {self}")
+
+
+Positive = Annotated[float, Bound(0, exclusive=True)]
+NonNegative = Annotated[float, Bound(0)]
+Count = Annotated[int, Bound(1)]           # sizes, steps, intervals used as divisors
+Index = Annotated[int, Bound(0)]           # indices, offsets, seeds, "0 = never" counts
+Port = Annotated[int, Bound(0, 65535)]     # 0 = disabled where the doc says so
 
 
 @dataclass
@@ -29,23 +57,23 @@ class TeacherConfig:
     """Teacher weights dtype; auto = bfloat16 on GPU, float32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the teacher runs; auto = cuda when available."""
-    device_id: int = 0
+    device_id: Index = 0
     """GPU index the teacher uses. Every process sees all GPUs (NCCL needs that for P2P)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained (sdpa, flash_attention_2, eager)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off: a checkpoint can't run code here."""
-    max_tokens_per_request: int = 65536
+    max_tokens_per_request: Count = 65536
     """Largest batch×length one trainer may send; larger requests are refused trainer-side."""
-    max_batch_tokens: int = 16384
+    max_batch_tokens: Count = 16384
     """Rows×length per forward chunk: bounds teacher memory when the group batch is large."""
-    gather_window_seconds: float = 1.0
+    gather_window_seconds: NonNegative = 1.0
     """After the first request of a round, how long to wait for the rest of the group."""
     profile_batches: str = ""
     """Batched forwards to profile with torch.profiler, e.g. "10-12" (empty = none)."""
     profile_dir: str = "runs/profiles"
     """Where the teacher writes its profile (chrome trace + top-kernels table)."""
-    metrics_port: int = 9400
+    metrics_port: Port = 9400
     """Base port of the metrics + /healthz server; the teacher of group G uses base + G."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics server binds to; 0.0.0.0 exposes it beyond this host."""
@@ -55,25 +83,25 @@ class TeacherConfig:
 class LinkConfig:
     rendezvous_dir: str = "runs/rendezvous"
     """Directory on a volume shared by teachers and trainers (one sub-directory per group)."""
-    trainers_per_group: int = 1
+    trainers_per_group: Count = 1
     """Trainer ranks served by one teacher: global rank r belongs to group r // this."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Transport; auto = NCCL when the teacher and trainers use CUDA, Gloo otherwise."""
-    timeout_seconds: float = 120.0
+    timeout_seconds: Positive = 120.0
     """Bound on every wait for a peer: join, a request's answer, a silent peer's heartbeat."""
     control_host: str = "127.0.0.1"
     """Address the teacher's control channel listens on and publishes to its trainers (one
     TCP port per teacher); set the node's address when trainers run on other nodes."""
-    reconnect_seconds: float = 900.0
+    reconnect_seconds: NonNegative = 900.0
     """How long a trainer that lost its teacher waits for the teacher's next generation (a
     restarted or recovered teacher) before it gives up with an error."""
-    heartbeat_seconds: float = 2.0
+    heartbeat_seconds: Positive = 2.0
     """How often each side touches its heartbeat file in the rendezvous directory."""
     mode: Literal["service", "in_process"] = "service"
     """service: a teacher process per group; in_process: the teacher model in the trainer."""
     logits: Literal["bf16", "topk", "fp32", "none"] = "bf16"
     """Teacher logits returned: full bf16, top-k log-probs, full fp32 (old protocol), none."""
-    top_k: int = 128
+    top_k: Count = 128
     """k for logits = topk."""
     prefetch: bool = True
     """Ask for step k+1 before training on step k, so teacher and student overlap."""
@@ -100,15 +128,15 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     train_dir: str = ""
-    """Dataset prepared by `python -m services.trainer.data` (train split)."""
+    """Dataset prepared by `python -m services.data` (train split)."""
     val_dir: str = ""
     """Held-out dataset directory (its validation split, else its train split); empty = the
     validation split inside train_dir."""
-    micro_batch_size: int = 2
+    micro_batch_size: Count = 2
     """Sequences per rank per micro step."""
-    max_len: int = 2048
+    max_len: Count = 2048
     """Longest sequence fed to the model; longer samples are cut."""
-    seed: int = 1234
+    seed: Index = 1234
     """Seed of the sampler's shuffling (and of the run)."""
 
 
@@ -120,48 +148,48 @@ class TrainConfig:
     """align: each layer fed the teacher's input (MOHAWK), or a full forward (reference)."""
     trainable: Literal["mixers", "rwkv_layers", "all"] = "all"
     """kd/sft: which parameters train. align always trains the mixers only."""
-    kl_weight: float = 1.0
+    kl_weight: NonNegative = 1.0
     """Weight of KL(teacher || student) in kd."""
-    ce_weight: float = 0.0
+    ce_weight: NonNegative = 0.0
     """Weight of cross-entropy on the labels in kd."""
-    temperature: float = 1.0
+    temperature: Positive = 1.0
     """Softmax temperature of the KL (the loss is multiplied by T² as usual)."""
     loss_kernel: Literal["auto", "triton", "torch"] = "auto"
     """KL + CE over the full vocabulary (kd, sft): auto = one Triton kernel for logits on a GPU
     (shared/kd_ce_triton.py), the chunked PyTorch path elsewhere; torch forces that path (the
     kernel's reference)."""
-    steps: int = 100
+    steps: Count = 100
     """Optimizer steps to train."""
-    grad_accum: int = 1
+    grad_accum: Count = 1
     """Micro batches per optimizer step."""
-    lr_init: float = 1e-4
+    lr_init: Positive = 1e-4
     """Peak learning rate (reached after warm-up)."""
-    lr_final: float = 1e-5
+    lr_final: NonNegative = 1e-5
     """Learning rate at the last step (cosine decay)."""
-    warmup_steps: int = 10
+    warmup_steps: Index = 10
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """AdamW weight decay (not applied to biases, norms, decay and bonus parameters)."""
-    time_decay_lr_scale: float = 1.0
+    time_decay_lr_scale: NonNegative = 1.0
     """Learning-rate multiplier for time-decay parameters (the reference uses 2x)."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Gradient clipping norm."""
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     """DeepSpeed JSON (ZeRO stage, offload); batch sizes and the optimizer (torch AdamW, fused
     on a GPU) are filled in here unless the JSON names its own optimizer."""
     output_dir: str = "runs/train"
     """Checkpoints, logs and the exported student go here."""
-    checkpoint_every: int = 50
+    checkpoint_every: Count = 50
     """Checkpoint every N steps (and always at the end)."""
     save_at_end: bool = True
     """Checkpoint and export the student after the last step (benchmarks turn it off)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Count = 2
     """Most recent checkpoints kept."""
-    val_every: int = 50
+    val_every: Index = 50
     """Validate every N steps and after the last (0 = never)."""
-    val_batches: int = 8
+    val_batches: Count = 8
     """Batches per validation."""
-    log_every: int = 1
+    log_every: Count = 1
     """Progress line every N steps on rank 0."""
     profile_steps: str = ""
     """Optimizer steps to profile with torch.profiler, e.g. "6-7" (empty = none); the trace and
@@ -169,19 +197,19 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer ranks run; auto = cuda when available. The teacher has its own
     (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""
-    device_offset: int = 0
+    device_offset: Index = 0
     """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
-    peer_timeout_seconds: float = 300.0
+    peer_timeout_seconds: NonNegative = 300.0
     """A trainer rank whose heartbeat is silent this long counts as lost, and its peers exit
     (status 75) instead of waiting in a collective for the process group's 30 minutes; a rank
     that fails with an error tells them at once (services/trainer/peers.py). Generous
     because a rank's heartbeat thread can starve while the main thread holds the GIL (a long
     checkpoint write); 0 turns the watch off."""
-    metrics_port: int = 9500
+    metrics_port: Port = 9500
     """Base port of the metrics server; global rank r uses base + r (0 disables)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics server binds to."""
-    metrics_linger_seconds: float = 0.0
+    metrics_linger_seconds: NonNegative = 0.0
     """After the last step, keep serving metrics this long so Prometheus scrapes the final
     values (the last validation): one scrape interval plus its timeout; 0 = exit at once."""
     export_dir: str = ""
@@ -198,8 +226,16 @@ class Config:
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
-    """Return ``value`` converted to ``hint`` or raise ConfigError naming ``key``."""
+    """Return ``value`` converted to ``hint`` (and within its bounds) or raise ConfigError
+    naming ``key``."""
     origin = get_origin(hint)
+    if origin is Annotated:
+        base, *marks = get_args(hint)
+        value = _check_type(value, base, key)
+        for mark in marks:
+            if isinstance(mark, Bound):
+                mark.check(value, key)
+        return value
     if origin in (Union, types.UnionType):
         errors = []
         for option in get_args(hint):
@@ -273,7 +309,7 @@ def apply(config: Config, updates: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: unknown key '{dotted}' "
                               f"(sections: {', '.join(sections)})")
         section = getattr(config, section_name)
-        hints = get_type_hints(type(section))
+        hints = get_type_hints(type(section), include_extras=True)
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{dotted}' (keys of '{section_name}': "
                               f"{', '.join(hints)})")
@@ -320,8 +356,19 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return result
 
 
+def type_text(hint: Any, written: str) -> str:
+    """The type column of the config table: the type as written, a bounded number as its
+    base type and bound (``float > 0``)."""
+    if get_origin(hint) is Annotated:
+        base, *marks = get_args(hint)
+        bounds = " ".join(str(m) for m in marks if isinstance(m, Bound))
+        return f"{base.__name__} {bounds}".strip()
+    return written
+
+
 def documented_keys() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every key: the README's config table is made from it."""
+    """(key, type, default, doc) for every key: the README's config table is made from it
+    (``python -m shared.config`` prints it)."""
     import ast
     import inspect
 
@@ -335,7 +382,21 @@ def documented_keys() -> list[tuple[str, str, Any, str]]:
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
                 docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
         defaults = cls()
+        hints = get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
-            rows.append((f"{section.name}.{f.name}", str(f.type), getattr(defaults, f.name),
-                         docs.get(f.name, "")))
+            rows.append((f"{section.name}.{f.name}", type_text(hints[f.name], str(f.type)),
+                         getattr(defaults, f.name), docs.get(f.name, "")))
     return rows
+
+
+def markdown_table() -> str:
+    """The README's config table."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, doc in documented_keys():
+        kind = kind.replace(" | ", " or ")  # a pipe would end the cell
+        lines.append(f"| `{key}` | {kind} | `{default}` | {' '.join(doc.split())} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

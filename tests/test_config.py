@@ -63,3 +63,58 @@ def test_deepspeed_optimizer_is_fused_on_a_gpu(tmp_path, device, offload, fused)
     cfg = load_config(None, ["--train.deepspeed_config", str(tmp_path / "ds.json")])
     params = deepspeed_config(cfg, torch.device(device), 1)["optimizer"]["params"]
     assert params.get("fused") is fused and params["torch_adam"] is not offload
+
+
+@pytest.mark.parametrize("key,value,bound", [
+    ("train.lr_init", "-1.0", "> 0"), ("train.lr_init", "0.0", "> 0"),
+    ("train.lr_final", "-0.001", ">= 0"), ("train.steps", "0", ">= 1"),
+    ("train.grad_accum", "0", ">= 1"), ("data.micro_batch_size", "0", ">= 1"),
+    ("data.max_len", "-3", ">= 1"), ("train.warmup_steps", "-1", ">= 0"),
+    ("train.temperature", "0.0", "> 0"), ("train.kl_weight", "-0.5", ">= 0"),
+    ("link.timeout_seconds", "0.0", "> 0"), ("link.heartbeat_seconds", "-2.0", "> 0"),
+    ("train.metrics_port", "65536", "in 0..65535"), ("teacher.metrics_port", "-1", "in 0..65535"),
+    ("link.top_k", "0", ">= 1"), ("train.checkpoint_every", "0", ">= 1"),
+    ("train.log_every", "0", ">= 1"), ("train.lr_init", ".nan", "> 0"),
+])
+def test_out_of_range_values_name_the_key_and_the_bound(key, value, bound):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"--{key}", value])
+    shown = repr(__import__("yaml").safe_load(value))
+    assert str(err.value) == f"command line: {key}: {shown} must be {bound}"
+
+
+def test_bounds_hold_for_yaml_files_too(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr_init: -1.0\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: train.lr_init: -1.0 must be > 0$"):
+        load_config(bad)
+
+
+def test_values_on_a_bound_pass():
+    cfg = load_config(None, ["--train.lr_final", "0", "--train.warmup_steps", "0",
+                             "--train.steps", "1", "--train.metrics_port", "0",
+                             "--link.reconnect_seconds", "0", "--teacher.metrics_port", "65535"])
+    assert (cfg.train.lr_final, cfg.train.steps, cfg.train.metrics_port) == (0.0, 1, 0)
+
+
+def test_every_numeric_key_has_a_bound_shown_in_the_table():
+    from shared.config import markdown_table
+
+    for key, kind, default, _ in documented_keys():
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert kind.split()[0] in ("int", "float") and len(kind.split()) > 1, (key, kind)
+    assert "| `train.lr_init` | float > 0 | `0.0001` |" in markdown_table()
+
+
+def test_the_cross_key_checks_of_the_inputs_stay(tmp_path):
+    # the DeepSpeed JSON against the config: a check across keys and files, in inputs.py
+    import json
+
+    from services.trainer.inputs import check_deepspeed_json
+
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    cfg = load_config(None, ["--train.deepspeed_config", str(tmp_path / "ds.json"),
+                             "--data.micro_batch_size", "2"])
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but "
+                                         "data.micro_batch_size=2"):
+        check_deepspeed_json(cfg)
