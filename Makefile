@@ -32,7 +32,7 @@ lint: $(VENV_STAMP)
 	.venv/bin/ruff check .
 
 test: lint
-	bash scripts/install_ci_tools.sh $(PY)
+	bash .ci/install_tools.sh $(PY)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 # On a GPU machine: the CUDA/NCCL tests (skipped on CPU) and nothing else.

@@ -45,12 +45,12 @@ up:
 
 # Engine: installed (Debian's docker.io + the Compose plugin) and started when missing.
 images-cpu: $(VENV_STAMP)
-	$(DEPLOY_PYTHON) scripts/docker_engine.py ensure
-	$(DEPLOY_PYTHON) scripts/docker_images.py
+	$(DEPLOY_PYTHON) -m deploy.docker_engine ensure
+	$(DEPLOY_PYTHON) -m deploy.docker_images
 	$(COMPOSE) $(CPU_COMPOSE_FILES) build trainer
 
 up-cpu: images-cpu
-	$(DEPLOY_PYTHON) scripts/demo_prepare.py --run-dir $(CPU_RUN_DIR) \
+	$(DEPLOY_PYTHON) -m demo.prepare --run-dir $(CPU_RUN_DIR) \
 	    --teacher-steps $(CPU_TEACHER_STEPS)
 	$(COMPOSE) $(CPU_COMPOSE_FILES) up -d
 	@echo "up-cpu: started; make ps, make logs SERVICE=trainer; make down stops it"
@@ -71,4 +71,4 @@ down-local:
 	$(RUNNER) down $(_local_common)
 
 check-deploy:
-	bash scripts/check_deploy.sh
+	bash deploy/check_deploy.sh

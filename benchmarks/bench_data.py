@@ -154,7 +154,7 @@ def tree_rss_kb(pid: int) -> int:
 
 
 def run_text(corpus: Path, tokenizer: Path, out: Path, num_proc: int, max_len: int) -> dict:
-    cmd = [sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
+    cmd = [sys.executable, "-m", "services.data", "text", "--paths", str(corpus),
            "--tokenizer", str(tokenizer), "--output_dir", str(out), "--max_len", str(max_len),
            "--num_proc", str(num_proc), "--long_docs", "split", "--overwrite"]
     env = service_env()

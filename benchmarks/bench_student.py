@@ -89,9 +89,9 @@ def main() -> None:
         init_engine,
         select_trainable,
     )
-    from services.trainer.data.loader import TrainBatches
     from services.trainer.objective import DistillObjective, teacher_request
     from shared.config import load_config
+    from shared.data_loader import TrainBatches
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)  # one process, no launcher

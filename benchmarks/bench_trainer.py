@@ -11,7 +11,7 @@ output directory:
   prefetch   link.prefetch true  (the default)        ┐ alternated --pairs times:
   sync       link.prefetch false                      ┘ on, off, on, off, ...
   reference  link.prefetch false, link.logits fp32    the reference project's serial protocol
-  student    scripts/bench_student.py on a trainer GPU: no teacher traffic (logits made once)
+  student    benchmarks/bench_student.py on a trainer GPU: no teacher traffic (logits made once)
 
 Per run: tokens/s over the steps after warm-up, median step time, the share of step time spent
 waiting for the teacher, the teacher's mean forward time and its busy share (forward time over

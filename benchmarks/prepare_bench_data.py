@@ -28,7 +28,7 @@ def main() -> None:
 
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    subprocess.run([sys.executable, "scripts/make_c4_sample.py", "--output", str(tmp / "c4"),
+    subprocess.run([sys.executable, "-m", "services.data.c4_sample", "--output", str(tmp / "c4"),
                     "--max-mb", str(args.max_mb)], cwd=ROOT, check=True, capture_output=True)
     texts = [json.loads(line)["text"]
              for line in gzip.open(tmp / "c4/en/c4-train.00000-of-01024.json.gz", "rt")]
@@ -43,7 +43,7 @@ def main() -> None:
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in joined))
     if not (out / "tok" / "tokenizer.json").is_file():
         train_tokenizer(out / "tok", vocab_size=8000)
-    subprocess.run([sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
+    subprocess.run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus),
                     "--tokenizer", str(out / "tok"), "--output_dir", str(out / "data2048"),
                     "--max_len", "2048", "--long_docs", "split", "--overwrite"], cwd=ROOT,
                    check=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path by pyproject's pytest pythonpath
 # Gloo over loopback: never depend on the machine's hostname resolving to a reachable address.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

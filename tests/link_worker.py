@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.config import load_config  # noqa: E402
-from shared.fingerprint import tokenizer_fingerprint  # noqa: E402
-from shared.link import LinkError, RequestSpec, TeacherClient  # noqa: E402
+from shared.config import load_config
+from shared.fingerprint import tokenizer_fingerprint
+from shared.link import LinkError, RequestSpec, TeacherClient
 
 SPECS = {
     "bf16": RequestSpec(logits="bf16"),

@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.trainer.peers import start_peer_watch  # noqa: E402
+from services.trainer.peers import start_peer_watch
 
 
 def main() -> None:

@@ -293,7 +293,7 @@ def truncated_checkpoint(w: World, case: Path) -> Run:
 def empty_dataset(w: World, case: Path) -> Run:
     (case / "empty.jsonl").parent.mkdir(parents=True, exist_ok=True)
     (case / "empty.jsonl").write_text("")
-    subprocess.run([sys.executable, "-m", "services.trainer.data", "text", "--paths",
+    subprocess.run([sys.executable, "-m", "services.data", "text", "--paths",
                     str(case / "empty.jsonl"), "--tokenizer", str(w.tiny), "--output_dir",
                     str(case / "ds"), "--max_len", "48"], cwd=ROOT, env=service_env(),
                    check=True, capture_output=True)

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.trainer.data.render import ChatMasker
-from services.trainer.data.sources import DataError
+from services.data.render import ChatMasker
+from services.data.sources import DataError
 from test_data_fixtures import (
     DOCS,
     EOT,
@@ -283,7 +283,7 @@ def test_output_dir_is_never_clobbered(tok_dir, tmp_path):
 def test_cli_subprocess(tok_dir, tmp_path):
     write_jsonl(tmp_path / "c" / "a.jsonl", [{"text": t} for t in DOCS[:20]] + [{"text": ""}])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    base = [sys.executable, "-m", "services.trainer.data", "text", "--paths", str(tmp_path / "c"),
+    base = [sys.executable, "-m", "services.data", "text", "--paths", str(tmp_path / "c"),
             "--output_dir", str(tmp_path / "o"), "--max_len", "64"]
     ok = subprocess.run(base + ["--tokenizer", str(tok_dir), "--num_proc", "2",
                                 "--validation_fraction", "0.25"],
@@ -312,7 +312,7 @@ def test_validation_options(tok_dir, tmp_path):
 
 
 def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):
-    from services.trainer.data.sources import file_chunks
+    from services.data.sources import file_chunks
 
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x" * 1000} for _ in range(10)])
     pq.write_table(pa.table({"text": ["y" * 1000] * 10}), tmp_path / "b.parquet")
@@ -323,8 +323,8 @@ def test_tasks_are_bounded_in_bytes_as_well_as_records(tmp_path):
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_unexpected_worker_failure_is_a_clear_error(tok_dir, tokenizer, num_proc):
-    from services.trainer.data.process import WorkerConfig, process_chunks
-    from services.trainer.data.sources import RawChunk
+    from services.data.process import WorkerConfig, process_chunks
+    from services.data.sources import RawChunk
 
     config = WorkerConfig(mode="text", tokenizer_json=tokenizer.backend_tokenizer.to_str(),
                           max_len=16, eos_id=tokenizer.eos_token_id)

@@ -127,7 +127,7 @@ def tokenizer(tok_dir):
 
 def prep(*args) -> dict:
     """Run a data sub-command in-process; returns the card."""
-    from services.trainer.data.__main__ import run
+    from services.data.__main__ import run
 
     return run([str(a) for a in args])
 

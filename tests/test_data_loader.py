@@ -1,4 +1,5 @@
-"""Trainer-side data loader: collate, bucket sampler, resume, validation batches, fingerprint."""
+"""The prepared data's readers (shared/data_loader.py, shared/data_card.py): collate, bucket
+sampler, resume, validation batches, fingerprint."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from services.trainer.data.loader import (
-    BucketBatchSampler,
-    FingerprintMismatch,
-    TrainBatches,
-    check_tokenizer_fingerprint,
-    collate,
-    validation_batches,
-)
+from shared.data_card import FingerprintMismatch, check_tokenizer_fingerprint
+from shared.data_loader import BucketBatchSampler, TrainBatches, collate, validation_batches
 from shared.fingerprint import tokenizer_fingerprint
 
 

@@ -1,12 +1,12 @@
 """``make demo`` end to end on CPU, and a real Prometheus (Debian's) checked against it.
 
-One demo run (scripts/demo.py with a small step count, ``--keep-up``) serves the module: the
+One demo run (``python -m demo`` with a small step count, ``--keep-up``) serves the module: the
 summary it writes, the student it exports, and its Prometheus, which stays up (with the
 teacher) until the fixture's ``runner down``. Against that Prometheus every PromQL
 expression of the Grafana dashboard and of the alert rules must return data, and
-scripts/render_dashboard.py must draw every panel from it.
+deploy/render_dashboard.py must draw every panel from it.
 
-Needs Debian's prometheus on PATH (``bash scripts/install_ci_tools.sh`` or ``apt-get install
+Needs Debian's prometheus on PATH (``bash .ci/install_tools.sh`` or ``apt-get install
 prometheus``) and the free ports 9400, 9500 and 9501 of compose.demo.yaml. About 3 minutes
 on 2 cores (first DeepSpeed run on a machine: +2.5 min to build its shm op).
 """
@@ -27,11 +27,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, service_env
-
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import make_c4_sample  # noqa: E402
-import render_dashboard  # noqa: E402
+from deploy import render_dashboard
+from services.data import c4_sample
 
 DEMO_STEPS = 24           # per stage: mid-run validation at 12, final at 24
 TEACHER_STEPS = 100
@@ -50,7 +47,7 @@ COMPARISON = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*-?\d+(\.\d+)?([eE][+-]?\d+)?\s*
 
 def prometheus_missing() -> str:
     return ("Debian's prometheus is not on PATH: install it with `bash "
-            "scripts/install_ci_tools.sh` (or `sudo apt-get install prometheus`)")
+            ".ci/install_tools.sh` (or `sudo apt-get install prometheus`)")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def demo(tmp_path_factory):
     if shutil.which("prometheus") is None:
         pytest.fail(prometheus_missing())
     run_dir = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "demo", "--run-dir", str(run_dir),
            "--steps", str(DEMO_STEPS), "--teacher-steps", str(TEACHER_STEPS), "--keep-up",
            "--no-install", "--prometheus-port", str(free_port())]
     try:
@@ -151,7 +148,7 @@ def test_c4_sample_has_the_c4_layout(demo):
             assert set(row) == {"text", "timestamp", "url"}
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["timestamp"])
             assert row["url"].startswith("file:///usr/share/")
-            assert len(row["text"]) >= make_c4_sample.DOC_MIN
+            assert len(row["text"]) >= c4_sample.DOC_MIN
     card = json.loads((run_dir / "data" / "card.json").read_text())
     assert card["subcommand"] == "c4" and card["splits"]["validation"]["samples"] > 0
 
@@ -169,11 +166,11 @@ def test_strip_roff():
         '.IP "\\(bu" 2m',
         'one item',
     ])
-    text = make_c4_sample.strip_roff(page)
+    text = c4_sample.strip_roff(page)
     assert "comment" not in text and ".TH" not in text and "\\f" not in text
     assert "gzip - compress files" in text and '"LZ77"' in text
     assert "The\ngzip\ncommand" in text and "2m" not in text and "• " not in text
-    assert make_c4_sample.strip_roff(".so man1/other.1\n") == ""
+    assert c4_sample.strip_roff(".so man1/other.1\n") == ""
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -291,7 +288,7 @@ def test_dashboard_picture_draws_every_panel(demo, tmp_path):
     start, end = summary["windows"]["align"][0], summary["windows"]["kd"][1] + 5
     out = tmp_path / "dashboard.png"
     # Through its output only (a stand-in for a screenshot): exit status, report line, picture.
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_dashboard.py"),
+    done = subprocess.run([sys.executable, "-m", "deploy.render_dashboard",
                            "--prometheus", prom, f"--start={start}", f"--end={end}",
                            "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -307,7 +304,7 @@ def test_dashboard_picture_draws_every_panel(demo, tmp_path):
 
 
 def test_render_dashboard_cli_reports_an_unreachable_prometheus(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_dashboard.py"),
+    done = subprocess.run([sys.executable, "-m", "deploy.render_dashboard",
                            "--prometheus", f"http://127.0.0.1:{free_port()}",
                            "--output", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=60)
@@ -323,12 +320,12 @@ def test_make_demo_target():
                            "DEMO_ARGS=--steps 5"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "MAKEFLAGS": ""}, timeout=30)
     assert done.returncode == 0, done.stderr
-    assert "scripts/demo.py --steps 5" in done.stdout
+    assert "-m demo --steps 5" in done.stdout
 
 
 def test_c4_documents_are_sized_like_web_pages():
     paras = [("word " * n).strip() for n in (30, 200, 90, 500, 10, 60, 60, 60)]
-    docs = list(make_c4_sample.documents("\n\n".join(paras)))
+    docs = list(c4_sample.documents("\n\n".join(paras)))
     assert docs
     for doc in docs:
-        assert make_c4_sample.DOC_MIN <= len(doc) <= make_c4_sample.DOC_MAX
+        assert c4_sample.DOC_MIN <= len(doc) <= c4_sample.DOC_MAX

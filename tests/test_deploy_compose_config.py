@@ -5,7 +5,7 @@ agrees with Compose itself: for every service of compose.yaml, compose.demo.yaml
 compose.yaml + compose.cpu.yaml (merged, with `!reset`), `docker compose config --format json`
 (the real Compose v2 binary, which needs no engine) and the runner's Project give the same
 command, environment, mounts, dependencies, healthcheck, restart policy, stop grace period,
-profiles and image. Compose is installed by scripts/install_ci_tools.sh; a missing binary fails
+profiles and image. Compose is installed by .ci/install_tools.sh; a missing binary fails
 the test with that command (never a skip).
 """
 from __future__ import annotations
@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from deploy import docker_engine
+from services.runner.compose import ComposeError, Project, load_yaml
+from services.runner.normalise import parse_duration
 
-import docker_engine  # noqa: E402 (scripts/)
-from services.runner.compose import ComposeError, Project, load_yaml  # noqa: E402
-from services.runner.normalise import parse_duration  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -45,7 +43,7 @@ def compose_config(files: list[str], env_file: Path | None) -> dict:
     cmd = docker_engine.compose_command()
     if cmd is None:
         pytest.fail("Docker Compose v2 not found; install it with: python3 "
-                    "scripts/docker_engine.py compose (or bash scripts/install_ci_tools.sh)")
+                    "-m deploy.docker_engine compose (or bash .ci/install_tools.sh)")
     args = [*cmd, "--profile", "*"]
     if env_file is not None:
         args += ["--env-file", str(env_file)]
@@ -155,7 +153,7 @@ def test_cpu_override_passes_the_compose_spec_schema(tmp_path: Path):
     exe = shutil.which("check-jsonschema") or shutil.which(
         "check-jsonschema", path=str(Path(sys.executable).parent))
     if not exe:
-        pytest.fail("check-jsonschema not found; bash scripts/install_ci_tools.sh")
+        pytest.fail("check-jsonschema not found; bash .ci/install_tools.sh")
     doc = load_yaml((ROOT / "compose.cpu.yaml").read_text())
 
     def plain(value):

@@ -11,14 +11,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "distill.json"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -114,7 +112,7 @@ def test_every_expression_parses_with_promtool(tmp_path: Path):
     promtool = shutil.which("promtool")
     if not promtool:
         pytest.fail("promtool not found (Debian package prometheus); install the CI tools "
-                    "with: bash scripts/install_ci_tools.sh")
+                    "with: bash .ci/install_tools.sh")
     rules = [{"record": f"check:expr_{i}", "expr": expr}
              for i, (_, expr) in enumerate(all_exprs())]
     path = tmp_path / "exprs.yml"

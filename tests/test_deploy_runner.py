@@ -18,18 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from services.runner.cli import main as runner_main  # noqa: E402
-from services.runner.compose import (  # noqa: E402
+from services.runner.cli import main as runner_main
+from services.runner.compose import (
     ComposeError,
     Project,
     interpolate,
     parse_dotenv,
     parse_duration,
 )
-from services.runner.render import (  # noqa: E402
+from services.runner.render import (
     build_plan,
     conf_command,
     conf_environment,
@@ -37,6 +34,7 @@ from services.runner.render import (  # noqa: E402
     write_conf,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 OUR_IMAGE_SERVICES = {"compose.yaml": {"teacher-0", "teacher-1", "trainer"},
                       "compose.demo.yaml": {"teacher", "trainer"}}
 
@@ -253,7 +251,7 @@ def test_rendered_programs_are_the_compose_services(tmp_path: Path, gpu_env, com
     and environment (container paths mapped to the host); the others are reported skipped."""
     if not shutil.which("prometheus") and not os.path.exists("/bin/prometheus"):
         pytest.fail("prometheus not found (Debian package prometheus); install the CI tools "
-                    "with: bash scripts/install_ci_tools.sh")
+                    "with: bash .ci/install_tools.sh")
     compose = ROOT / compose_name
     run_dir = tmp_path / "run"
     project = Project([compose], env_files=[write_env(tmp_path / "test.env", gpu_env)],

@@ -1,7 +1,7 @@
 """Static checks of the deployment files with the real tools (no Docker, no GPU).
 
 check-jsonschema (compose-spec schema), hadolint (every Dockerfile), promtool (config, rules,
-rule unit tests). The tools are installed by scripts/install_ci_tools.sh; a missing tool fails
+rule unit tests). The tools are installed by .ci/install_tools.sh; a missing tool fails
 the test with the command that installs it (never a skip).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL_HINT = "install the CI tools with: bash scripts/install_ci_tools.sh"
+INSTALL_HINT = "install the CI tools with: bash .ci/install_tools.sh"
 COMPOSE_FILES = sorted(ROOT.glob("compose*.yaml"))
 # Override files use compose's !reset tag, which check-jsonschema cannot parse: their schema
 # check resolves the tags first (tests/test_deploy_compose_config.py).
@@ -46,8 +46,8 @@ def test_deploy_files_exist():
     assert DOCKERFILES, "no Dockerfile under docker/"
     for rel in ("deploy/prometheus/prometheus.yml", "deploy/prometheus/prometheus.demo.yml",
                 "deploy/prometheus/prometheus.cpu.yml", "deploy/cpu.env",
-                "docker/wheelhouse/README.md", "scripts/docker_engine.py",
-                "scripts/docker_images.py",
+                "docker/wheelhouse/README.md", "deploy/docker_engine.py",
+                "deploy/docker_images.py",
                 "deploy/prometheus/alerts.yml", "deploy/prometheus/alerts_test.yml",
                 "deploy/grafana/dashboards/distill.json", ".env.example", "deploy.mk",
                 "docker/supervisord.conf", "docker/supervisor_listener.py",

@@ -1,9 +1,9 @@
 """The stack in Docker on CPU: real images, real containers, real Compose (make up-cpu's path).
 
 The engine (Debian's docker.io), the Compose plugin and dockerd are installed and started by
-scripts/docker_engine.py when missing, and the dockerd started here is stopped at the end (an
+deploy/docker_engine.py when missing, and the dockerd started here is stopped at the end (an
 engine that already answered is left alone). The images are built offline: Debian bases and a
-wheelhouse from scripts/docker_images.py (cached, keyed by their inputs), then docker/Dockerfile's
+wheelhouse from deploy/docker_images.py (cached, keyed by their inputs), then docker/Dockerfile's
 CPU flavour through `docker compose build` (Docker's layer cache). Then compose.yaml +
 compose.cpu.yaml run under their own project name with a tiny teacher:
 
@@ -34,12 +34,9 @@ import pytest
 import yaml
 
 from conftest import free_port, wait_for
+from deploy import docker_engine, docker_images
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import docker_engine  # noqa: E402 (scripts/)
-import docker_images  # noqa: E402 (scripts/)
 
 PROJECT = "llama2rwkv-test"
 FILES = ["--env-file", "deploy/cpu.env", "-f", "compose.yaml", "-f", "compose.cpu.yaml"]
@@ -175,12 +172,12 @@ def stack(engine, tmp_path_factory):
                     "building them (debootstrap, chroot) needs root")
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    images = subprocess.run([sys.executable, str(ROOT / "scripts" / "docker_images.py")],
+    images = subprocess.run([sys.executable, "-m", "deploy.docker_images"],
                             cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert images.returncode == 0, images.stdout[-3000:] + images.stderr[-3000:]
     timings["bases+wheelhouse"] = time.monotonic() - t0
 
-    from demo_prepare import prepare  # noqa: E402 (scripts/)
+    from demo.prepare import prepare
 
     work = tmp_path_factory.mktemp("cpu-stack")
     teacher, _, data = prepare(work, teacher_steps=0, fresh=False)

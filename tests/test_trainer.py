@@ -35,7 +35,7 @@ def prepare_dataset(tiny_llama: Path, root: Path, *extra: str) -> Path:
             for para in Path(path).read_text(errors="ignore").split("\n\n"):
                 if len(para) > 80:
                     f.write(json.dumps({"text": para}) + "\n")
-    subprocess.run([sys.executable, "-m", "services.trainer.data", "text", "--paths", str(corpus),
+    subprocess.run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus),
                     "--tokenizer", str(tiny_llama), "--output_dir", str(root / "ds"),
                     "--max_len", "48", "--buckets", "24", "--validation_size", "16",
                     "--max_samples", "600", *extra], cwd=ROOT, env=service_env(), check=True,

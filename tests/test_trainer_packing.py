@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.trainer.data.loader import collate
 from services.trainer.objective import DistillObjective, teacher_request
 from shared.config import LinkConfig, TrainConfig
+from shared.data_loader import collate
 from shared.link import InProcessTeacher
 from shared.link.teacher_model import TeacherModel
 from shared.student import convert_teacher

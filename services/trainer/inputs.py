@@ -53,7 +53,7 @@ class Inputs:
 
 def check_inputs(cfg: Config) -> Inputs:
     """Every input the trainer can check alone, before anything is built."""
-    from services.trainer.data.loader import check_tokenizer_fingerprint
+    from shared.data_card import check_tokenizer_fingerprint
 
     uses_teacher = cfg.train.stage != "sft"
     teacher = None

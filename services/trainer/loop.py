@@ -83,7 +83,7 @@ class Prefetcher:
                              f"the student's vocabulary of {self.vocab_size}: the dataset holds "
                              "ids its tokenizer cannot produce (made for another model, or "
                              "changed since); prepare it again with python -m "
-                             "services.trainer.data and this model's tokenizer")
+                             "services.data and this model's tokenizer")
         handle = None
         if self.teacher is not None:
             handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request,
@@ -126,7 +126,8 @@ class StopFlag:
 @torch.no_grad()
 def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
     """Mean student (and teacher) loss and KL per real token over the held-out batches."""
-    from services.trainer.data.loader import read_card, validation_batches
+    from shared.data_card import read_card
+    from shared.data_loader import validation_batches
 
     val_dir = cfg.data.val_dir or cfg.data.train_dir
     # a held-out directory made with --split validation holds a "validation" split; one made
@@ -229,7 +230,7 @@ def start(cfg: Config) -> TrainingRun:
     """Build the components, resume from the latest complete checkpoint, join the teacher."""
     from transformers import AutoTokenizer
 
-    from services.trainer.data.loader import TrainBatches
+    from shared.data_loader import TrainBatches
 
     # Bad input is an error here, before anything is built or written.
     inputs = check_inputs(cfg)

@@ -1,6 +1,6 @@
 """Several documents packed into one row: where each starts, and running RWKV layers per document.
 
-A packed dataset (``python -m services.trainer.data text --pack``) puts whole documents one after
+A packed dataset (``python -m services.data text --pack``) puts whole documents one after
 another in a row and restarts ``position_ids`` at each of them. A document must not see the one
 before it: attention layers get a block-diagonal causal mask (transformers builds it from the
 position ids), and RWKV layers must start every document from a zero state, token shift and WKV

@@ -1,10 +1,10 @@
 """Prepare distillation data from local files (no hub access): ultrachat, c4 and text.
 
-    python -m services.trainer.data ultrachat --input DIR --tokenizer DIR --output_dir DIR \\
+    python -m services.data ultrachat --input DIR --tokenizer DIR --output_dir DIR \\
         --max_len 2048
-    python -m services.trainer.data c4 --local_c4_dir DIR --languages en zh --tokenizer DIR \\
+    python -m services.data c4 --local_c4_dir DIR --languages en zh --tokenizer DIR \\
         --output_dir DIR --max_len 2048 --split train
-    python -m services.trainer.data text --paths DIR_OR_FILE... --tokenizer DIR --output_dir DIR \\
+    python -m services.data text --paths DIR_OR_FILE... --tokenizer DIR --output_dir DIR \\
         --max_len 2048 --pack
 
 See docs/data.md for the output format, the label convention and the card.
@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shared.data_card import CARD_FORMAT, DATA_COMMAND
 from shared.labels import LABEL_CONVENTION
 
-from .build import CARD_FORMAT, BuildOptions, build, prepare_output_dir, summary_line
+from .build import BuildOptions, build, prepare_output_dir, summary_line
 from .process import WorkerConfig
 from .render import PLAIN_TEMPLATE
 from .sources import (
@@ -193,7 +194,7 @@ def _plain_text_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.trainer.data",
+    parser = argparse.ArgumentParser(prog=DATA_COMMAND,
                                      description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ultrachat", help="HuggingFaceH4/ultrachat_200k parquet -> chat SFT data")
@@ -247,7 +248,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m services.trainer.data " + shlex.join(argv),
+        "command": f"{DATA_COMMAND} " + shlex.join(argv),
         "subcommand": args.command,
         "inputs": inputs,
         "tokenizer": tok_info,

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """A Docker engine with the Compose v2 plugin on this machine, installed and started on demand.
 
-    python3 scripts/docker_engine.py ensure   # install what is missing; start dockerd if needed
-    python3 scripts/docker_engine.py stop     # stop the dockerd `ensure` started (only that one)
-    python3 scripts/docker_engine.py compose  # only the Compose plugin (`compose config` needs
+    python3 -m deploy.docker_engine ensure   # install what is missing; start dockerd if needed
+    python3 -m deploy.docker_engine stop     # stop the dockerd `ensure` started (only that one)
+    python3 -m deploy.docker_engine compose  # only the Compose plugin (`compose config` needs
                                               # no engine)
-    python3 scripts/docker_engine.py status
+    python3 -m deploy.docker_engine status
 
 * The engine is Debian's ``docker.io`` (apt-get). Where no bridge or iptables can be set up (CI
   machines, containers), ``dockerd`` runs with ``--iptables=false --ip6tables=false

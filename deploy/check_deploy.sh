@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Static checks of the deployment files (make check-deploy); tools: scripts/install_ci_tools.sh.
+# Static checks of the deployment files (make check-deploy); tools: .ci/install_tools.sh.
 #   compose files against the compose-spec schema, hadolint on every Dockerfile,
 #   promtool check config / check rules / test rules, and a render of each compose file by the
 #   no-Docker runner (proves the runner reads them).
@@ -11,7 +11,7 @@ export PATH="$bindir:$PATH"
 
 need() {
   command -v "$1" >/dev/null 2>&1 || {
-    echo "error: $1 not found; install the tools with: bash scripts/install_ci_tools.sh" >&2
+    echo "error: $1 not found; install the tools with: bash .ci/install_tools.sh" >&2
     exit 1
   }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draw the Grafana dashboard's panels with matplotlib, from a live Prometheus.
 
-    python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 \\
+    python -m deploy.render_dashboard --prometheus http://127.0.0.1:9090 \\
         [--dashboard deploy/grafana/dashboards/distill.json] [--start=-15m] [--end now] \\
         [--step auto] [--output docs/dashboard.png]
 

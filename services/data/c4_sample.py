@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Build a small real-text dataset in the allenai/c4 on-disk layout from Debian's documentation.
 
-    python scripts/make_c4_sample.py --output runs/demo/c4 [--max-mb 3] [--seed 0]
+    python -m services.data.c4_sample --output runs/demo/c4 [--max-mb 3] [--seed 0]
 
 writes ``en/c4-train.00000-of-01024.json.gz`` and ``en/c4-validation.00000-of-00008.json.gz``:
 gzip'ed JSON lines ``{"text", "timestamp", "url"}``, as in the real C4, so that
-``python -m services.trainer.data c4 --local_c4_dir OUTPUT`` reads them exactly as it reads C4.
+``python -m services.data c4 --local_c4_dir OUTPUT`` reads them exactly as it reads C4.
 
 The text is English prose that ships with every Debian system, no network needed:
 licences (/usr/share/common-licenses), package copyright files, README/NEWS/changelog files of

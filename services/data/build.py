@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from shared.data_card import CARD_NAME, write_card
 from shared.labels import IGNORE
 
 from .process import ChunkResult, WorkerConfig, process_chunks
 from .sources import DataError, RawChunk
 
-CARD_NAME = "card.json"
-CARD_FORMAT = "llama2rwkv-data/1"
+
 @dataclass
 class BuildOptions:
     output_dir: Path
@@ -260,7 +260,7 @@ def build(chunks: Iterable[RawChunk], config: WorkerConfig, options: BuildOption
     if stats.tags:
         card["stats"]["samples_in_by_source"] = dict(stats.tags)
     shutil.rmtree(tmp, ignore_errors=True)
-    (out / CARD_NAME).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    write_card(out, card)
     return card
 
 

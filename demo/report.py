@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo_common import COMPOSE, DemoError, quiet_transformers, say
+from demo.common import COMPOSE, DemoError, quiet_transformers, say
 
 # --------------------------------------------------------------------------- generation
 
@@ -54,7 +54,7 @@ def generate(student_dir: Path, teacher_dir: Path, val_text: str, new_tokens: in
 def validation_text(c4: Path) -> str:
     import gzip
 
-    from make_c4_sample import VALIDATION_NAME  # noqa: E402 (scripts/)
+    from services.data.c4_sample import VALIDATION_NAME
 
     with gzip.open(c4 / "en" / VALIDATION_NAME, "rt") as f:
         for line in f:  # prose, not a man page's "NAME" header

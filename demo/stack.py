@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo_common import COMPOSE, CONFIGS, ROOT, TEACHER_NAME, DemoError, run, say, step_title
+from demo.common import COMPOSE, CONFIGS, ROOT, TEACHER_NAME, DemoError, run, say, step_title
 
 # Fixed by compose.demo.yaml and deploy/prometheus/prometheus.demo.yml.
 SERVICE_PORTS = {"teacher": [9400], "trainer": [9500, 9501]}

@@ -1,7 +1,7 @@
-"""Trainer side: load a prepared dataset, sample batches bucket by bucket, pad, resume.
+"""Reader side: load a prepared dataset, sample batches bucket by bucket, pad, resume.
 
-    from services.trainer.data.loader import (TrainBatches, check_tokenizer_fingerprint,
-                                              validation_batches)
+    from shared.data_card import check_tokenizer_fingerprint
+    from shared.data_loader import TrainBatches, validation_batches
 
     check_tokenizer_fingerprint(data_dir, teacher_manifest_fingerprint)   # refuse a mismatch
     batches = TrainBatches(data_dir, micro_batch_size=8, world_size=ws, rank=rank, seed=1234)
@@ -18,7 +18,6 @@ from token values: EOS is a real token even when the pad id equals it.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,43 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.data_card import check_tokenizer_fingerprint, read_card
 from shared.labels import IGNORE
-
-from .build import CARD_FORMAT, CARD_NAME
-
-
-class FingerprintMismatch(ValueError):
-    """The dataset was tokenised with a different tokenizer than the teacher's."""
-
-
-def read_card(dataset_dir: str | Path) -> dict[str, Any]:
-    path = Path(dataset_dir) / CARD_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{dataset_dir} has no {CARD_NAME}: not prepared by `python -m services.trainer.data`, "
-            "or the run was interrupted (the card is written last); re-run the data command")
-    card = json.loads(path.read_text())
-    if card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{path}: card format {card.get('format')!r}, this loader reads "
-                         f"{CARD_FORMAT!r}")
-    return card
-
-
-def check_tokenizer_fingerprint(dataset_dir: str | Path, expected: str,
-                                expected_from: str = "the teacher") -> dict[str, Any]:
-    """Refuse (FingerprintMismatch) a dataset whose tokenizer differs from ``expected``; return
-    its card."""
-    card = read_card(dataset_dir)
-    have = card["tokenizer"]["fingerprint"]
-    if have != expected:
-        raise FingerprintMismatch(
-            f"dataset {dataset_dir} was tokenised with tokenizer fingerprint {have} "
-            f"({card['tokenizer'].get('path')}), but {expected_from} uses fingerprint {expected}: "
-            "the token ids would mean different tokens and the distillation loss would be silently "
-            "wrong. Fix: re-run the data command with --tokenizer set to the teacher's model "
-            f"directory (this dataset was made by: {card.get('command')}), or point the trainer at "
-            "a dataset prepared with the teacher's tokenizer.")
-    return card
 
 
 class PreparedSplit:

@@ -2,11 +2,11 @@
 
 A tiny Llama teacher (``python -m shared.tiny``) given a short language-model training so
 that it has something to distil, a C4-layout sample of the system's documentation
-(scripts/make_c4_sample.py), and that sample prepared for the trainer with a held-out
-validation split (``python -m services.trainer.data c4``). :func:`prepare` is the entry point;
+(``python -m services.data.c4_sample``), and that sample prepared for the trainer with a held-out
+validation split (``python -m services.data c4``). :func:`prepare` is the entry point;
 run as a script it prepares a run directory alone, for the CPU stack in Docker (make up-cpu):
 
-    python scripts/demo_prepare.py --run-dir runs/cpu [--teacher-steps N] [--fresh]
+    python -m demo.prepare --run-dir runs/cpu [--teacher-steps N] [--fresh]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from demo_common import ROOT, TEACHER_NAME, quiet_transformers, run, say, step_title
+from demo.common import TEACHER_NAME, quiet_transformers, run, say, step_title
 
 MAX_LEN = 128
 VALIDATION_SIZE = 64
@@ -26,13 +26,13 @@ PRETRAIN_STAMP = "demo_pretraining.json"
 
 
 def c4_ready(c4: Path) -> bool:
-    from make_c4_sample import TRAIN_NAME, VALIDATION_NAME  # noqa: E402 (scripts/)
+    from services.data.c4_sample import TRAIN_NAME, VALIDATION_NAME
 
     return (c4 / "en" / TRAIN_NAME).is_file() and (c4 / "en" / VALIDATION_NAME).is_file()
 
 
 def data_ready(data: Path, teacher: Path) -> bool:
-    from services.trainer.data.loader import check_tokenizer_fingerprint
+    from shared.data_card import check_tokenizer_fingerprint
     from shared.fingerprint import tokenizer_fingerprint
 
     if not (data / "card.json").is_file():
@@ -58,7 +58,7 @@ def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 1
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.trainer.data.loader import TrainBatches
+    from shared.data_loader import TrainBatches
     from shared.losses import ce_loss
 
     quiet_transformers()
@@ -95,7 +95,7 @@ def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 1
     stamp = {"steps": steps, "micro_batch_size": micro_batch, "lr": lr, "seed": seed,
              "first_loss": first, "last_loss": last, "data": str(data),
              "note": "tiny random Llama (python -m shared.tiny) given a short LM training by "
-                     "scripts/demo.py so that it has something to distil"}
+                     "python -m demo so that it has something to distil"}
     (teacher / PRETRAIN_STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
     return stamp
 
@@ -117,11 +117,11 @@ def prepare(run_dir: Path, teacher_steps: int, fresh: bool) -> tuple[Path, Path,
         say(f"\n==> Reusing the teacher {teacher} (--fresh to make a new one)")
     if not c4_ready(c4):
         step_title(f"C4-format sample of the system's documentation: {c4}")
-        run([py, ROOT / "scripts" / "make_c4_sample.py", "--output", c4, "--max-mb", "2"],
-            what="make_c4_sample.py")
+        run([py, "-m", "services.data.c4_sample", "--output", c4, "--max-mb", "2"],
+            what="services.data.c4_sample")
     if new_teacher or not data_ready(data, teacher):
         step_title(f"Preparing the data: {data}")
-        run([py, "-m", "services.trainer.data", "c4", "--local_c4_dir", c4, "--languages", "en",
+        run([py, "-m", "services.data", "c4", "--local_c4_dir", c4, "--languages", "en",
              "--split", "train", "--tokenizer", teacher, "--output_dir", data, "--max_len",
              str(MAX_LEN), "--buckets", "32", "--long_docs", "split", "--validation_size",
              str(VALIDATION_SIZE), "--overwrite"], quiet=True, what="data preparation")

@@ -1,23 +1,23 @@
 #!/usr/bin/env python3
 """``make demo``: the whole distillation stack on CPU, end to end, in a few minutes.
 
-    python scripts/demo.py [--steps N] [--run-dir runs/demo] [--keep-up] [--fresh]
+    python -m demo [--steps N] [--run-dir runs/demo] [--keep-up] [--fresh]
 
 1. Prometheus from Debian's package (installed with apt-get when missing and possible; the
    demo goes on without it, and says so, when it cannot be installed).
 2. A tiny Llama teacher (``python -m shared.tiny``), a small real-text dataset in the
-   allenai/c4 layout made from the system's own documentation (scripts/make_c4_sample.py),
-   prepared for the trainer (``python -m services.trainer.data c4``, with a held-out
-   validation split). A random teacher predicts almost uniformly (perplexity ≈ its vocabulary),
-   which leaves nothing to distil, so the teacher first gets a short language-model training
-   on the train split (``--teacher-steps``; 0 keeps it random).
+   allenai/c4 layout made from the system's own documentation (``python -m
+   services.data.c4_sample``), prepared for the trainer (``python -m services.data c4``, with
+   a held-out validation split). A random teacher predicts almost uniformly (perplexity ≈ its
+   vocabulary), which leaves nothing to distil, so the teacher first gets a short
+   language-model training on the train split (``--teacher-steps``; 0 keeps it random).
 3. Stage ``align`` then stage ``kd``, each one ``python -m services.runner up -f
    compose.demo.yaml`` (supervisord: the teacher on CPU, a trainer of two ranks under
    torchrun with DeepSpeed over Gloo, Prometheus scraping them every 2 s), exactly the
    services of compose.yaml. ``kd`` starts from ``align``'s exported student
    (``--student.init_from``). Both stages validate mid-run and at the end.
 4. Greedy generation with the exported student and its RNN-state cache, next to the teacher's.
-5. The Grafana dashboard's panels, drawn from Prometheus (scripts/render_dashboard.py), and a
+5. The Grafana dashboard's panels, drawn from Prometheus (deploy/render_dashboard.py), and a
    summary: steps, tokens/s, teacher-wait share, KL at start and end, where everything is.
 
 The stack is always stopped at the end (``runner down``), also on an error or Ctrl-C, unless
@@ -41,18 +41,17 @@ from pathlib import Path
 from typing import Any
 
 # This file is the demo's flow (arguments, the steps in order, the summary file, stopping
-# the stack); its parts are the demo_*.py beside it in scripts/, which python puts first
-# on sys.path when it runs this file as a script.
-from demo_common import CONFIGS, ROOT, DemoError, say, step_title
-from demo_prepare import prepare
-from demo_report import generate, kl_summary, print_summary, stage_summary, validation_text
-from demo_stack import SERVICE_PORTS, Stack, ensure_prometheus, free_port, port_free, watch_trainer
+# the stack); its parts are the modules beside it in demo/.
+from demo.common import CONFIGS, ROOT, DemoError, say, step_title
+from demo.prepare import prepare
+from demo.report import generate, kl_summary, print_summary, stage_summary, validation_text
+from demo.stack import SERVICE_PORTS, Stack, ensure_prometheus, free_port, port_free, watch_trainer
 
 STAGES = ("align", "kd")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     try:
@@ -96,7 +95,7 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
         prometheus_note = ("Debian's prometheus is not installed and could not be installed "
                            "here (needs apt-get as root or passwordless sudo); install it with "
                            "`sudo apt-get install prometheus` or `bash "
-                           "scripts/install_ci_tools.sh` to get metrics and the dashboard")
+                           ".ci/install_tools.sh` to get metrics and the dashboard")
         say(f"\nNOTE: continuing without Prometheus: {prometheus_note}")
     else:
         port = args.prometheus_port
@@ -156,8 +155,7 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
     dashboard = None
     if prometheus_url and not args.no_dashboard:
         step_title("Drawing the Grafana dashboard's panels from Prometheus")
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from render_dashboard import PrometheusError, render
+        from deploy.render_dashboard import PrometheusError, render
 
         time.sleep(2.5)  # one more scrape of the teacher
         try:
@@ -181,7 +179,6 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT / "scripts"))
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
