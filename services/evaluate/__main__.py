@@ -16,21 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from services.evaluate.heldout import EvaluateError, HeldOutSet, load_set, parse_named
+from services.evaluate.heldout import EvaluateError, load_set, parse_named
 from services.evaluate.models import (
-    Model,
     check_student,
     check_teacher,
     load_student,
     load_teacher,
+    load_tokenizer,
     resolve_device,
     resolve_dtype,
     unique_names,
 )
 from services.evaluate.report import markdown
-from services.evaluate.scores import ScoreSums, model_logits, score_logits
+from services.evaluate.scores import score_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,34 +78,6 @@ def _contexts(text: str | None) -> list[int]:
     return values
 
 
-def score_sets(models: list[Model], sets: list[HeldOutSet],
-               batch_size: int) -> list[dict[str, Any]]:
-    """One score row per (set, model); the teacher (``models[0]``) is scored against itself."""
-    from tqdm.auto import tqdm
-
-    total = sum(s.num_batches(batch_size) for s in sets)
-    rows = []
-    with tqdm(total=total, desc="score", unit=" batches", dynamic_ncols=True) as bar:
-        for held in sets:
-            sums = {m.name: ScoreSums() for m in models}
-            bar.set_postfix(set=held.name, refresh=False)
-            for batch in held.batches(batch_size):
-                with torch.inference_mode():
-                    reference = model_logits(models[0].module, batch)
-                    for model in models:
-                        logits = reference if model is models[0] else model_logits(model.module,
-                                                                                   batch)
-                        sums[model.name].add(score_logits(reference, logits, batch["labels"]))
-                bar.update(1)
-            base = sums[models[0].name].result()["perplexity"]
-            for model in models:
-                result = sums[model.name].result()
-                ppl = result["perplexity"]
-                rows.append({"set": held.name, "model": model.name, "role": model.role, **result,
-                             "ppl_ratio": None if ppl is None or not base else ppl / base})
-    return rows
-
-
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, check, load, score; write the outputs; return the report."""
     args = build_parser().parse_args(argv)
@@ -122,7 +92,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    teacher, tokenizer = load_teacher(args.teacher, device, dtype, names[0])
+    tokenizer = load_tokenizer(args.teacher, teacher_config)
+    # sets and prompts before any weights: a wrong path fails in seconds
     sets = [load_set(spec, tokenizer, args.teacher, args.max_tokens, args.seq_len)
             for spec in args.data]
     set_names = unique_names([s.name for s in sets])
@@ -133,6 +104,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         from services.evaluate.generation import read_prompts
 
         prompts = read_prompts(args.prompts)
+    teacher = load_teacher(args.teacher, device, dtype, names[0])
     models = [teacher] + [load_student(path, device, dtype, name)
                           for (_, path), name in zip(named, names[1:], strict=True)]
 

@@ -97,21 +97,28 @@ def check_student(path: str | Path, teacher_dir: str | Path,
     return config
 
 
+def load_tokenizer(path: str | Path, teacher_config: dict[str, Any]) -> Any:
+    """The teacher's tokenizer (everyone's), checked against the teacher's vocabulary size."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    rows = teacher_config.get("vocab_size")
+    if rows is not None and len(tokenizer) > rows:
+        raise EvaluateError(f"--teacher {path}: its tokenizer has {len(tokenizer)} tokens but the "
+                            f"model only {rows} (vocab_size); the tokenizer is not the model's")
+    return tokenizer
+
+
 def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype,
-                 name: str = "teacher") -> tuple[Model, Any]:
-    """The teacher model and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                 name: str = "teacher") -> Model:
+    """The teacher model (``trust_remote_code`` off)."""
+    from transformers import AutoModelForCausalLM
 
     import shared.student  # noqa: F401 - a student export may be the reference model too
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
                                                   trust_remote_code=False).to(device).eval()
-    rows = module.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise EvaluateError(f"--teacher {path}: its tokenizer has {len(tokenizer)} tokens but the "
-                            f"model only {rows} output rows; the tokenizer is not the model's")
-    return Model(name, str(path), "teacher", module), tokenizer
+    return Model(name, str(path), "teacher", module)
 
 
 def load_student(path: str | Path, device: torch.device, dtype: torch.dtype,

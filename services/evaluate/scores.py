@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.labels import IGNORE
+
+if TYPE_CHECKING:
+    from services.evaluate.heldout import HeldOutSet
+    from services.evaluate.models import Model
 
 CHUNK_POSITIONS = 2048  # positions whose float32 log-softmaxes are held at once
 
@@ -108,3 +112,31 @@ def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
                      use_cache=False).logits
     return model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
                  use_cache=False).logits
+
+
+def score_sets(models: list[Model], sets: list[HeldOutSet],
+               batch_size: int) -> list[dict[str, Any]]:
+    """One score row per (set, model); the teacher (``models[0]``) is scored against itself."""
+    from tqdm.auto import tqdm
+
+    total = sum(s.num_batches(batch_size) for s in sets)
+    rows = []
+    with tqdm(total=total, desc="score", unit=" batches", dynamic_ncols=True) as bar:
+        for held in sets:
+            sums = {m.name: ScoreSums() for m in models}
+            bar.set_postfix(set=held.name, refresh=False)
+            for batch in held.batches(batch_size):
+                with torch.inference_mode():
+                    reference = model_logits(models[0].module, batch)
+                    for model in models:
+                        logits = reference if model is models[0] else model_logits(model.module,
+                                                                                   batch)
+                        sums[model.name].add(score_logits(reference, logits, batch["labels"]))
+                bar.update(1)
+            base = sums[models[0].name].result()["perplexity"]
+            for model in models:
+                result = sums[model.name].result()
+                ppl = result["perplexity"]
+                rows.append({"set": held.name, "model": model.name, "role": model.role, **result,
+                             "ppl_ratio": None if ppl is None or not base else ppl / base})
+    return rows
