@@ -6,6 +6,7 @@ dtype, so converting an 8B teacher needs memory for one extra model, not two ran
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,12 @@ from shared.config import StudentConfig
 from shared.student.base_model import base_classes
 from shared.student.configuration import RWKVHybridConfig, validate_hybrid_settings
 from shared.student.layers import RWKV_MODULES
-from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM
+from shared.student.modeling import RWKVDecoderLayer, RWKVHybridForCausalLM, RWKVHybridModel
+from shared.student.remote_code import collect_remote_code
+
+# Project modules outside shared.student that an export's code may carry: configuration.py reads
+# the student's options from their one definition, shared.config.StudentConfig (stdlib + PyYAML).
+_VENDORED = ("shared.config",)
 
 
 def student_options(options: StudentConfig | Mapping[str, Any] | None) -> StudentConfig:
@@ -222,10 +228,23 @@ def convert_teacher(teacher: PreTrainedModel, spec: StudentConfig | Mapping[str,
 
 
 def save_student(model: RWKVHybridForCausalLM, tokenizer: Any, output_dir: str | Path) -> Path:
-    """Write config.json, safetensors weights, generation config and (if given) the tokenizer."""
+    """Write config.json, safetensors weights, generation config, (if given) the tokenizer, and
+    the student's modeling code with an ``auto_map`` in config.json, so that
+    ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the export in a
+    process that has never imported this project (``shared.student.remote_code``). The code is
+    collected before anything is written: an export whose code could not load is refused."""
+    code = collect_remote_code(
+        {"AutoConfig": RWKVHybridConfig, "AutoModel": RWKVHybridModel,
+         "AutoModelForCausalLM": RWKVHybridForCausalLM},
+        package=__package__, model_type=RWKVHybridConfig.model_type, vendored=_VENDORED)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    code.write(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["auto_map"] = code.auto_map
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -1,0 +1,52 @@
+"""Loads an export with ``trust_remote_code=True`` in a process of its own, for
+tests/test_student_remote_code.py (not a test module; copied next to the export and run there).
+
+    python -I -S remote_code_child.py MODE SITE_PACKAGES EXPORT_DIR INPUTS OUTPUT
+
+MODE ``fresh``: run with ``-I -S`` from a directory outside the repository, the site-packages
+directory appended to ``sys.path`` by hand (``-S`` skips its ``.pth`` files, among them the
+project's editable install), so the project cannot be imported. MODE ``beside``: a normal
+interpreter that imports ``shared.student`` first. Writes the logits, greedy generation and what
+it found about the classes to OUTPUT (``torch.save``) — the test compares them.
+"""
+import importlib.util
+import sys
+
+mode, site_packages, export_dir, inputs_path, output_path = sys.argv[1:6]
+if mode == "fresh":
+    sys.path.append(site_packages)
+    if importlib.util.find_spec("shared") is not None:
+        raise SystemExit("the project is importable in the fresh interpreter: the test is void")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: E402
+
+torch.set_num_threads(1)
+if mode == "beside":
+    import shared.student  # noqa: F401 - registers the in-project classes with the Auto* factories
+
+inputs = torch.load(inputs_path, weights_only=True)
+model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
+result = {"class_module": type(model).__module__,
+          "config_module": type(AutoConfig.from_pretrained(export_dir,
+                                                           trust_remote_code=True)).__module__}
+with torch.no_grad():
+    out = model(inputs["ids"], attention_mask=inputs["mask"], use_cache=True)
+    result["logits"] = out.logits
+    result["cache"] = [type(out.past_key_values).__name__] + [
+        type(layer).__name__ for layer in out.past_key_values.layers]
+    result["generated"] = model.generate(inputs["ids"], attention_mask=inputs["mask"],
+                                         max_new_tokens=6, min_new_tokens=6, do_sample=False)
+if mode == "beside":
+    # the export's own classes, loaded next to the project's: they must not displace them
+    remote = get_class_from_dynamic_module("modeling_rwkv_hybrid.RWKVHybridForCausalLM",
+                                           export_dir)
+    remote_model = remote.from_pretrained(export_dir).eval()
+    with torch.no_grad():
+        result["remote_logits"] = remote_model(inputs["ids"], attention_mask=inputs["mask"]).logits
+    result["remote_module"] = remote.__module__
+    result["after_module"] = type(AutoModelForCausalLM.from_pretrained(export_dir)).__module__
+result["project_modules"] = sorted(m for m in sys.modules if m == "shared"
+                                   or m.startswith("shared."))
+torch.save(result, output_path)
