@@ -35,6 +35,14 @@ distill_trainer_loss                        gauge      last loss, label ``compon
                                                        total | kl | ce | align
 distill_trainer_learning_rate               gauge      current learning rate
 distill_trainer_grad_norm                   gauge      gradient norm before clipping
+distill_trainer_tokens_per_second           gauge      real tokens this rank trained on per second
+                                                       of the last step
+distill_trainer_mfu                         gauge      model FLOPs utilisation of the last step:
+                                                       the FLOPs of shared/flops.py done on the
+                                                       rank's device (the student's training and
+                                                       an in-process teacher's forward) per second,
+                                                       over the device's bf16 peak; absent where
+                                                       the peak is unknown (CPU)
 distill_trainer_val_loss                    gauge      last validation loss, label ``model`` =
                                                        student | teacher
 distill_trainer_teacher_reconnects_total    counter    times this rank rejoined its teacher group
@@ -120,6 +128,14 @@ class TrainerMetrics:
                                    ["rank"], registry=r).labels(k)
         self.grad_norm = Gauge("distill_trainer_grad_norm", "Gradient norm before clipping",
                                ["rank"], registry=r).labels(k)
+        self.tokens_per_second = Gauge("distill_trainer_tokens_per_second",
+                                       "Real tokens trained on per second in the last step",
+                                       ["rank"], registry=r).labels(k)
+        # No series until the first value: on a device without a known peak MFU is absent
+        # (a 0 would read as an idle GPU).
+        self._mfu = Gauge("distill_trainer_mfu", "Model FLOPs utilisation of the last step",
+                          ["rank"], registry=r)
+        self._rank = k
         val = Gauge("distill_trainer_val_loss", "Last validation loss", ["rank", "model"],
                     registry=r)
         self.val_loss = {m: val.labels(k, m) for m in ("student", "teacher")}
@@ -135,6 +151,10 @@ class TrainerMetrics:
         # NaN until first set: a 0 would read as a perfect loss at every start.
         for gauge in (*self.loss.values(), *self.val_loss.values()):
             gauge.set(float("nan"))
+
+    def set_mfu(self, value: float) -> None:
+        """The last step's MFU (the series appears with its first value)."""
+        self._mfu.labels(self._rank).set(value)
 
 
 class MetricsServer:

@@ -193,3 +193,18 @@ def teacher_source(cfg: Config, place: Place, fingerprint: str, vocab_size: int,
                            fingerprint, vocab_size, on_reconnect=on_reconnect)
     client.connect()
     return client
+
+
+def in_process_teacher_flops(teacher, request) -> Callable[[float], float] | None:
+    """Per-token forward FLOPs of a teacher that runs on this rank's device, as a function of
+    the attention span (shared/flops.py); None for a teacher service: its FLOPs are done on
+    another device."""
+    from shared.flops import teacher_step_flops
+    from shared.link import InProcessTeacher
+
+    if not isinstance(teacher, InProcessTeacher) or request is None:
+        return None
+    terms = teacher_step_flops(teacher.teacher.model)
+    logits = request.logits != "none"
+    deepest = max(request.hidden_layers, default=0)  # the teacher stops after this state
+    return lambda span: terms.per_token(span, deepest, logits)

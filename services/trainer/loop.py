@@ -3,6 +3,11 @@
 Prefetch (``link.prefetch``): the teacher request for micro step k+1 is sent right after the
 answer for step k arrived and before step k's forward, so the teacher computes k+1 while the
 student trains on k. Without it each step asks and waits (the reference's serial protocol).
+
+No host sync between micro steps: the losses stay on the device until the optimizer step is
+done, then come back with the gradient norm in one copy; the batch goes to the GPU from pinned
+memory (a copy from pageable memory can wait for the stream). The syncs that remain in the
+step's path are listed in :func:`train_step`.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from services.trainer import checkpoint
 from services.trainer.components import (
     Place,
     build_student,
+    in_process_teacher_flops,
     init_distributed,
     init_engine,
     select_trainable,
@@ -45,6 +52,7 @@ from services.trainer.stats import (
     grad_norm_value,
 )
 from shared.config import Config
+from shared.flops import StepFlops, attention_span, peak_flops, student_step_flops
 from shared.link import RequestSpec
 from shared.losses import IGNORE, kd_ce_full
 from shared.metrics import MetricsServer, TrainerMetrics
@@ -108,7 +116,9 @@ class Prefetcher:
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type == "cuda":  # a non-blocking copy from pinned memory never waits
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 class StopFlag:
@@ -196,6 +206,9 @@ class TrainingRun:
     stop: StopFlag
     out_dir: Path
     frozen: dict = field(default_factory=dict)   # checkpoint.frozen_parameters: not saved
+    flops: StepFlops | None = None        # the student's FLOPs per token (shared/flops.py)
+    teacher_flops: Callable[[float], float] | None = None   # in-process teacher, per token
+    peak_flops: float | None = None       # the device's bf16 peak (None: no MFU)
     step: int = 0
     history: dict = field(default_factory=dict)
     totals: RunTotals = field(default_factory=RunTotals)
@@ -257,6 +270,7 @@ def start(cfg: Config) -> TrainingRun:
     trainable = select_trainable(student, cfg)
     request = teacher_request(cfg.train, cfg.link, student.converted_layers,
                               student.config.num_hidden_layers)
+    flops = student_step_flops(student, cfg.train.stage, cfg.train.align_mode)  # before ZeRO-3
     objective = DistillObjective(student, cfg.train, request)
     engine = init_engine(objective, cfg, place)
     batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
@@ -280,7 +294,8 @@ def start(cfg: Config) -> TrainingRun:
                  len(trainable), sum(_numel(p) for p in student.parameters()),
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
-                       out_dir, frozen, step, history, http=http, peers=peers)
+                       out_dir, frozen, flops, in_process_teacher_flops(teacher, request),
+                       peak_flops(place.device), step, history, http=http, peers=peers)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -288,13 +303,24 @@ def _numel(p: torch.nn.Parameter) -> int:
 
 
 def train_step(run: TrainingRun) -> StepStats:
-    """One optimizer step (``grad_accum`` micro steps), its numbers summed over ranks."""
+    """One optimizer step (``grad_accum`` micro steps), its numbers summed over ranks.
+
+    The micro steps only queue device work: their losses stay tensors until the step is done
+    and come back in one copy (the first sync of the step; ``seconds`` is taken after it). The
+    syncs left: the in-process teacher's answer (shared/link/in_process.py waits for its
+    forward, to time it), the boolean-mask gathers of the top-k, CE-only and align losses and
+    the document split of packed rows (shared/losses.py, shared/student/packing.py: shapes
+    that depend on the data), and at the optimizer step DeepSpeed's own; after the step, the
+    all-reduce of the step's numbers (StepStats.reduce)."""
     cfg, engine, place = run.cfg, run.engine, run.place
     lr = learning_rate(cfg, run.step)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     t_step, t_wall = time.perf_counter(), time.time()
-    wait, tokens, losses, forwards = 0.0, 0, [], []
+    wait, tokens, flops, teacher_flops = 0.0, 0, 0.0, 0.0
+    names: list[str] = []
+    pending: list[torch.Tensor] = []   # per micro step: its loss, then the loss parts
+    forwards = []
     for _ in range(cfg.train.grad_accum):
         batch, answer, waited, handle = run.prefetcher.next()
         wait += waited
@@ -305,14 +331,30 @@ def train_step(run: TrainingRun) -> StepStats:
                              b.get("position_ids"))
         engine.backward(loss)
         engine.step()
-        tokens += int(batch["lengths"].sum())
-        losses.append({"total": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+        n = int(batch["lengths"].sum())   # the CPU copy of the batch: no device sync
+        span = attention_span(batch["lengths"], batch.get("position_ids"))
+        tokens += n
+        if run.flops is not None:
+            flops += n * run.flops.per_token(span)
+        if run.teacher_flops is not None:
+            teacher_flops += n * run.teacher_flops(span)
+        names = ["total", *parts]
+        # float64 holds a float32 loss exactly: the values are those float(v) gave
+        pending += [t.detach().to(torch.float64).reshape(()) for t in (loss, *parts.values())]
+    norm = engine.get_global_grad_norm()   # a device tensor (ZeRO 1-3), a float, or None
+    if torch.is_tensor(norm):
+        pending.append(norm.detach().to(pending[0].device, torch.float64).reshape(()))
+    values = torch.stack(pending).tolist()   # the step's one device-to-host copy
+    seconds = time.perf_counter() - t_step
+    grad_norm = values.pop() if torch.is_tensor(norm) else grad_norm_value(norm)
+    rows = [values[i:i + len(names)] for i in range(0, len(values), len(names))]
     run.step += 1
     stats = StepStats(step=run.step, lr=lr, tokens=tokens, teacher_wait=wait,
-                      seconds=time.perf_counter() - t_step, start=t_wall,
-                      losses={k: sum(d[k] for d in losses) / len(losses) for k in losses[0]},
-                      grad_norm=grad_norm_value(engine.get_global_grad_norm()),
-                      teacher_forward=forwards)
+                      seconds=seconds, start=t_wall,
+                      losses={k: sum(r[i] for r in rows) / len(rows)
+                              for i, k in enumerate(names)},
+                      grad_norm=grad_norm, teacher_forward=forwards, flops=flops,
+                      teacher_flops=teacher_flops, peak_flops=run.peak_flops)
     stats.reduce(run.stop.requested, place.device)
     stats.end = time.time()
     return stats
@@ -338,6 +380,7 @@ def finish(run: TrainingRun) -> dict:
     exported = export(run.engine, cfg, run.tokenizer, place) if cfg.train.save_at_end else None
     summary = {"steps": run.step, "tokens": run.totals.tokens,
                "tokens_per_second": run.totals.tokens_per_second(place.world_size),
+               **({"mfu": run.totals.mfu()} if run.totals.mfu() is not None else {}),
                "teacher_wait_share": run.totals.teacher_wait_share(),
                "history": run.history, "student": str(exported) if exported else None}
     if place.rank == 0:

@@ -35,6 +35,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from services.trainer.errors import write_error_file
+
 log = logging.getLogger("trainer")
 
 PEER_LOST_EXIT = 75
@@ -141,6 +143,7 @@ class PeerWatch:
                   "the latest complete checkpoint (--max-restarts).", finding, self.rank,
                   PEER_LOST_EXIT)
         if self.exit_process:
+            write_error_file(f"{finding}: rank {self.rank} left (exit {PEER_LOST_EXIT})")
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
             os._exit(PEER_LOST_EXIT)

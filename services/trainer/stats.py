@@ -5,6 +5,11 @@ validation, and hands them to :class:`StatLoggers`, whose ``record`` feeds every
 Prometheus metrics, the rank's steps file (``steps-rank<R>.jsonl``) and the progress log line
 (the shape of vLLM's stat loggers: one record call, one logger per output).
 
+Efficiency: each step carries its model FLOPs (shared/flops.py: the student's training FLOPs,
+and apart from them an in-process teacher's forward), so every output reports tokens/s and
+the model FLOPs utilisation (MFU) of the step: the FLOPs done on the rank's device over its
+wall time and the device's bf16 peak. Without a known peak (a CPU) MFU is absent, not 0.
+
 The steps file holds every step of the run exactly once: a resumed run first drops the
 records past the checkpoint it resumes from (it trains those steps again), so a crash and a
 resume leave no duplicate and no gap.
@@ -49,25 +54,59 @@ class StepStats:
     start: float                      # wall clock at the step's start
     grad_norm: float = float("nan")   # before clipping; NaN when DeepSpeed has none
     teacher_forward: list[tuple[float, float]] = field(default_factory=list)
+    flops: float = 0.0                # the student's training FLOPs on this rank
+    teacher_flops: float = 0.0        # an in-process teacher's forward FLOPs (same device)
+    peak_flops: float | None = None   # the device's bf16 peak FLOP/s; None: no MFU
     end: float = 0.0                  # wall clock once the step's numbers were all-reduced
-    job_tokens: float = 0.0           # tokens, teacher_wait, seconds summed over ranks
+    job_tokens: float = 0.0           # tokens, teacher_wait, seconds, FLOPs summed over ranks
     job_teacher_wait: float = 0.0
     job_seconds: float = 0.0
+    job_flops: float = 0.0            # student and in-process teacher FLOPs
     stop_requested: bool = False      # some rank was asked to stop (SIGTERM/SIGINT)
 
     def reduce(self, stop_requested: bool, device: torch.device) -> None:
         """Fill the job-wide fields; every rank learns whether any rank must stop."""
         total = sum_over_ranks({"tokens": self.tokens, "teacher_wait": self.teacher_wait,
-                                "seconds": self.seconds, "stop": float(stop_requested)}, device)
+                                "seconds": self.seconds, "flops": self.flops + self.teacher_flops,
+                                "stop": float(stop_requested)}, device)
         self.job_tokens, self.job_teacher_wait = total["tokens"], total["teacher_wait"]
         self.job_seconds, self.stop_requested = total["seconds"], total["stop"] > 0
+        self.job_flops = total["flops"]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """This rank's trained tokens per second of the step."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def mfu(self) -> float | None:
+        """This rank's model FLOPs utilisation in the step (None without a known peak)."""
+        return utilisation(self.flops + self.teacher_flops, self.seconds, self.peak_flops)
+
+    def job_tokens_per_second(self, world_size: int) -> float:
+        """Tokens per second of the whole job (all ranks) in the step."""
+        return self.job_tokens / max(self.job_seconds / world_size, 1e-9)
+
+    @property
+    def job_mfu(self) -> float | None:
+        """The MFU of all ranks together: their FLOPs over their seconds and one peak."""
+        return utilisation(self.job_flops, self.job_seconds, self.peak_flops)
 
     def record(self) -> dict[str, Any]:
-        """The steps file's line for this step."""
+        """The steps file's line for this step (``mfu`` only where the device has a peak)."""
+        efficiency = {"tokens_per_second": self.tokens_per_second, "flops": self.flops,
+                      "teacher_flops": self.teacher_flops}
+        if self.mfu is not None:
+            efficiency["mfu"] = self.mfu
         return {"step": self.step, "lr": self.lr, "grad_norm": self.grad_norm,
                 "tokens": self.tokens, "teacher_wait": self.teacher_wait,
                 "seconds": self.seconds, "start": self.start, "end": self.end,
-                "teacher_forward": self.teacher_forward, **self.losses}
+                "teacher_forward": self.teacher_forward, **efficiency, **self.losses}
+
+
+def utilisation(flops: float, seconds: float, peak: float | None) -> float | None:
+    """``flops`` done in ``seconds`` as a share of ``peak`` FLOP/s; None without a peak."""
+    return flops / max(seconds, 1e-9) / peak if peak else None
 
 
 @dataclass
@@ -77,11 +116,19 @@ class RunTotals:
     tokens: float = 0.0
     teacher_wait: float = 0.0
     seconds: float = 0.0   # summed over ranks: divide by the world size for wall time
+    flops: float = 0.0
+    peak_flops: float | None = None
 
     def add(self, stats: StepStats) -> None:
         self.tokens += stats.job_tokens
         self.teacher_wait += stats.job_teacher_wait
         self.seconds += stats.job_seconds
+        self.flops += stats.job_flops
+        self.peak_flops = stats.peak_flops
+
+    def mfu(self) -> float | None:
+        """The run's mean MFU: all its FLOPs over all its seconds (None without a peak)."""
+        return utilisation(self.flops, self.seconds, self.peak_flops)
 
     def tokens_per_second(self, world_size: int) -> float:
         return self.tokens / max(self.seconds / world_size, 1e-9)
@@ -162,6 +209,9 @@ class PrometheusStatLogger:
             m.loss[k].set(v)
         m.learning_rate.set(stats.lr)
         m.grad_norm.set(stats.grad_norm)
+        m.tokens_per_second.set(stats.tokens_per_second)
+        if stats.mfu is not None:
+            m.set_mfu(stats.mfu)
 
     def record_validation(self, step: int, stats: ValidationStats) -> None:
         self.metrics.val_loss["student"].set(stats.student_loss)
@@ -218,9 +268,11 @@ class ProgressLogger:
             return
         share = stats.job_teacher_wait / max(stats.job_seconds, 1e-9)
         loss_text = " ".join(f"{k} {v:.4g}" for k, v in stats.losses.items())
-        log.info("step %d/%d | %s | lr %.2e | grad %.3g | %.0f tok/s | teacher wait %.0f%%",
+        mfu = stats.job_mfu
+        log.info("step %d/%d | %s | lr %.2e | grad %.3g | %.0f tok/s%s | teacher wait %.0f%%",
                  stats.step, self.total_steps, loss_text, stats.lr, stats.grad_norm,
-                 stats.job_tokens / max(stats.job_seconds / self.world_size, 1e-9), 100 * share)
+                 stats.job_tokens_per_second(self.world_size),
+                 "" if mfu is None else f" | MFU {mfu:.3f}", 100 * share)
 
     def record_validation(self, step: int, stats: ValidationStats) -> None:
         if self.active:

@@ -1,0 +1,107 @@
+"""How the trainer is started and how it ends: one process without a launcher (a world of
+one), a half-set launch environment, and torchrun's failure summary showing our error line.
+Real processes, real DeepSpeed and Gloo, a real tiny teacher (tests/test_trainer.py's
+fixtures)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, free_port, service_env, write_config
+from test_trainer import dataset, stack_config  # noqa: F401 - dataset is a fixture
+
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+          "TORCHELASTIC_ERROR_FILE")
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """The service environment without any launcher's variables."""
+    env = {k: v for k, v in service_env().items() if k not in LAUNCH}
+    env.update(extra)
+    return env
+
+
+def trainer(config: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.trainer", "--config", str(config),
+                           *args], cwd=ROOT, env=env or bare_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def in_process_config(tmp_path: Path, model: Path, data: Path) -> Path:
+    cfg = stack_config(tmp_path, model, data, tmp_path / "rdv", stage="kd", steps=3,
+                       deepspeed_config="configs/deepspeed/zero1.json")
+    sections = __import__("yaml").safe_load(cfg.read_text())
+    sections["link"].update(mode="in_process", trainers_per_group=1)
+    return write_config(cfg, sections)
+
+
+def test_a_world_of_one_trains_without_torchrun(tmp_path, tiny_llama, dataset):  # noqa: F811
+    cfg = in_process_config(tmp_path, tiny_llama, dataset)
+    done = trainer(cfg)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "1 ranks" in out
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tokens_per_second"] > 0
+    assert Path(summary["student"], "config.json").is_file()
+    records = [json.loads(line) for line in (run / "steps-rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["tokens_per_second"] == r["tokens"] / r["seconds"]
+        assert r["flops"] > 0 and r["teacher_flops"] > 0   # the teacher runs in this process
+    # a CPU has no datasheet peak: MFU is absent everywhere, not 0
+    assert "mfu" not in summary and all("mfu" not in r for r in records)
+    progress = [line for line in out.splitlines() if "step 3/3" in line]
+    assert progress and "tok/s" in progress[0] and "MFU" not in progress[0], progress
+
+
+def test_a_half_set_launch_environment_is_a_one_line_error(tmp_path, tiny_llama):
+    cfg = write_config(tmp_path / "c.yaml", {"teacher": {"model_path": str(tiny_llama)}})
+    done = trainer(cfg, env=bare_env(RANK="0"), timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stdout.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, done.stdout[-2000:]
+    assert errors[0].endswith("launch environment: RANK set but WORLD_SIZE, LOCAL_RANK not; "
+                              "start the trainer with torchrun (it sets all of RANK, "
+                              "WORLD_SIZE, LOCAL_RANK), or unset RANK to run one process alone")
+
+
+def torchrun_failure(config: Path, *args: str) -> tuple[int, str]:
+    """Exit status and output of a 2-rank torchrun job expected to fail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "services.trainer", "--config", str(config), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=bare_env(), capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def root_cause(output: str) -> str:
+    """torchrun's failure summary from its root cause on: the last screen of a failed job."""
+    marker = "Root Cause (first observed failure):"
+    assert marker in output, output[-4000:]
+    return output[output.rindex(marker):]
+
+
+def test_torchruns_summary_shows_a_config_error(tmp_path, tiny_llama, dataset):  # noqa: F811
+    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv")
+    status, out = torchrun_failure(cfg, "--train.lr_init", "-1.0")
+    assert status != 0
+    cause = root_cause(out)
+    assert "traceback : command line: train.lr_init: -1.0 must be > 0" in cause, cause
+    assert "exitcode  : 2" in cause and "error_file: <N/A>" not in cause, cause
+
+
+def test_torchruns_summary_shows_a_missing_teacher(tmp_path, tiny_llama, dataset):  # noqa: F811
+    cfg = stack_config(tmp_path, tmp_path / "no-such-teacher", dataset, tmp_path / "rdv")
+    status, out = torchrun_failure(cfg)
+    assert status != 0
+    cause = root_cause(out)
+    assert (f"traceback : FileNotFoundError: teacher.model_path='{tmp_path / 'no-such-teacher'}'"
+            " does not exist") in cause, cause
+    assert "exitcode  : 1" in cause, cause
+
