@@ -152,6 +152,12 @@ def test_jsonl_messages_and_parquet_text_load(tiny_llama, teacher, tmp_path) -> 
     # the budget caps the scored positions exactly
     assert load_set(str(parquet), tokenizer, tiny_llama, max_tokens=5, seq_len=8).tokens == 5
 
+    long_text = tmp_path / "long.txt"  # only a prefix is read and tokenised: the same tokens
+    long_text.write_text(TEXT * 400)
+    held = load_set(str(long_text), tokenizer, tiny_llama, max_tokens=99, seq_len=50)
+    stream = [t for r in held.rows for t in r["input_ids"]] + [held.rows[-1]["labels"][-1]]
+    assert stream == ids(TEXT * 400)[:100]
+
 
 def test_prepared_packed_validation_split_scores_each_document_alone(
         tiny_llama, teacher, student_dir, tmp_path) -> None:
@@ -239,3 +245,29 @@ def test_refusals_are_one_line_errors(tiny_llama, student_dir, text_file, tmp_pa
     bad.write_text(json.dumps({"prompt": "no text here"}) + "\n")
     with pytest.raises(EvaluateError, match="'text' string or a 'messages' list"):
         load_set(str(bad), AutoTokenizer.from_pretrained(tiny_llama), tiny_llama, 10, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_in_bf16_agrees_with_the_cpu(text_file, tmp_path) -> None:
+    """On the device: --device auto runs bf16 (the student's fla kernels where installed: head
+    size 64), scores within bf16's error of the float32 CPU run, measures peak decode memory."""
+    from shared.tiny import make_tiny_llama
+
+    teacher_dir = make_tiny_llama(tmp_path / "teacher", hidden_size=256, layers=2, heads=4)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    student = convert_teacher(AutoModelForCausalLM.from_pretrained(teacher_dir),
+                              dict(layers=[1], mixer="rwkv7"), tokenizer=tokenizer)
+    student_dir = save_student(student, tokenizer, tmp_path / "student")
+    args = ["--teacher", str(teacher_dir), "--student", str(student_dir), "--data", str(text_file),
+            "--max-tokens", "200", "--seq-len", "64", "--decode-contexts", "64,256",
+            "--decode-tokens", "8", "--prompts", str(text_file), "--max-new-tokens", "4"]
+    cpu = run(args + ["--device", "cpu"])
+    gpu = run(args + ["--json", str(tmp_path / "gpu.json")])
+    assert (gpu["run"]["device"], gpu["run"]["dtype"]) == ("cuda", "bfloat16")
+    for c, g in zip(cpu["scores"], gpu["scores"], strict=True):
+        assert g["tokens"] == c["tokens"] == 200
+        assert g["perplexity"] == pytest.approx(c["perplexity"], rel=0.03)
+        assert g["kl"] == pytest.approx(c["kl"], abs=0.02)
+    assert gpu["scores"][0]["kl"] == 0.0 and gpu["scores"][0]["top1_agreement"] == 1.0
+    assert all(d["peak_memory_mib"] > 0 for d in gpu["decode"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "run": {"device": device.type, "dtype": str(dtype).replace("torch.", ""),
                 "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "max_tokens": args.max_tokens, "command": " ".join(sys.argv)},
+                "max_tokens": args.max_tokens,
+                "command": shlex.join(["python", "-m", "services.evaluate",
+                                       *(sys.argv[1:] if argv is None else argv)])},
         "models": [{"name": m.name, "role": m.role, "path": m.path, "parameters": m.parameters}
                    for m in models],
         "sets": [{"name": s.name, "path": s.path, "kind": s.kind, "split": s.split,

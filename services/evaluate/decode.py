@@ -60,7 +60,9 @@ def decode_speed(model: Model, context: int, new_tokens: int, vocab_size: int,
     prefill_s, decode_s = _prefill_and_decode(module, ids, new_tokens)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - resting) / 2**20
+    weights = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
     return {"model": model.name, "context": context, "new_tokens": new_tokens,
+            "weights_mib": weights,
             "prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
             "decode_s": decode_s, "decode_tokens_per_s": new_tokens / decode_s,
             "peak_memory_mib": peak}

@@ -147,9 +147,13 @@ def _prepared(name: str, path: Path, teacher_dir: str | Path, max_tokens: int) -
 
 def _token_stream(path: Path, tokenizer: Any, limit: int) -> list[int]:
     """Documents of ``path`` tokenised and joined with EOS, until ``limit`` tokens."""
+    if path.suffix.lower() == ".txt":
+        return _txt_tokens(path, tokenizer, limit)
+    documents = (_parquet_texts(path) if path.suffix.lower() == ".parquet"
+                 else _jsonl_texts(path, tokenizer))
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for doc in _documents(path, tokenizer):
+    for doc in documents:
         if stream and eos is not None and stream[-1] != eos:
             stream.append(eos)
         stream += tokenizer(doc, add_special_tokens=False)["input_ids"]
@@ -158,14 +162,18 @@ def _token_stream(path: Path, tokenizer: Any, limit: int) -> list[int]:
     return stream[:limit]
 
 
-def _documents(path: Path, tokenizer: Any) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
-    elif suffix == ".parquet":
-        yield from _parquet_texts(path)
-    else:
-        yield from _jsonl_texts(path, tokenizer)
+def _txt_tokens(path: Path, tokenizer: Any, limit: int) -> list[int]:
+    """The first ``limit`` tokens of a text file (one document), reading only a prefix of it:
+    the prefix doubles until it holds more than ``limit`` tokens; its last token is dropped,
+    since the text after the prefix could have made it a longer one."""
+    text = ""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        while True:
+            block = handle.read(max(1 << 16, len(text), 8 * limit - len(text)))
+            text += block
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not block or len(ids) > limit:
+                return ids[:limit]
 
 
 def _parquet_texts(path: Path) -> Iterator[str]:

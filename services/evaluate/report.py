@@ -29,11 +29,12 @@ def scores_table(scores: list[dict[str, Any]]) -> list[str]:
 
 def decode_lines(rows: list[dict[str, Any]], device: str) -> list[str]:
     lines = ["| model | context | prefill tok/s | decode tok/s | decode / teacher | "
-             "peak extra memory (MiB) |", "|---|---:|---:|---:|---:|---:|"]
+             "weights (MiB) | peak extra memory (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         peak = row["peak_memory_mib"]
         lines.append(f"| {row['model']} | {row['context']} | {row['prefill_tokens_per_s']:.1f} | "
                      f"{row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f} | "
+                     f"{row['weights_mib']:.1f} | "
                      f"{'-' if peak is None else f'{peak:.1f}'} |")
     if device == "cpu":
         lines += ["", "Peak memory is not measured on the CPU (the process's peak RSS cannot be "
@@ -72,7 +73,8 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("decode"):
         lines += ["", "## Decode speed", "",
                   f"One row of random token ids per context, {report['decode'][0]['new_tokens']} "
-                  "greedy steps through the model's cache.", ""]
+                  "greedy steps through the model's cache; peak extra memory is the most allocated "
+                  "above the loaded weights during prefill + decode (cache and activations).", ""]
         lines += decode_lines(report["decode"], run["device"])
     if report.get("generations"):
         lines += ["", "## Greedy generations", ""]

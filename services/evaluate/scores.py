@@ -11,7 +11,7 @@ matter how its rows were batched:
 
 The log-softmaxes are taken in float32 from the full logits (whatever dtype the models ran in),
 a bounded number of positions at a time, so memory stays at a few ``[chunk, vocab]`` float32
-tensors however long the rows are.
+tensors (``CHUNK_ELEMENTS`` each) however long the rows are.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from services.evaluate.heldout import HeldOutSet
     from services.evaluate.models import Model
 
-CHUNK_POSITIONS = 2048  # positions whose float32 log-softmaxes are held at once
+CHUNK_ELEMENTS = 2**27  # float32 logits per chunk (512 MiB): 1,024 positions of a 128k vocab
 
 
 @dataclass
@@ -61,7 +61,7 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def score_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                 labels: torch.Tensor, chunk_positions: int = CHUNK_POSITIONS) -> ScoreSums:
+                 labels: torch.Tensor, chunk_positions: int | None = None) -> ScoreSums:
     """Sums of one batch: student NLL of ``labels``, KL(teacher || student), top-1 agreement.
 
     ``*_logits``: ``[B, T, V]`` (any float dtype, same vocabulary); ``labels``: ``[B, T]``.
@@ -75,6 +75,7 @@ def score_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits "
                          f"{tuple(teacher_logits.shape)}")
     vocab = teacher_logits.shape[-1]
+    chunk_positions = chunk_positions or max(1, CHUNK_ELEMENTS // vocab)
     flat_t = teacher_logits.reshape(-1, vocab)
     flat_s = student_logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1).to(flat_t.device)
