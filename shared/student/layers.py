@@ -50,6 +50,17 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([first, x[:, :-1]], dim=1)
 
 
+def head_norm(o: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` (a GroupNorm with one group per head) of the WKV output ``o [B, T, H, K]``,
+    returned as ``[B, T, H*K]``: layer_norm over each head's K channels, then the per-channel
+    affine. The same numbers as ``norm(o.reshape(B*T, H*K))``, but its backward is
+    layer_norm's: GroupNorm's (GammaBeta1dBackward) took 2.5 ms a layer at 32 x 1024 tokens on
+    an H200, a twentieth of a 135M student's kd step (BENCHMARKS.md, 2026-12-01)."""
+    bsz, t, h, k = o.shape
+    normed = F.layer_norm(o, (k,), eps=norm.eps)
+    return torch.addcmul(norm.bias.view(h, k), normed, norm.weight.view(h, k)).view(bsz, t, h * k)
+
+
 class _RWKVModule(nn.Module):
     """Common bits: the RWKV init is skipped while parameters hold no data — on the meta device
     (``convert_teacher``, ``from_pretrained``) or partitioned by DeepSpeed ZeRO-3 (empty tensors);
@@ -149,7 +160,7 @@ class RWKV6TimeMix(_RWKVModule):
         o, wkv = rwkv6_op(r.view(bsz, t, h, n), k.view(bsz, t, h, n), v.view(bsz, t, h, n),
                           log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.backend,
                           self.chunk_size)
-        o = self.ln_x(o.reshape(bsz * t, h * n)).view(bsz, t, h * n)
+        o = head_norm(o, self.ln_x)
         return self.output(o * g), x[:, -1], wkv, v_first
 
 
@@ -244,7 +255,7 @@ class RWKV7TimeMix(_RWKVModule):
         a4, r4, k4, v4 = (z.view(bsz, t, h, n) for z in (a, r, k, v))
         o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.backend,
                           self.chunk_size)
-        o = self.ln_x(o.reshape(bsz * t, h * n)).view(bsz, t, h * n)
+        o = head_norm(o, self.ln_x)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
         o = o + bonus.reshape(bsz, t, h * n)
         return self.output(o * g), x[:, -1], wkv, v_first
