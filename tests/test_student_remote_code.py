@@ -26,27 +26,30 @@ CHILD = Path(__file__).with_name("remote_code_child.py")
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 
 
-def _export(tmp_path: Path, kind: str, spec: dict) -> tuple[Path, Path, dict]:
+def _export(root: Path, kind: str, spec: dict) -> dict:
     """A converted tiny student saved by save_student, its inputs on disk, and what the
     in-project model gives for them (logits, greedy generation with the RNN-state cache)."""
     torch.manual_seed(0)
     student = convert_teacher(tiny_teacher(kind), spec).eval()
-    export = save_student(student, None, tmp_path / "export")
+    export = save_student(student, None, root / "export")
     ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding, as batched generation has it
     ids[0, :2] = 0
-    inputs = tmp_path / "inputs.pt"
-    torch.save({"ids": ids, "mask": mask}, inputs)
+    torch.save({"ids": ids, "mask": mask}, root / "inputs.pt")
     with torch.no_grad():
         expected = {"logits": student(ids, attention_mask=mask).logits,
                     "generated": student.generate(ids, attention_mask=mask, max_new_tokens=6,
                                                   min_new_tokens=6, do_sample=False)}
-    return export, inputs, expected
+    return {"export": str(export), "inputs": str(root / "inputs.pt"),
+            "output": str(root / "got.pt"), "expected": expected}
 
 
-def _run_child(mode: str, tmp_path: Path, export: Path, inputs: Path) -> dict:
-    out = tmp_path / f"{mode}.pt"
+def _run_child(mode: str, tmp_path: Path, jobs: list[dict]) -> list[dict]:
+    """Run remote_code_child.py on the exports; returns what it found for each."""
+    jobs_file = tmp_path / "jobs.json"
+    jobs_file.write_text(json.dumps([{k: job[k] for k in ("export", "inputs", "output")}
+                                     for job in jobs]))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if mode == "fresh":  # isolated: no PYTHON* variables, no cwd or script dir, no .pth files
@@ -54,49 +57,53 @@ def _run_child(mode: str, tmp_path: Path, export: Path, inputs: Path) -> dict:
         cmd, cwd = [sys.executable, "-I", "-S", str(script)], tmp_path
     else:
         cmd, cwd = [sys.executable, str(CHILD)], Path(__file__).parents[1]
-    proc = subprocess.run(cmd + [mode, SITE_PACKAGES, str(export), str(inputs), str(out)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + [mode, SITE_PACKAGES, str(jobs_file)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return [torch.load(job["output"], weights_only=True) for job in jobs]
 
 
-@pytest.mark.parametrize("kind,mixer,mode,ffn", [("llama", "rwkv6", "block", "rwkv_cmix"),
-                                                 ("qwen2", "rwkv6", "attention_only", "mlp"),
-                                                 ("llama", "rwkv7", "attention_only", "mlp"),
-                                                 ("qwen2", "rwkv7", "block", "rwkv_cmix")])
-def test_export_loads_where_the_project_cannot_be_imported(tmp_path, kind: str, mixer: str,
-                                                           mode: str, ffn: str) -> None:
-    export, inputs, expected = _export(tmp_path, kind,
-                                       dict(layers=[0, 2], mixer=mixer, mode=mode, ffn=ffn))
-    config = json.loads((export / "config.json").read_text())
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_rwkv_hybrid.RWKVHybridConfig",
-        "AutoModel": "modeling_rwkv_hybrid.RWKVHybridModel",
-        "AutoModelForCausalLM": "modeling_rwkv_hybrid.RWKVHybridForCausalLM"}
-    got = _run_child("fresh", tmp_path, export, inputs)
-    assert got["project_modules"] == []
-    assert got["class_module"].startswith("transformers_modules.")
-    assert got["config_module"].startswith("transformers_modules.")
-    # the RNN state for the RWKV layers 0 and 2, a KV cache for the attention layer 1
-    assert got["cache"] == ["HybridRWKVCache", "RWKVStateLayer", "DynamicLayer", "RWKVStateLayer"]
-    assert torch.equal(got["logits"], expected["logits"])
-    assert torch.equal(got["generated"], expected["generated"])
+SPECS = [("llama", dict(layers=[0, 2], mixer="rwkv6", mode="block", ffn="rwkv_cmix")),
+         ("qwen2", dict(layers=[0, 2], mixer="rwkv6", mode="attention_only")),
+         ("llama", dict(layers=[0, 2], mixer="rwkv7", mode="attention_only")),
+         ("qwen2", dict(layers=[0, 2], mixer="rwkv7", mode="block", ffn="rwkv_cmix"))]
+
+
+def test_export_loads_where_the_project_cannot_be_imported(tmp_path) -> None:
+    """rwkv6 and rwkv7, block and attention_only: one fresh interpreter loads all four."""
+    jobs = [_export(tmp_path / str(i), kind, spec) for i, (kind, spec) in enumerate(SPECS)]
+    for job in jobs:
+        assert json.loads((Path(job["export"]) / "config.json").read_text())["auto_map"] == {
+            "AutoConfig": "configuration_rwkv_hybrid.RWKVHybridConfig",
+            "AutoModel": "modeling_rwkv_hybrid.RWKVHybridModel",
+            "AutoModelForCausalLM": "modeling_rwkv_hybrid.RWKVHybridForCausalLM"}
+    for (kind, spec), job, got in zip(SPECS, jobs, _run_child("fresh", tmp_path, jobs),
+                                      strict=True):
+        case = f"{kind} {spec}"
+        assert got["project_modules"] == [], case
+        assert got["class_module"].startswith("transformers_modules."), case
+        assert got["config_module"].startswith("transformers_modules."), case
+        # the RNN state for the RWKV layers 0 and 2, a KV cache for the attention layer 1
+        assert got["cache"] == ["HybridRWKVCache", "RWKVStateLayer", "DynamicLayer",
+                                "RWKVStateLayer"], case
+        assert torch.equal(got["logits"], job["expected"]["logits"]), case
+        assert torch.equal(got["generated"], job["expected"]["generated"]), case
 
 
 def test_export_beside_the_project_uses_the_project_classes(tmp_path) -> None:
     """In a process that imported shared.student, trust_remote_code=True still gives the
     project's classes, and the export's own classes load next to them without displacing them."""
-    export, inputs, expected = _export(tmp_path, "llama", dict(layers=[1], mixer="rwkv7"))
-    for loaded in (load_student(export), AutoModelForCausalLM.from_pretrained(export),
-                   AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)):
+    job = _export(tmp_path, "llama", dict(layers=[1], mixer="rwkv7"))
+    for loaded in (load_student(job["export"]), AutoModelForCausalLM.from_pretrained(job["export"]),
+                   AutoModelForCausalLM.from_pretrained(job["export"], trust_remote_code=True)):
         assert type(loaded) is RWKVHybridForCausalLM
-    got = _run_child("beside", tmp_path, export, inputs)
+    [got] = _run_child("beside", tmp_path, [job])
     assert got["class_module"] == got["after_module"] == "shared.student.modeling"
     assert got["config_module"] == "shared.student.configuration"
     assert got["remote_module"].startswith("transformers_modules.")
-    assert torch.equal(got["logits"], expected["logits"])
-    assert torch.equal(got["remote_logits"], expected["logits"])
-    assert torch.equal(got["generated"], expected["generated"])
+    assert torch.equal(got["logits"], job["expected"]["logits"])
+    assert torch.equal(got["remote_logits"], job["expected"]["logits"])
+    assert torch.equal(got["generated"], job["expected"]["generated"])
 
 
 def test_exported_code_is_the_packages_own_with_fla_optional(tmp_path) -> None:
