@@ -32,6 +32,7 @@ def clean_env(monkeypatch):
         monkeypatch.setenv(name, "")  # records the original, so teardown restores it
         monkeypatch.delenv(name)
     monkeypatch.setattr(fla_kernels, "_keep_dir", None)
+    monkeypatch.setattr(fla_kernels, "_prepared", None)  # as in a new process
     return monkeypatch
 
 
@@ -165,6 +166,9 @@ def test_prepare_fla_points_fla_at_shipped_plus_kept(clean_env, tmp_path):
     # a child process inherits our FLA_CONFIG_DIR: that is not the user's choice, so it
     # merges (and keeps) as well
     (gpu_dir / "tuned/wu_fwd_kernel.json").unlink()
+    assert fla_kernels.prepare_fla(gpu="NVIDIA_H200") == chosen  # once per process: as it was
+    assert "new" in entries_of(gpu_dir / "merged/wu_fwd_kernel.json")
+    clean_env.setattr(fla_kernels, "_prepared", None)  # the child process
     assert fla_kernels.prepare_fla(gpu="NVIDIA_H200") == chosen
     assert "new" not in entries_of(gpu_dir / "merged/wu_fwd_kernel.json")
 
@@ -174,6 +178,13 @@ def test_prepare_fla_for_a_gpu_we_do_not_ship_uses_the_cache_alone(clean_env, tm
     write(tmp_path / "fla_configs/NVIDIA_B200/tuned/k.json", {"a": entry([1], 16)})
     chosen = Path(fla_kernels.prepare_fla(gpu="NVIDIA_B200"))
     assert [p.name for p in chosen.glob("*.json")] == ["k.json"]
+
+
+def test_prepare_fla_without_shipped_uses_the_cache_alone(clean_env, tmp_path):
+    clean_env.setenv(fcc.KERNEL_CACHE_ENV, str(tmp_path))
+    chosen = Path(fla_kernels.prepare_fla(gpu="NVIDIA_H200", include_shipped=False))
+    assert chosen.is_dir() and not list(chosen.iterdir())
+    assert fla_kernels.prepare_fla() == str(chosen)  # the import guard's call changes nothing
 
 
 def test_users_own_config_dir_wins(clean_env, tmp_path):

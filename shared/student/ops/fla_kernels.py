@@ -56,6 +56,7 @@ _OURS_ENV = "LLAMA2RWKV_FLA_CONFIG_DIR"
 log = logging.getLogger(__name__)
 _keep_dir: Path | None = None  # the GPU's cache dir where this process keeps what it tunes
 _tuned_here: list[str] = []  # kernels this process tuned (not found in the config files)
+_prepared: tuple[str | None] | None = None  # prepare_fla's answer, once it has run
 
 
 def gpu_dir_name(device_name: str) -> str:
@@ -100,14 +101,23 @@ def _load_cache_module() -> ModuleType | None:
     return module
 
 
-def prepare_fla(gpu: str | None = None) -> str | None:
+def prepare_fla(gpu: str | None = None, include_shipped: bool = True) -> str | None:
     """Point fla at shipped + kept configs (unless the user chose theirs). Before any fla import.
 
-    ``gpu`` defaults to the current device's name. Returns the config directory fla will read,
-    or None (no GPU, or config loading disabled by ``FLA_CACHE_MODE=disabled``).
+    ``gpu`` defaults to the current device's name; ``include_shipped=False`` leaves the shipped
+    configs out (tune_fla.py measures a shape we do not ship with it). Returns the config
+    directory fla will read, or None (no GPU, or ``FLA_CACHE_MODE=disabled``). Once per
+    process: later calls (the fla import guard makes one) return the first call's answer.
     """
+    global _prepared
+    if _prepared is not None:
+        return _prepared[0]
+    _prepared = (_choose_config_dir(gpu, include_shipped),)
+    return _prepared[0]
+
+
+def _choose_config_dir(gpu: str | None, include_shipped: bool) -> str | None:
     global _keep_dir
-    _keep_dir = None
     chosen = os.environ.get("FLA_CONFIG_DIR")
     if chosen is not None and chosen != os.environ.get(_OURS_ENV):
         os.environ.setdefault("FLA_CACHE_MODE", DEFAULT_CACHE_MODE)
@@ -117,7 +127,7 @@ def prepare_fla(gpu: str | None = None) -> str | None:
     gpu = gpu or current_gpu()
     if gpu is None or mode == "disabled":
         return None
-    shipped = shipped_config_dir(gpu)
+    shipped = shipped_config_dir(gpu) if include_shipped else None
     cache_dir = gpu_cache_dir(gpu)
     try:
         config_dir: Path | None = prepare_merged_dir(shipped, cache_dir)
