@@ -5,11 +5,19 @@
 # last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
 #   bash benchmarks/device_run.sh STEP[:SECONDS] ...
 # Steps:
-#   tune          fla configs (MIXERS, default rwkv7; HEAD_SIZES, default 128) into
-#                 shared/student/ops/fla_configs/<GPU> (candidates compiled by 30 processes
-#                 first), returned as $OUT/fla_configs.tgz
+#   tune          fla configs (MIXERS, default rwkv7; SHAPES "HEADSxHEAD_SIZE ...", default
+#                 32x128) into shared/student/ops/fla_configs/<GPU>, only the keys not there
+#                 yet (candidates compiled by one process per core first), returned as
+#                 $OUT/fla_configs.tgz (extract it into the tree before the next call: a cut
+#                 tune resumes from it)
 #   check         first fla fwd+bwd on an empty Triton cache with the shipped configs (MIXERS,
-#                 default rwkv7 rwkv6; HEAD_SIZES)
+#                 default rwkv7 rwkv6; SHAPES; STATES, default "given none")
+#   second        "the second process tunes nothing": two processes each time their first
+#                 fwd+bwd at SECOND_SHAPE (default 9x64; MIXERS, default rwkv7) with the shipped
+#                 configs left out, an empty kept-config cache at the start and a fresh Triton
+#                 cache each; the first tunes (candidates compiled by one process per core) and
+#                 keeps, the second should tune 0 keys; the cache comes back as
+#                 $OUT/fla_second_cache.tgz
 #   pending       benchmarks/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
 #   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
 #   benchlink     benchmarks/bench_link.py: link transfer vs raw NCCL
@@ -42,11 +50,22 @@ run_step() {
   local start=$(date +%s)
   case $name in
     tune) (timeout "$limit" $py -m benchmarks.tune_fla tune --mixer ${MIXERS:-rwkv7} \
-             --head-size ${HEAD_SIZES:-128} --compile-workers 30
+             --shapes ${SHAPES:-32x128} --compile-workers ${COMPILE_WORKERS:-$(nproc)}
            rc=$?  # the shapes tuned before a time limit are written too: keep them
            tar czf "$out/fla_configs.tgz" shared/student/ops/fla_configs; exit $rc) ;;
     check) timeout "$limit" $py -m benchmarks.tune_fla check --mixer ${MIXERS:-rwkv7 rwkv6} \
-             --head-size ${HEAD_SIZES:-128} ;;
+             --shapes ${SHAPES:-32x128} --states ${STATES:-given none} ;;
+    second) (kept=$PWD/bench/fla-second-cache; rm -rf "$kept"; mkdir -p "$kept"
+             end=$(( $(date +%s) + limit )) rc=0
+             for proc in 1 2; do
+               echo "-- process $proc"
+               left=$(( end - $(date +%s) )); [ $left -gt 0 ] || { rc=124; break; }
+               LLAMA2RWKV_KERNEL_CACHE=$kept timeout $left \
+                 $py -m benchmarks.tune_fla first-step --mixer ${MIXERS:-rwkv7} \
+                 --shapes ${SECOND_SHAPE:-9x64} --no-shipped \
+                 --compile-workers $([ $proc = 1 ] && nproc || echo 1) || { rc=$?; break; }
+             done
+             tar czf "$out/fla_second_cache.tgz" -C "$kept" .; exit $rc) ;;
     pending) timeout "$limit" $py -m benchmarks.bench_pending_nccl --trace "$logs" ;;
     linktest) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_link_gpu.py ;;
     benchlink) timeout "$limit" $py -m benchmarks.bench_link --reps 8 ;;
