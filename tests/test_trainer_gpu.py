@@ -1,0 +1,52 @@
+"""The trainer's step on a GPU: no host sync of ours between micro steps.
+
+Runs tests/sync_probe.py (torch's sync debug mode) at 1 and at 4 micro steps per optimizer
+step: a sync site of the trainer (services/trainer/) whose count grows with the micro steps
+drains the GPU between them. Every site found is printed (``pytest -rP`` shows them): the
+ones in DeepSpeed, transformers and the student are listed in the trainer's train_step.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, service_env
+from test_trainer import dataset, stack_config  # noqa: F401 - dataset is a fixture
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def probe(tmp_path: Path, config: Path, grad_accum: int) -> dict[str, int]:
+    out = tmp_path / f"syncs-{grad_accum}.json"
+    env = {k: v for k, v in service_env().items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "tests/sync_probe.py", str(out), "--config",
+                           str(config), "--train.grad_accum", str(grad_accum),
+                           "--train.output_dir", str(tmp_path / f"run-{grad_accum}")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("stage", ["sft", "kd"])
+def test_no_host_sync_of_the_trainer_between_micro_steps(stage, tmp_path, tiny_llama,
+                                                         dataset):  # noqa: F811
+    cfg = stack_config(tmp_path, tiny_llama, dataset, tmp_path / "rdv", stage=stage,
+                       device="cuda", metrics_port=0, save_at_end=False)
+    sections = yaml.safe_load(cfg.read_text())
+    sections["link"].update(mode="in_process", trainers_per_group=1)  # kd: the teacher here
+    cfg.write_text(yaml.safe_dump(sections))
+    one, four = probe(tmp_path, cfg, 1), probe(tmp_path, cfg, 4)
+    print(f"\n{stage}: host syncs in 2 optimizer steps (1 / 4 micro steps each):")
+    for where in sorted(set(one) | set(four)):
+        print(f"  {one.get(where, 0):3d} / {four.get(where, 0):3d}  {where}")
+    grew = {where: (one.get(where, 0), n) for where, n in four.items()
+            if n > one.get(where, 0) and where.startswith("services/trainer/")}
+    assert not grew, f"trainer syncs per micro step (1 / 4 micro steps): {grew}"
