@@ -21,6 +21,7 @@ from shared.student.ops import fla_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = fla_kernels.SHIPPED_DIR / "NVIDIA_H200"
+V1 = {"triton_version": "3.5.1", "fla_version": "0.6.0"}
 ENV = ("FLA_CONFIG_DIR", "FLA_CACHE_MODE", "LLAMA2RWKV_FLA_CONFIG_DIR", "FLA_GPU_NAME",
        fcc.KERNEL_CACHE_ENV, "XDG_CACHE_HOME")
 
@@ -100,10 +101,23 @@ def test_merge_keeps_every_shipped_entry(tmp_path):
 
 def test_keep_entries_first_writer_wins(tmp_path):
     gpu = tmp_path / "GPU"
-    assert fcc.keep_entries(gpu, "k", {"a": entry([1], 16)}, "3.5.1") == 1
-    assert fcc.keep_entries(gpu, "k", {"a": entry([1], 32), "b": entry([2], 32)}, "3.5.1") == 1
+    assert fcc.keep_entries(gpu, "k", {"a": entry([1], 16)}, V1) == 1
+    assert fcc.keep_entries(gpu, "k", {"a": entry([1], 32), "b": entry([2], 32)}, V1) == 1
     assert entries_of(gpu / "tuned/k.json") == {"a": entry([1], 16), "b": entry([2], 32)}
     assert [p.name for p in (gpu / "tuned").iterdir()] == ["k.json"]  # no temporary files left
+
+
+def test_versions_guard_kept_configs(tmp_path):
+    gpu = tmp_path / "GPU"
+    fcc.keep_entries(gpu, "k", {"a": entry([1], 16)}, V1)
+    v2 = {**V1, "fla_version": "0.7.0"}
+    # merged under other versions: the kept file is left out
+    assert fcc.merge_config_dirs(None, gpu / "tuned", tmp_path / "merged", v2) == {}
+    assert fcc.merge_config_dirs(None, gpu / "tuned", tmp_path / "merged", V1) == {"k": 1}
+    # kept under other versions: the old entries go
+    fcc.keep_entries(gpu, "k", {"b": entry([2], 16)}, v2)
+    data = json.loads((gpu / "tuned/k.json").read_text())
+    assert data["fla_version"] == "0.7.0" and list(data["autotune_entries"]) == ["b"]
 
 
 # loaded by path: the stdlib-only module, without the package's torch import (seconds per
@@ -117,7 +131,7 @@ gpu, tag = pathlib.Path(sys.argv[1]), sys.argv[2]
 for i in range(100):
     for kernel in ("shared_a", "shared_b"):
         cache.keep_entries(gpu, kernel, {f"{tag}{i}": {"autotune_key": [i],
-                                                       "config": {"num_warps": 4}}}, "3.5.1")
+                                                       "config": {"num_warps": 4}}}, {})
 """
 READER = """
 import json, pathlib, sys
@@ -153,7 +167,7 @@ def test_concurrent_keepers_lose_nothing_and_readers_see_whole_files(tmp_path):
 def test_prepare_fla_points_fla_at_shipped_plus_kept(clean_env, tmp_path):
     clean_env.setenv(fcc.KERNEL_CACHE_ENV, str(tmp_path))
     gpu_dir = tmp_path / "fla_configs/NVIDIA_H200"
-    write(gpu_dir / "tuned/wu_fwd_kernel.json", {"new": entry([9], 64)})
+    write(gpu_dir / "tuned/wu_fwd_kernel.json", {"new": entry([9], 64)}, **fcc.runtime_versions())
 
     chosen = fla_kernels.prepare_fla(gpu="NVIDIA_H200")
 
@@ -175,7 +189,8 @@ def test_prepare_fla_points_fla_at_shipped_plus_kept(clean_env, tmp_path):
 
 def test_prepare_fla_for_a_gpu_we_do_not_ship_uses_the_cache_alone(clean_env, tmp_path):
     clean_env.setenv(fcc.KERNEL_CACHE_ENV, str(tmp_path))
-    write(tmp_path / "fla_configs/NVIDIA_B200/tuned/k.json", {"a": entry([1], 16)})
+    write(tmp_path / "fla_configs/NVIDIA_B200/tuned/k.json", {"a": entry([1], 16)},
+          **fcc.runtime_versions())
     chosen = Path(fla_kernels.prepare_fla(gpu="NVIDIA_B200"))
     assert [p.name for p in chosen.glob("*.json")] == ["k.json"]
 

@@ -20,17 +20,36 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import threading
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 KERNEL_CACHE_ENV = "LLAMA2RWKV_KERNEL_CACHE"
 log = logging.getLogger(__name__)
 _thread_lock = threading.Lock()  # flock is per open file: threads of one process also serialise
+
+
+@functools.cache
+def runtime_versions() -> dict[str, str | None]:
+    """The installed Triton and fla versions. A kept file records them and is only used under
+    the same ones: after an upgrade a kernel may need other resources than it was tuned with."""
+    versions: dict[str, str | None] = {}
+    for field, dist in (("triton_version", "triton"), ("fla_version", "fla-core")):
+        try:
+            versions[field] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[field] = None
+    return versions
+
+
+def _same_versions(data: dict[str, Any], versions: dict[str, str | None]) -> bool:
+    return all(data.get(field) == value for field, value in versions.items())
 
 
 def cache_root() -> Path:
@@ -93,18 +112,20 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def keep_entries(gpu_dir: Path, kernel: str, entries: dict[str, dict[str, Any]],
-                 triton_version: str) -> int:
+                 versions: dict[str, str | None]) -> int:
     """Add tuned entries to ``gpu_dir/tuned/{kernel}.json``; returns how many were new.
 
     An entry already there stays: when several ranks tune one key at once their winners differ
-    only by timing noise, and the first one kept is what every later process loads.
+    only by timing noise, and the first one kept is what every later process loads. A file kept
+    under other ``versions`` (see :func:`runtime_versions`) is started afresh.
     """
     tuned = gpu_dir / "tuned"
     with locked(gpu_dir):
         tuned.mkdir(exist_ok=True)
         path = tuned / f"{kernel}.json"
-        data = read_config_file(path) or {"kernel_name": kernel, "triton_version": triton_version,
-                                          "autotune_entries": {}}
+        data = read_config_file(path)
+        if data is None or not _same_versions(data, versions):
+            data = {"kernel_name": kernel, **versions, "autotune_entries": {}}
         known = data["autotune_entries"]
         new = {h: e for h, e in entries.items() if h not in known}
         if new:
@@ -129,11 +150,13 @@ def merge_file(shipped: dict[str, Any] | None, tuned: dict[str, Any] | None,
     return merged
 
 
-def merge_config_dirs(shipped: Path | None, tuned: Path, merged: Path) -> dict[str, int]:
+def merge_config_dirs(shipped: Path | None, tuned: Path, merged: Path,
+                      versions: dict[str, str | None] | None = None) -> dict[str, int]:
     """Make ``merged`` hold shipped + tuned for every kernel; returns entries per kernel.
 
-    Only files whose content changes are rewritten; files of kernels in neither source go.
-    The caller holds the lock (see :func:`prepare_merged_dir`).
+    Tuned files kept under other ``versions`` than given are left out (shipped ones are pinned
+    by constraints.txt). Only files whose content changes are rewritten; files of kernels in
+    neither source go. The caller holds the lock (see :func:`prepare_merged_dir`).
     """
     def files(directory: Path | None) -> dict[str, Path]:
         if directory is None or not directory.is_dir():
@@ -146,6 +169,10 @@ def merge_config_dirs(shipped: Path | None, tuned: Path, merged: Path) -> dict[s
     for kernel in sorted(shipped_files.keys() | tuned_files.keys()):
         sources = [read_config_file(found[kernel]) if kernel in found else None
                    for found in (shipped_files, tuned_files)]
+        if sources[1] is not None and versions and not _same_versions(sources[1], versions):
+            log.info("fla configs kept in %s were tuned under %s, not %s: left out",
+                     tuned_files[kernel], {k: sources[1].get(k) for k in versions}, versions)
+            sources[1] = None
         if sources == [None, None]:
             continue  # unreadable (warned): fla tunes this kernel as if it had no file
         data = merge_file(*sources, kernel)
@@ -159,10 +186,12 @@ def merge_config_dirs(shipped: Path | None, tuned: Path, merged: Path) -> dict[s
 
 
 def prepare_merged_dir(shipped: Path | None, gpu_dir: Path) -> Path:
-    """Rebuild ``gpu_dir/merged`` from the shipped configs and ``gpu_dir/tuned``, under the lock;
-    returns the merged directory (the one to give fla as ``FLA_CONFIG_DIR``)."""
+    """Rebuild ``gpu_dir/merged`` from the shipped configs and ``gpu_dir/tuned`` (the files kept
+    under this process's :func:`runtime_versions`), under the lock; returns the merged
+    directory (the one to give fla as ``FLA_CONFIG_DIR``)."""
     with locked(gpu_dir):
-        counts = merge_config_dirs(shipped, gpu_dir / "tuned", gpu_dir / "merged")
+        counts = merge_config_dirs(shipped, gpu_dir / "tuned", gpu_dir / "merged",
+                                   runtime_versions())
     log.info("fla configs: %d kernels, %d entries in %s", len(counts), sum(counts.values()),
              gpu_dir / "merged")
     return gpu_dir / "merged"

@@ -45,6 +45,7 @@ from shared.student.ops.fla_config_cache import (
     keep_entries,
     prepare_merged_dir,
     read_config_file,
+    runtime_versions,
     write_atomic,
 )
 
@@ -160,13 +161,11 @@ def _keep_new_configs(tuner: Any, cache: ModuleType) -> None:
     _tuned_here.extend(tuner.kernel_name for _ in new)
     if _keep_dir is None:
         return
-    import triton
-
     entries = {cache.AutotuneKey.key_hash(key): {
         "autotune_key": cache.AutotuneKey.normalize_autotune_key(list(key)),
         "config": config_as_dict(config)} for key, config in new.items()}
     try:
-        keep_entries(_keep_dir, tuner.kernel_name, entries, triton.__version__)
+        keep_entries(_keep_dir, tuner.kernel_name, entries, runtime_versions())
     except OSError as exc:  # never fail a kernel launch over the cache
         log.warning("cannot keep tuned fla configs in %s (%s); not trying again", _keep_dir, exc)
         _keep_dir = None
