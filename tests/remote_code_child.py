@@ -32,8 +32,14 @@ if mode == "beside":
 
 def run(export_dir: str, inputs_path: str, output_path: str) -> None:
     inputs = torch.load(inputs_path, weights_only=True)
+    refused = ""
+    if mode == "fresh":  # no stdin: transformers cannot ask, so it must refuse
+        try:
+            AutoModelForCausalLM.from_pretrained(export_dir)
+        except ValueError as err:
+            refused = str(err)
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
-    result = {"class_module": type(model).__module__,
+    result = {"refused": refused, "class_module": type(model).__module__,
               "config_module": type(AutoConfig.from_pretrained(export_dir,
                                                                trust_remote_code=True)).__module__}
     with torch.no_grad():

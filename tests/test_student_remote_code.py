@@ -58,7 +58,7 @@ def _run_child(mode: str, tmp_path: Path, jobs: list[dict]) -> list[dict]:
     else:
         cmd, cwd = [sys.executable, str(CHILD)], Path(__file__).parents[1]
     proc = subprocess.run(cmd + [mode, SITE_PACKAGES, str(jobs_file)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(job["output"], weights_only=True) for job in jobs]
 
@@ -81,6 +81,7 @@ def test_export_loads_where_the_project_cannot_be_imported(tmp_path) -> None:
                                       strict=True):
         case = f"{kind} {spec}"
         assert got["project_modules"] == [], case
+        assert "trust_remote_code=True" in got["refused"], case  # not without the user's consent
         assert got["class_module"].startswith("transformers_modules."), case
         assert got["config_module"].startswith("transformers_modules."), case
         # the RNN state for the RWKV layers 0 and 2, a KV cache for the attention layer 1
