@@ -154,7 +154,9 @@ def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict
         # layer shapes (BENCHMARKS.md, student MFU).
         "torch_adam": not offload, **({"fused": True} if device.type == "cuda" and not offload
                                        else {})}})
-    ds["bf16"] = {"enabled": device.type == "cuda"}
+    # bf16 runs on GPUs; the JSON's other bf16 options stay (check_grad_overflow: off in
+    # configs/deepspeed/zero1.json and zero2.json, see there).
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": device.type == "cuda"}
     return ds
 
 
