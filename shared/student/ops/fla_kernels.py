@@ -166,7 +166,7 @@ def _keep_new_configs(tuner: Any, cache: ModuleType) -> None:
         "config": config_as_dict(config)} for key, config in new.items()}
     try:
         keep_entries(_keep_dir, tuner.kernel_name, entries, runtime_versions())
-    except OSError as exc:  # never fail a kernel launch over the cache
+    except Exception as exc:  # noqa: BLE001 - never fail a kernel launch over the cache
         log.warning("cannot keep tuned fla configs in %s (%s); not trying again", _keep_dir, exc)
         _keep_dir = None
 
