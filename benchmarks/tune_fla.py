@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,13 +142,22 @@ def tune(args: argparse.Namespace) -> None:
                  "flash-linear-attention==0.6.0) or there is no CUDA device")
     from shared.student.ops.fla_kernels import tuned_in_this_process
 
-    for mixer, heads, head_size, with_state in runs(args):
-        before = len(tuned_in_this_process())
-        seconds = fwd_bwd(mixer, heads, head_size, args.batch, args.length, with_state)
-        counts = dump_tuned(out)  # after each shape: a time limit keeps what finished
-        print(f"tuned {mixer} H={heads} K={head_size} state={'given' if with_state else 'none'}:"
-              f" {seconds:.1f} s, {len(tuned_in_this_process()) - before} keys tuned; "
-              f"{len(counts)} kernel files, {sum(counts.values())} entries in {out}", flush=True)
+    # a time limit's SIGTERM ends the run between two kernel timings: the keys tuned by then
+    # are written too, and the next (incremental) tune goes on from there
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for mixer, heads, head_size, with_state in runs(args):
+            before = len(tuned_in_this_process())
+            seconds = fwd_bwd(mixer, heads, head_size, args.batch, args.length, with_state)
+            counts = dump_tuned(out)
+            print(f"tuned {mixer} H={heads} K={head_size} "
+                  f"state={'given' if with_state else 'none'}: {seconds:.1f} s, "
+                  f"{len(tuned_in_this_process()) - before} keys tuned; {len(counts)} kernel "
+                  f"files, {sum(counts.values())} entries in {out}", flush=True)
+    finally:
+        counts = dump_tuned(out)
+        print(f"{len(tuned_in_this_process())} keys tuned in all; {sum(counts.values())} "
+              f"entries in {out}", flush=True)
 
 
 def first_steps(args: argparse.Namespace, config_dir: str | None) -> None:
