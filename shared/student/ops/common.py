@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # "auto": fla on CUDA for bf16/fp16 when importable, else the chunked PyTorch path;
 # single-token steps always take the recurrent path (a chunk kernel would pad 1 token to 16+).
@@ -72,6 +73,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "chunk"
 
 
+def recompute_in_backward(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, with autograd keeping only the inputs: backward runs ``fn`` again.
+
+    Used for the chunked WKV paths, whose dozens of [B, H, N, L, K] and [B, H, N, K, K]
+    intermediates were most of an RWKV layer's saved activations (docs/student.md, "CPU
+    memory"); recomputing them costs one more forward of the WKV op, not of the layer.
+    """
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                       for x in (*args, *kwargs.values())):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, N, L, D], zero-padding T up to a multiple of L.
 
@@ -89,6 +103,26 @@ def from_chunks(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, H, N, L, D] -> [B, T, H, D] (drops the padding added by ``to_chunks``)."""
     b, h, n, chunk, d = x.shape
     return x.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, d)[:, :seq_len]
+
+
+# Largest |log decay| a chunk may accumulate for RWKV-7's factorised pairwise decay,
+# exp(g_t) * exp(-g_s): exp(60) ~ 1e26 and exp(-60) ~ 9e-27 are normal float32 numbers, so both
+# factors and their products keep full relative precision. x070's bounded decay reaches at most
+# 16 * exp(-0.5) = 9.7 over the default 16-step chunk (98 steps would be needed to reach 60).
+MAX_CHUNK_LOG_DECAY = 60.0
+
+
+def check_chunk_decay(g: torch.Tensor) -> None:
+    """Raise ValueError when a chunk's accumulated log decay ``g`` ([..., L, K]) leaves
+    [-MAX_CHUNK_LOG_DECAY, MAX_CHUNK_LOG_DECAY] (then a factorised exp would lose precision)."""
+    if g.numel() == 0:
+        return
+    worst = float(g.detach().abs().amax())
+    if worst > MAX_CHUNK_LOG_DECAY:
+        raise ValueError(
+            f"RWKV-7 chunked path: a chunk accumulates a log decay of {-worst:.1f}, beyond "
+            f"-{MAX_CHUNK_LOG_DECAY:.0f}: pass per-step log decays in [RWKV7_LOG_DECAY_MIN, 0] "
+            "(as the x070 layer does) or a smaller chunk_size")
 
 
 def pairwise_decay(g_row: torch.Tensor, g_col: torch.Tensor, inclusive: bool) -> torch.Tensor:

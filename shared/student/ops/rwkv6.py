@@ -22,12 +22,60 @@ from shared.student.ops.common import (
     fla_op,
     from_chunks,
     pairwise_decay,
+    recompute_in_backward,
     resolve_backend,
     supported_kwargs,
     to_chunks,
 )
 
 State = torch.Tensor | None
+
+# Chunks whose [L, L, K] pairwise decays are built at once: bounds that transient to
+# B * H * CHUNKS_PER_BLOCK * L * L * K numbers, whatever the sequence length.
+CHUNKS_PER_BLOCK = 8
+
+
+def _block_scores(r: torch.Tensor, k: torch.Tensor, g_excl: torch.Tensor, g: torch.Tensor,
+                  ) -> torch.Tensor:
+    """scores[t, s] = sum_i r_ti k_si exp(g_excl_ti - g_si) for s < t, for one block of chunks."""
+    decay = pairwise_decay(g_excl, g, inclusive=False)                 # [B,H,n,L,L,K]
+    return torch.einsum("bhntsk,bhntk,bhnsk->bhnts", decay, r, k)
+
+
+class IntraChunkScores(torch.autograd.Function):
+    """RWKV-6's causal intra-chunk scores without keeping the pairwise decays for backward.
+
+    The pairwise form (``pairwise_decay``) is what keeps RWKV-6's unbounded decays finite, but its
+    [B, H, N, L, L, K] tensors, saved by autograd, were most of a layer's activation memory. Here
+    forward and backward rebuild them block by block (``CHUNKS_PER_BLOCK`` chunks at a time) and
+    only r, k, g_excl and g ([B, H, N, L, K]) are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, k: torch.Tensor, g_excl: torch.Tensor,
+                g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(r, k, g_excl, g)
+        blocks = range(0, r.shape[2], CHUNKS_PER_BLOCK)
+        return torch.cat([_block_scores(*(x[:, :, n:n + CHUNKS_PER_BLOCK]
+                                          for x in (r, k, g_excl, g))) for n in blocks], dim=2)
+
+    @staticmethod
+    def backward(ctx, d_scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        r, k, g_excl, g = ctx.saved_tensors
+        grads: list[list[torch.Tensor]] = [[], [], [], []]
+        for n in range(0, r.shape[2], CHUNKS_PER_BLOCK):
+            rb, kb, ge, gb = (x[:, :, n:n + CHUNKS_PER_BLOCK] for x in (r, k, g_excl, g))
+            # p[t, s, i] = d_scores[t, s] * exp(g_excl_ti - g_si) (0 where s >= t)
+            p = pairwise_decay(ge, gb, inclusive=False) * d_scores[:, :, n:n + CHUNKS_PER_BLOCK,
+                                                                   ..., None]
+            dr = torch.einsum("bhntsk,bhnsk->bhntk", p, kb)
+            dk = torch.einsum("bhntsk,bhntk->bhnsk", p, rb)
+            # d/d(g_excl_ti) of each term is the term itself, d/d(g_si) its negative
+            dg_excl = dr * rb
+            dg = -dk * kb
+            for acc, x in zip(grads, (dr, dk, dg_excl, dg), strict=True):
+                acc.append(x)
+        return tuple(torch.cat(x, dim=2) for x in grads)
 
 
 def rwkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
@@ -63,8 +111,7 @@ def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
 
     # intra-chunk:
     #   o_t += sum_{s<t} (sum_i r_ti k_si exp(g_excl_ti - g_si)) v_s  +  (r_t . u k_t) v_t
-    decay = pairwise_decay(g_excl, g, inclusive=False)                     # [B,H,N,L,L,K]
-    scores = torch.einsum("bhntsk,bhnsk->bhnts", decay * r_.unsqueeze(-2), k_)
+    scores = IntraChunkScores.apply(r_, k_, g_excl, g)                    # [B,H,N,L,L]
     out = scores @ v_ + (r_ * u_ * k_).sum(-1, keepdim=True) * v_
 
     # chunk transitions: S_end = diag(exp(g_last)) S_start + sum_s diag(exp(g_last - g_s)) k_s v_s^T
@@ -106,4 +153,4 @@ def rwkv6_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
         return rwkv6_fla(r, k, v, w, u, initial_state)
     if path == "recurrent":
         return rwkv6_recurrent(r, k, v, w, u, initial_state)
-    return rwkv6_chunked(r, k, v, w, u, initial_state, chunk_size=chunk_size)
+    return recompute_in_backward(rwkv6_chunked, r, k, v, w, u, initial_state, chunk_size=chunk_size)

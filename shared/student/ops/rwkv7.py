@@ -19,10 +19,11 @@ import math
 import torch
 
 from shared.student.ops.common import (
+    check_chunk_decay,
     compute_dtype,
     fla_op,
     from_chunks,
-    pairwise_decay,
+    recompute_in_backward,
     resolve_backend,
     supported_kwargs,
     to_chunks,
@@ -68,22 +69,26 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     r_, w_, k_, v_, a_, b_ = (to_chunks(x.to(cd), chunk_size) for x in (r, w, k, v, a, b))
     g = w_.cumsum(-2)        # log decay through step t (inclusive) within the chunk
     g_excl = g - w_          # ... through step t-1
+    check_chunk_decay(g)
 
-    # pairwise terms: X_st = sum_i x_si y_ji exp(g_s? - g_j) for the needed (s, j) pairs
-    dec_excl = pairwise_decay(g_excl, g, inclusive=False)    # j < s, used with a (reads S_{s-1})
-    dec_incl = pairwise_decay(g, g, inclusive=True)          # j <= t, used with r (reads S_t)
-    a_dec = dec_excl * a_.unsqueeze(-2)
-    r_dec = dec_incl * r_.unsqueeze(-2)
-    a_b = torch.einsum("bhnsjk,bhnjk->bhnsj", a_dec, b_)
-    a_k = torch.einsum("bhnsjk,bhnjk->bhnsj", a_dec, k_)
-    r_b = torch.einsum("bhntjk,bhnjk->bhntj", r_dec, b_)
-    r_k = torch.einsum("bhntjk,bhnjk->bhntj", r_dec, k_)
+    # Pairwise terms X_sj = sum_i x_si y_ji exp(g?_si - g_ji), factorised as
+    # (x exp(g?)) @ (y exp(-g))^T: plain matmuls, no [L, L, K] tensor (see check_chunk_decay for
+    # why the exponents cannot overflow). Pairs above the diagonal are finite and masked off.
+    a_in = a_ * g_excl.exp()                 # reads S_{s-1}: decayed through step s-1
+    r_in = r_ * g.exp()                      # reads S_t: decayed through step t
+    b_out, k_out = b_ * (-g).exp(), k_ * (-g).exp()
+    strict = torch.tril(torch.ones(chunk_size, chunk_size, dtype=cd, device=r.device), -1)
+    incl = torch.tril(torch.ones(chunk_size, chunk_size, dtype=cd, device=r.device))
+    a_b = (a_in @ b_out.transpose(-1, -2)) * strict   # j < s
+    a_k = (a_in @ k_out.transpose(-1, -2)) * strict
+    r_b = (r_in @ b_out.transpose(-1, -2)) * incl     # j <= t
+    r_k = (r_in @ k_out.transpose(-1, -2)) * incl
 
     def solve(rhs: torch.Tensor) -> torch.Tensor:
         # unitriangular=True ignores the diagonal, so -a_b (strictly lower) stands for I - a_b
         return torch.linalg.solve_triangular(-a_b, rhs, upper=False, unitriangular=True)
 
-    q_from_state = solve(a_ * g_excl.exp())     # [.., L, K]: Q = q_from_state @ S_0 + q_local
+    q_from_state = solve(a_in)                  # [.., L, K]: Q = q_from_state @ S_0 + q_local
     q_local = solve(a_k @ v_)                   # [.., L, V]
 
     # chunk end state: S_end = diag(exp(g_last)) S_0 + sum_j decay_j * (b_j q_j + k_j v_j^T)
@@ -101,7 +106,7 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     start = torch.stack(starts, dim=2)                                           # [B,H,N,K,V]
 
     q = q_from_state @ start + q_local
-    out = (r_ * g.exp()) @ start + r_b @ q + r_k @ v_
+    out = r_in @ start + r_b @ q + r_k @ v_
     return from_chunks(out, t).to(r.dtype), state
 
 
@@ -129,4 +134,5 @@ def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return rwkv7_fla(r, w, k, v, a, b, initial_state)
     if path == "recurrent":
         return rwkv7_recurrent(r, w, k, v, a, b, initial_state)
-    return rwkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size=chunk_size)
+    return recompute_in_backward(rwkv7_chunked, r, w, k, v, a, b, initial_state,
+                                 chunk_size=chunk_size)
