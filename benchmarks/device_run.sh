@@ -17,7 +17,8 @@
 #                 configs left out, an empty kept-config cache at the start and a fresh Triton
 #                 cache each; the first tunes (candidates compiled by one process per core) and
 #                 keeps, the second should tune 0 keys; the cache comes back as
-#                 $OUT/fla_second_cache.tgz
+#                 $OUT/fla_second_cache.tgz. SECOND_TRITON_CACHE=DIR: the first process uses
+#                 that Triton cache (e.g. ~/.triton/cache after a tune) instead of compiling
 #   pending       benchmarks/bench_pending_nccl.py: what a waiting NCCL kernel costs the compute
 #   linktest      tests/test_link_gpu.py: link over NCCL == direct forward, P2P transport
 #   benchlink     benchmarks/bench_link.py: link transfer vs raw NCCL
@@ -62,8 +63,9 @@ run_step() {
                left=$(( end - $(date +%s) )); [ $left -gt 0 ] || { rc=124; break; }
                LLAMA2RWKV_KERNEL_CACHE=$kept timeout $left \
                  $py -m benchmarks.tune_fla first-step --mixer ${MIXERS:-rwkv7} \
-                 --shapes ${SECOND_SHAPE:-9x64} --no-shipped \
-                 --compile-workers $([ $proc = 1 ] && nproc || echo 1) || { rc=$?; break; }
+                 --shapes ${SECOND_SHAPE:-9x64} --no-shipped $([ $proc = 1 ] && if \
+                   [ -n "${SECOND_TRITON_CACHE:-}" ]; then echo --triton-cache "$SECOND_TRITON_CACHE"
+                   else echo --compile-workers "$(nproc)"; fi) || { rc=$?; break; }
              done
              tar czf "$out/fla_second_cache.tgz" -C "$kept" .; exit $rc) ;;
     pending) timeout "$limit" $py -m benchmarks.bench_pending_nccl --trace "$logs" ;;
