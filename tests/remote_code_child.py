@@ -3,13 +3,13 @@ tests/test_student_remote_code.py (not a test module; copied next to the export 
 
     python -I -S remote_code_child.py MODE SITE_PACKAGES JOBS_JSON
 
-MODE ``fresh``: run with ``-I -S`` from a directory outside the repository, the site-packages
-directory appended to ``sys.path`` by hand (``-S`` skips its ``.pth`` files, among them the
-project's editable install), so the project cannot be imported. MODE ``beside``: a normal
-interpreter that imports ``shared.student`` first. JOBS_JSON lists ``{"export", "inputs",
-"output"}``: for each export, the logits and greedy generation for the inputs and what it found
-about the classes go to its output (``torch.save``); the test compares them. One process for all
-exports: starting torch and transformers is most of the time.
+MODE ``fresh``: run with ``-I -S`` from a directory outside the repository, the installed
+packages' directories (SITE_PACKAGES, ':'-separated) appended to ``sys.path`` by hand (``-S``
+skips their ``.pth`` files, among them the project's editable install), so the project cannot be
+imported. MODE ``beside``: a normal interpreter that imports ``shared.student`` first. JOBS_JSON
+lists ``{"export", "inputs", "output"}``: for each export, the logits and greedy generation for
+the inputs and what it found about the classes go to its output (``torch.save``); the test
+compares them. One process for all exports: starting torch and transformers is most of the time.
 """
 import importlib.util
 import json
@@ -17,7 +17,7 @@ import sys
 
 mode, site_packages, jobs_path = sys.argv[1:4]
 if mode == "fresh":
-    sys.path.append(site_packages)
+    sys.path.extend(site_packages.split(":"))
     if importlib.util.find_spec("shared") is not None:
         raise SystemExit("the project is importable in the fresh interpreter: the test is void")
 

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.student import convert_teacher, load_student, save_student
+from test_student_remote_code import SITE_PACKAGES
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(900)]
 if importlib.util.find_spec("lm_eval") is None:
@@ -32,7 +32,7 @@ WORDS = ["red", "green", "blue", "cat", "dog", "fox", "one", "two", "three", "su
 # project's editable install (a .pth file) is not on the path.
 RUN_LM_EVAL = textwrap.dedent("""\
     import importlib.util, sys
-    sys.path.append(sys.argv.pop(1))
+    sys.path.extend(sys.argv.pop(1).split(":"))
     assert importlib.util.find_spec("shared") is None, "the project is importable: test void"
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = "lm_eval"
@@ -89,7 +89,7 @@ def test_lm_eval_harness_evaluates_an_export(tiny_llama, tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-I", "-S", str(tmp_path / "run_lm_eval.py"),
-           sysconfig.get_paths()["purelib"],
+           SITE_PACKAGES,
            "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True",
            "--tasks", "tiny_choice", "--include_path", str(tmp_path / "task"),
            "--device", "cpu", "--limit", "20", "--batch_size", "4",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -23,7 +23,10 @@ from shared.tiny import tiny_teacher
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CHILD = Path(__file__).with_name("remote_code_child.py")
-SITE_PACKAGES = sysconfig.get_paths()["purelib"]
+# The installed packages' directories of this interpreter (a venv's, and the system's where the
+# venv includes them): the isolated child gets these and nothing else.
+SITE_PACKAGES = os.pathsep.join(p for p in sys.path if Path(p).is_dir()
+                                and {"site-packages", "dist-packages"} & set(Path(p).parts))
 
 
 def _export(root: Path, kind: str, spec: dict) -> dict:
