@@ -124,7 +124,7 @@ def bench_layer(mixer: str, path: str, b: int,
     extra = {} if mixer == "rwkv6" else {"is_first": False}
     torch.manual_seed(0)
     layer = cls(args.hidden, args.heads, args.head_size, layer_idx=8, num_layers=32,
-                backend="fla" if path == "fla" else "chunk", chunk_size=args.chunk, **extra)
+                kernel="fla" if path == "fla" else "chunk", chunk_size=args.chunk, **extra)
     layer = layer.to(device=args.device, dtype=torch.bfloat16)
     x = torch.randn(b, args.seq, args.hidden, device=args.device, dtype=torch.bfloat16,
                     requires_grad=True)

@@ -117,9 +117,9 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
     student.to(torch.bfloat16)
     with torch.no_grad():
         # same bf16 model, PyTorch WKV: isolates the kernel's error
-        student.set_rwkv_backend("chunk")
+        student.set_rwkv_kernel("chunk")
         ref = student(ids).logits
-        student.set_rwkv_backend("auto")  # fla kernels for multi-token calls
+        student.set_rwkv_kernel("auto")  # fla kernels for multi-token calls
         got = student(ids).logits
         cache = HybridRWKVCache(student.config)
         first = student(ids[:, :120], past_key_values=cache, use_cache=True).logits

@@ -1,5 +1,5 @@
 """Student forward: hidden-state convention, align_forward, trainable parameters, padding,
-backends, optimizer groups."""
+kernels, optimizer groups."""
 from __future__ import annotations
 
 import pytest
@@ -121,18 +121,18 @@ def test_gradient_checkpointing_gives_same_gradients(teacher, mixer: str) -> Non
 
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
-def test_chunked_and_recurrent_backends_agree_in_float64(teacher, mixer: str) -> None:
+def test_chunked_and_recurrent_kernels_agree_in_float64(teacher, mixer: str) -> None:
     spec = dict(layers=[0, 1, 3], mixer=mixer, ffn="rwkv_cmix")
     student = convert_teacher(teacher, spec).double().eval()
     ids = _ids(length=37)
     with torch.no_grad():
-        student.set_rwkv_backend("chunk", chunk_size=8)
+        student.set_rwkv_kernel("chunk", chunk_size=8)
         chunked = student(ids).logits
-        student.set_rwkv_backend("recurrent")
+        student.set_rwkv_kernel("recurrent")
         recurrent = student(ids).logits
     torch.testing.assert_close(chunked, recurrent, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="unknown RWKV backend"):
-        student.set_rwkv_backend("triton")
+    with pytest.raises(ValueError, match="unknown RWKV kernel"):
+        student.set_rwkv_kernel("triton")
 
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])

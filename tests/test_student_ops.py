@@ -108,7 +108,7 @@ def test_float32_and_bfloat16_inputs() -> None:
     o32, s32 = rwkv6_chunked(*(x.float() for x in args64))
     assert o32.dtype == torch.float32 and s32.dtype == torch.float32
     assert (o32.double() - o_ref).norm() / o_ref.norm() < 1e-5
-    obf, _ = rwkv6_op(*(x.bfloat16() for x in args64), backend="auto")
+    obf, _ = rwkv6_op(*(x.bfloat16() for x in args64), kernel="auto")
     assert obf.dtype == torch.bfloat16
     assert (obf.double() - o_ref).norm() / o_ref.norm() < 3e-2
 
@@ -116,11 +116,11 @@ def test_float32_and_bfloat16_inputs() -> None:
 def test_dispatch() -> None:
     args = rwkv7_inputs(9)
     o_ref, _ = rwkv7_recurrent(*args)
-    for backend in ("auto", "chunk", "recurrent"):
-        o, _ = rwkv7_op(*args, backend=backend)
+    for kernel in ("auto", "chunk", "recurrent"):
+        o, _ = rwkv7_op(*args, kernel=kernel)
         torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="unknown RWKV backend"):
-        rwkv7_op(*args, backend="cuda-magic")
+    with pytest.raises(ValueError, match="unknown RWKV kernel"):
+        rwkv7_op(*args, kernel="cuda-magic")
     if not fla_available():
         with pytest.raises(RuntimeError, match="flash-linear-attention"):
-            rwkv7_op(*args, backend="fla")
+            rwkv7_op(*args, kernel="fla")

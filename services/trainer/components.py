@@ -115,7 +115,7 @@ def build_student(cfg: Config, device: torch.device):
         del teacher
         log.info("student converted from %s: layers %s -> %s (%s)", path,
                  student.converted_layers, cfg.student.mixer, cfg.student.mode)
-    student.set_rwkv_backend(cfg.student.kernel)
+    student.set_rwkv_kernel(cfg.student.kernel)
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing

@@ -28,7 +28,7 @@ class RWKVHybridConfig(PreTrainedConfig):
     r"""Hybrid settings (all base-model fields are accepted as extra keyword arguments).
 
     ``rwkv_layers``, ``rwkv_mixer``, ``rwkv_mode``, ``rwkv_ffn``, ``rwkv_gradient_checkpointing``
-    and ``rwkv_backend`` are the saved form of ``shared.config.StudentConfig``'s ``layers``,
+    and ``rwkv_kernel`` are the saved form of ``shared.config.StudentConfig``'s ``layers``,
     ``mixer``, ``mode``, ``ffn``, ``grad_checkpointing`` and ``kernel`` (documented there).
 
     Args:
@@ -44,7 +44,8 @@ class RWKVHybridConfig(PreTrainedConfig):
             ``num_attention_heads``.
         rwkv_gradient_checkpointing: recompute converted layers in backward (non-reentrant).
         rwkv_chunk_size: chunk length of the pure-PyTorch chunked path.
-        rwkv_backend: ``auto`` | ``fla`` | ``chunk`` | ``recurrent`` (see ``shared.student.ops``).
+        rwkv_kernel: ``auto`` | ``fla`` | ``chunk`` | ``recurrent`` (see ``shared.student.ops``);
+            a config saved with the former name ``rwkv_backend`` loads into it.
         rwkv_qkv_bias, rwkv_o_bias, rwkv_mlp_bias: whether the teacher's q/k/v, o and MLP
             projections have biases (then the RWKV receptance/key/value, output and channel-mix
             key/value get one too, copied from the teacher).
@@ -60,13 +61,15 @@ class RWKVHybridConfig(PreTrainedConfig):
     rwkv_head_size: int | None = None
     rwkv_gradient_checkpointing: bool = _OPTIONS.grad_checkpointing
     rwkv_chunk_size: int = 16
-    rwkv_backend: str = _OPTIONS.kernel
+    rwkv_kernel: str = _OPTIONS.kernel
     rwkv_qkv_bias: bool = False
     rwkv_o_bias: bool = False
     rwkv_mlp_bias: bool = False
     use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if "rwkv_backend" in kwargs:  # the field's former name, in configs saved before
+            self.rwkv_kernel = kwargs.pop("rwkv_backend")
         super().__post_init__(**kwargs)
         self.rwkv_layers = sorted(set(int(i) for i in (self.rwkv_layers or [])))
         validate_hybrid_settings(self.rwkv_mixer, self.rwkv_mode, self.rwkv_ffn,
@@ -90,7 +93,7 @@ class RWKVHybridConfig(PreTrainedConfig):
                       rwkv_mixer=options.mixer, rwkv_mode=options.mode, rwkv_ffn=options.ffn,
                       rwkv_head_size=head_dim,
                       rwkv_gradient_checkpointing=bool(options.grad_checkpointing),
-                      rwkv_backend=options.kernel, **extra)
+                      rwkv_kernel=options.kernel, **extra)
         config = cls(**fields)
         config._attn_implementation = base._attn_implementation
         return config

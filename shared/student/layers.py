@@ -88,12 +88,12 @@ class RWKV6TimeMix(_RWKVModule):
 
     def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int,
                  num_layers: int, qkv_bias: bool = False, o_bias: bool = False,
-                 backend: str = "auto", chunk_size: int = 16) -> None:
+                 kernel: str = "auto", chunk_size: int = 16) -> None:
         super().__init__()
         c, a = hidden_size, num_heads * head_size
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.layer_idx, self.num_layers = layer_idx, num_layers
-        self.backend, self.chunk_size = backend, chunk_size
+        self.kernel, self.chunk_size = kernel, chunk_size
         mix_lora, decay_lora = (32, 64) if c < 4096 else (64, 128)  # RWKV-LM doubles both at 4096
         for name in ("x", "w", "k", "v", "r", "g"):
             setattr(self, f"time_maa_{name}", nn.Parameter(torch.empty(c)))
@@ -158,7 +158,7 @@ class RWKV6TimeMix(_RWKVModule):
         if token_mask is not None:  # a padded step must not write into the state (left padding)
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         o, wkv = rwkv6_op(r.view(bsz, t, h, n), k.view(bsz, t, h, n), v.view(bsz, t, h, n),
-                          log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.backend,
+                          log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.kernel,
                           self.chunk_size)
         o = head_norm(o, self.ln_x)
         return self.output(o * g), x[:, -1], wkv, v_first
@@ -169,12 +169,12 @@ class RWKV7TimeMix(_RWKVModule):
 
     def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int,
                  num_layers: int, is_first: bool, qkv_bias: bool = False, o_bias: bool = False,
-                 backend: str = "auto", chunk_size: int = 16) -> None:
+                 kernel: str = "auto", chunk_size: int = 16) -> None:
         super().__init__()
         c, a = hidden_size, num_heads * head_size
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.layer_idx, self.num_layers, self.is_first = layer_idx, num_layers, is_first
-        self.backend, self.chunk_size = backend, chunk_size
+        self.kernel, self.chunk_size = kernel, chunk_size
         for name in ("r", "w", "k", "v", "a", "g"):
             setattr(self, f"x_{name}", nn.Parameter(torch.empty(c)))
         lora = {"w": _lora_dim(2.5, c), "a": _lora_dim(2.5, c), "v": _lora_dim(1.7, c),
@@ -253,7 +253,7 @@ class RWKV7TimeMix(_RWKVModule):
         if token_mask is not None:  # a padded step must not write into the state (left padding)
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         a4, r4, k4, v4 = (z.view(bsz, t, h, n) for z in (a, r, k, v))
-        o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.backend,
+        o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.kernel,
                           self.chunk_size)
         o = head_norm(o, self.ln_x)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4

@@ -37,7 +37,7 @@ from shared.student.layers import (
     RWKV7ChannelMix,
     RWKV7TimeMix,
 )
-from shared.student.ops import BACKENDS
+from shared.student.ops import KERNELS
 from shared.student.packing import DocumentBatch
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
@@ -58,7 +58,7 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
         mixer_kwargs: dict[str, Any] = dict(
             hidden_size=c, num_heads=config.num_attention_heads, head_size=config.rwkv_head_size,
             layer_idx=layer_idx, num_layers=num_layers, qkv_bias=config.rwkv_qkv_bias,
-            o_bias=config.rwkv_o_bias, backend=config.rwkv_backend,
+            o_bias=config.rwkv_o_bias, kernel=config.rwkv_kernel,
             chunk_size=config.rwkv_chunk_size)
         if config.rwkv_mixer == "rwkv7":
             is_first = layer_idx == min(config.rwkv_layers)
@@ -375,14 +375,15 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         return [f"model.layers.{i}.{n}" for i in self.converted_layers
                 for n, _ in self.model.layers[i].named_parameters()]
 
-    def set_rwkv_backend(self, backend: str, chunk_size: int | None = None) -> None:
-        """Switch the WKV path of every RWKV layer (``auto``, ``fla``, ``chunk``, ``recurrent``)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown RWKV backend {backend!r}; choose one of {BACKENDS}")
-        self.config.rwkv_backend = backend
+    def set_rwkv_kernel(self, kernel: str, chunk_size: int | None = None) -> None:
+        """Switch the WKV path of every RWKV layer (``student.kernel``: ``auto``, ``fla``,
+        ``chunk``; ``recurrent`` too)."""
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown RWKV kernel {kernel!r}; choose one of {KERNELS}")
+        self.config.rwkv_kernel = kernel
         if chunk_size is not None:
             self.config.rwkv_chunk_size = chunk_size
         for module in self.modules():
             if isinstance(module, (RWKV6TimeMix, RWKV7TimeMix)):
-                module.backend = backend
+                module.kernel = kernel
                 module.chunk_size = self.config.rwkv_chunk_size

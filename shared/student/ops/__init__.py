@@ -6,9 +6,9 @@ Each operator has three paths with identical conventions (those of flash-linear-
 * ``*_chunked``: a chunked pure-PyTorch path (CPU, and CUDA when fla is missing);
 * ``*_fla``: flash-linear-attention's Triton chunk kernel (CUDA only, optional dependency).
 
-``rwkv6_op`` / ``rwkv7_op`` pick one of them from a backend name.
+``rwkv6_op`` / ``rwkv7_op`` pick one of them from a kernel name (``student.kernel``).
 """
-from shared.student.ops.common import BACKENDS, fla_available
+from shared.student.ops.common import KERNELS, fla_available
 from shared.student.ops.rwkv6 import rwkv6_chunked, rwkv6_fla, rwkv6_op, rwkv6_recurrent
 from shared.student.ops.rwkv7 import (
     RWKV7_LOG_DECAY_MIN,
@@ -19,7 +19,7 @@ from shared.student.ops.rwkv7 import (
 )
 
 __all__ = [
-    "BACKENDS",
+    "KERNELS",
     "RWKV7_LOG_DECAY_MIN",
     "fla_available",
     "rwkv6_chunked",

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 # "auto": fla on CUDA for bf16/fp16 when importable, else the chunked PyTorch path;
 # single-token steps always take the recurrent path (a chunk kernel would pad 1 token to 16+).
-BACKENDS = ("auto", "fla", "chunk", "recurrent")
+KERNELS = ("auto", "fla", "chunk", "recurrent")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,9 +46,9 @@ def fla_op(name: str) -> Callable[..., Any]:
     ops = _fla_ops()
     if ops is None:
         raise RuntimeError(
-            "backend 'fla' needs flash-linear-attention (pip install "
+            "kernel 'fla' needs flash-linear-attention (pip install "
             "'flash-linear-attention==0.6.0' 'fla-core==0.6.0') and a CUDA device; use "
-            "backend='chunk' for the pure-PyTorch path"
+            "kernel='chunk' for the pure-PyTorch path"
         )
     return ops[name]
 
@@ -61,11 +61,12 @@ def supported_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown RWKV backend {backend!r}; choose one of {BACKENDS}")
-    if backend != "auto":
-        return backend
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """The WKV path for ``kernel`` (student.kernel; ``recurrent`` too) and these inputs."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown RWKV kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel != "auto":
+        return kernel
     if x.shape[1] == 1:
         return "recurrent"
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fla_available():

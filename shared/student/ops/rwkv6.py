@@ -23,7 +23,7 @@ from shared.student.ops.common import (
     from_chunks,
     pairwise_decay,
     recompute_in_backward,
-    resolve_backend,
+    resolve_kernel,
     supported_kwargs,
     to_chunks,
 )
@@ -145,10 +145,10 @@ def rwkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor
 
 
 def rwkv6_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-             initial_state: State = None, backend: str = "auto",
+             initial_state: State = None, kernel: str = "auto",
              chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of the paths above. ``backend`` is one of ``BACKENDS``."""
-    path = resolve_backend(backend, r)
+    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``."""
+    path = resolve_kernel(kernel, r)
     if path == "fla":
         return rwkv6_fla(r, k, v, w, u, initial_state)
     if path == "recurrent":

@@ -24,7 +24,7 @@ from shared.student.ops.common import (
     fla_op,
     from_chunks,
     recompute_in_backward,
-    resolve_backend,
+    resolve_kernel,
     supported_kwargs,
     to_chunks,
 )
@@ -126,10 +126,10 @@ def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-             b: torch.Tensor, initial_state: State = None, backend: str = "auto",
+             b: torch.Tensor, initial_state: State = None, kernel: str = "auto",
              chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of the paths above. ``backend`` is one of ``BACKENDS``."""
-    path = resolve_backend(backend, r)
+    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``."""
+    path = resolve_kernel(kernel, r)
     if path == "fla":
         return rwkv7_fla(r, w, k, v, a, b, initial_state)
     if path == "recurrent":
