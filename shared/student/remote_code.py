@@ -91,7 +91,7 @@ def collect_remote_code(auto_classes: Mapping[str, type], package: str, model_ty
                                   "keep the config in a module of its own (HF's layout)")
     if len(set(names.values())) != len(names):
         raise RemoteCodeError(f"the model classes {dict(auto_classes)} come from several modules; "
-                              "define them in one module (it becomes modeling_{model_type}.py)")
+                              f"define them in one module (it becomes modeling_{model_type}.py)")
     for module in graph.walk(list(names)):
         names.setdefault(module, graph.flat_name(module, model_type))
     clashes = _clashes(names)
