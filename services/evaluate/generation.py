@@ -60,7 +60,8 @@ def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) ->
                               eos_token_id=eos, pad_token_id=pad)
     out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                           generation_config=config)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)
 
 
 def side_by_side(models: Sequence[Model], tokenizer: Any, prompts: Sequence[str],
