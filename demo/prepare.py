@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -100,36 +101,49 @@ def pretrain_teacher(teacher: Path, data: Path, steps: int, micro_batch: int = 1
     return stamp
 
 
+def make_c4(c4: Path, max_mb: float) -> None:
+    """The C4-format sample of the system's documentation, unless it is already there."""
+    if not c4_ready(c4):
+        step_title(f"C4-format sample of the system's documentation: {c4}")
+        run([sys.executable, "-m", "services.data.c4_sample", "--output", c4, "--max-mb",
+             str(max_mb)], what="services.data.c4_sample")
+
+
+def tokenise(c4: Path, teacher: Path, data: Path, max_len: int, validation_size: int) -> None:
+    """The sample prepared for the trainer with the teacher's tokenizer (length buckets, a
+    held-out validation split)."""
+    step_title(f"Preparing the data with {teacher.name}'s tokenizer: {data}")
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))  # 2 cores: one worker, as before
+    run([sys.executable, "-m", "services.data", "c4", "--local_c4_dir", c4, "--languages", "en",
+         "--split", "train", "--tokenizer", teacher, "--output_dir", data, "--max_len",
+         str(max_len), "--buckets", str(max(32, max_len // 4)), "--long_docs", "split",
+         "--validation_size", str(validation_size), "--num_proc", str(workers), "--overwrite"],
+        quiet=True,
+        what="data preparation")
+    splits = json.loads((data / "card.json").read_text())["splits"]
+    say(f"  {splits['train']['samples']} train / {splits['validation']['samples']} "
+        f"validation samples of at most {max_len} tokens, {splits['train']['tokens']} "
+        f"train tokens")
+
+
 def prepare(run_dir: Path, teacher_steps: int, fresh: bool) -> tuple[Path, Path, Path]:
-    """Teacher, C4 sample and prepared data under run_dir, reused when already there."""
+    """Tiny teacher, C4 sample and prepared data under run_dir, reused when already there."""
     models, c4, data = run_dir / "models", run_dir / "c4", run_dir / "data"
     teacher = models / TEACHER_NAME
     if fresh:
         for path in (teacher, c4, data):
             shutil.rmtree(path, ignore_errors=True)
-    py = sys.executable
     new_teacher = not teacher_ready(teacher, teacher_steps)
     if new_teacher:
         step_title(f"Tiny teacher: {teacher}")
         shutil.rmtree(teacher, ignore_errors=True)
-        run([py, "-m", "shared.tiny", "--output", teacher], quiet=True, what="shared.tiny")
+        run([sys.executable, "-m", "shared.tiny", "--output", teacher], quiet=True,
+            what="shared.tiny")
     else:
         say(f"\n==> Reusing the teacher {teacher} (--fresh to make a new one)")
-    if not c4_ready(c4):
-        step_title(f"C4-format sample of the system's documentation: {c4}")
-        run([py, "-m", "services.data.c4_sample", "--output", c4, "--max-mb", "2"],
-            what="services.data.c4_sample")
+    make_c4(c4, 2)
     if new_teacher or not data_ready(data, teacher):
-        step_title(f"Preparing the data: {data}")
-        run([py, "-m", "services.data", "c4", "--local_c4_dir", c4, "--languages", "en",
-             "--split", "train", "--tokenizer", teacher, "--output_dir", data, "--max_len",
-             str(MAX_LEN), "--buckets", "32", "--long_docs", "split", "--validation_size",
-             str(VALIDATION_SIZE), "--overwrite"], quiet=True, what="data preparation")
-        card = json.loads((data / "card.json").read_text())
-        splits = card["splits"]
-        say(f"  {splits['train']['samples']} train / {splits['validation']['samples']} "
-            f"validation samples of at most {MAX_LEN} tokens, {splits['train']['tokens']} "
-            f"train tokens")
+        tokenise(c4, teacher, data, MAX_LEN, VALIDATION_SIZE)
     if new_teacher:
         if teacher_steps > 0:
             step_title(f"Teaching the tiny teacher some English ({teacher_steps} LM steps on "
@@ -138,6 +152,21 @@ def prepare(run_dir: Path, teacher_steps: int, fresh: bool) -> tuple[Path, Path,
         else:
             (teacher / PRETRAIN_STAMP).write_text(json.dumps({"steps": 0}) + "\n")
     return teacher, c4, data
+
+
+def prepare_real(run_dir: Path, teacher: Path, c4_mb: float, max_len: int,
+                 validation_size: int, fresh: bool) -> tuple[Path, Path]:
+    """The C4 sample and its data tokenised for the real teacher (which needs no training)."""
+    c4 = run_dir / ("c4" if c4_mb == 2 else f"c4-{c4_mb:g}mb")
+    data = run_dir / f"data-{teacher.name}-{max_len}"
+    if fresh:
+        for path in (c4, data):
+            shutil.rmtree(path, ignore_errors=True)
+    make_c4(c4, c4_mb)
+    if not data_ready(data, teacher) or \
+            json.loads((data / "card.json").read_text()).get("max_len") != max_len:
+        tokenise(c4, teacher, data, max_len, validation_size)
+    return c4, data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from demo.common import COMPOSE, DemoError, quiet_transformers, say
+from demo.common import COMPOSE, DemoError, quiet_transformers, run, say
+
+PROMPTS = Path(__file__).with_name("prompts.txt")
 
 # --------------------------------------------------------------------------- generation
 
@@ -63,6 +65,23 @@ def validation_text(c4: Path) -> str:
             if len(words) >= 8 and not words[0].isupper():
                 return text
     return "The license grants you the right to"
+
+
+def evaluate(teacher: Path, students: dict[str, str], data: Path, out: Path, max_tokens: int,
+             seq_len: int, new_tokens: int) -> dict[str, Any]:
+    """``python -m services.evaluate``: perplexity, KL and top-1 agreement of each student
+    against the teacher on the held-out split, and greedy answers to demo/prompts.txt side by
+    side; the JSON and Markdown reports go to ``out``."""
+    cmd = [sys.executable, "-m", "services.evaluate", "--teacher", str(teacher)]
+    for name, path in students.items():
+        cmd += ["--student", f"{name}={path}"]
+    cmd += ["--data", f"validation={data}", "--prompts", str(PROMPTS), "--max-tokens",
+            str(max_tokens), "--seq-len", str(seq_len), "--batch-size", "8",
+            "--max-new-tokens", str(new_tokens), "--json", str(out / "evaluation.json"),
+            "--markdown", str(out / "evaluation.md")]
+    run(cmd, quiet=True, what="services.evaluate")
+    return {"json": str(out / "evaluation.json"), "markdown": str(out / "evaluation.md"),
+            "report": json.loads((out / "evaluation.json").read_text())}
 
 
 # --------------------------------------------------------------------------- summary
@@ -158,3 +177,7 @@ def print_summary(result: dict[str, Any]) -> None:
         say(f"The teacher and Prometheus are still up. Stop them with:\n  "
             f"{sys.executable} -m services.runner down -f {COMPOSE} "
             f"--run-dir {result['stack_dir']}")
+    e = result.get("evaluation")
+    if e:
+        say(f"\nEvaluation (python -m services.evaluate; {e['markdown']}, {e['json']}):\n")
+        say(Path(e["markdown"]).read_text().rstrip())

@@ -66,9 +66,11 @@ class Stack:
     """compose.demo.yaml under the runner, in run_dir/stack."""
 
     def __init__(self, run_dir: Path, models: Path, data: Path, runs: Path,
-                 prometheus_listen: str | None) -> None:
+                 prometheus_listen: str | None, teacher_name: str = TEACHER_NAME,
+                 configs: dict[str, str] | None = None) -> None:
         self.dir = run_dir / "stack"
         self.models, self.data, self.runs = models, data, runs
+        self.teacher_name, self.configs = teacher_name, configs or CONFIGS
         self.prometheus_listen = prometheus_listen
         self.env = dict(os.environ)
         # Gloo over loopback: never depend on this machine's hostname resolving.
@@ -81,8 +83,8 @@ class Stack:
     def up(self, stage: str, extra: list[str]) -> None:
         cmd = self.runner("up")
         for key, value in (("MODELS_DIR", self.models), ("DATA_DIR", self.data),
-                           ("RUNS_DIR", self.runs), ("TEACHER_MODEL", TEACHER_NAME),
-                           ("DISTILL_CONFIG", CONFIGS[stage]), ("RUN_NAME", stage)):
+                           ("RUNS_DIR", self.runs), ("TEACHER_MODEL", self.teacher_name),
+                           ("DISTILL_CONFIG", self.configs[stage]), ("RUN_NAME", stage)):
             cmd += ["--env", f"{key}={value}"]
         if self.prometheus_listen:
             cmd += ["--env", f"PROMETHEUS_LISTEN={self.prometheus_listen}"]
@@ -121,6 +123,39 @@ def _show(stage: str, line: str) -> None:
     if any(k in line for k in INTERESTING):
         text = line.split(" INFO ", 1)[-1] if " INFO " in line else line
         say(f"  {stage:5} | {text.rstrip()[:220]}")
+
+
+def run_in_process(stage: str, config: str, teacher: Path, data: Path, out_dir: Path,
+                   extra: list[str], timeout: float, log: Path) -> None:
+    """One stage as a single trainer rank with the teacher in its process (link.mode
+    in_process; the GPU flavour), under torchrun as the stack runs it; its log goes to ``log``
+    and the lines worth seeing to the screen."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "1", "-m", "services.trainer", "--config", config, "--teacher.model_path",
+           str(teacher), "--data.train_dir", str(data), "--train.output_dir", str(out_dir),
+           *extra]
+    say(f"$ {shlex.join(cmd)}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0")
+    deadline = time.monotonic() + timeout
+    with open(log, "a") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, errors="replace")
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                sink.write(line)
+                for piece in line.split("\r"):
+                    _show(stage, piece)
+                if time.monotonic() > deadline:
+                    raise DemoError(f"stage {stage} did not finish within {timeout:.0f} s; "
+                                    f"see {log}")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            status = proc.wait()
+    if status != 0:
+        raise DemoError(f"the {stage} trainer exited with status {status}; its log: {log}")
 
 
 def watch_trainer(stack: Stack, stage: str, timeout: float, offset: int = 0) -> None:
