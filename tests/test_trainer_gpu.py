@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from conftest import ROOT, service_env
+from shared.flops import peak_flops
 from test_trainer import dataset, stack_config  # noqa: F401 - dataset is a fixture
 
 pytestmark = [pytest.mark.gpu,
@@ -50,3 +51,9 @@ def test_no_host_sync_of_the_trainer_between_micro_steps(stage, tmp_path, tiny_l
     grew = {where: (one.get(where, 0), n) for where, n in four.items()
             if n > one.get(where, 0) and where.startswith("services/trainer/")}
     assert not grew, f"trainer syncs per micro step (1 / 4 micro steps): {grew}"
+    # the same runs report their efficiency: MFU on a card with a known peak
+    records = [json.loads(line) for line in
+               (tmp_path / "run-4" / "steps-rank0.jsonl").read_text().splitlines()]
+    assert all(r["tokens_per_second"] > 0 and r["flops"] > 0 for r in records)
+    if peak_flops("cuda") is not None:
+        assert all(0 < r["mfu"] < 1 for r in records), [r["mfu"] for r in records]

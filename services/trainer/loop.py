@@ -306,12 +306,12 @@ def train_step(run: TrainingRun) -> StepStats:
     """One optimizer step (``grad_accum`` micro steps), its numbers summed over ranks.
 
     The micro steps only queue device work: their losses stay tensors until the step is done
-    and come back in one copy (the first sync of the step; ``seconds`` is taken after it). The
-    syncs left: the in-process teacher's answer (shared/link/in_process.py waits for its
-    forward, to time it), the boolean-mask gathers of the top-k, CE-only and align losses and
-    the document split of packed rows (shared/losses.py, shared/student/packing.py: shapes
-    that depend on the data), and at the optimizer step DeepSpeed's own; after the step, the
-    all-reduce of the step's numbers (StepStats.reduce)."""
+    and come back in one copy (``seconds`` is taken after it). Syncs left, not ours: the
+    in-process teacher's answer (shared/link/in_process.py times its forward), the mask
+    gathers of the top-k and align losses and the split of packed rows (shared/losses.py,
+    shared/student/packing.py: shapes from the data), DeepSpeed's at the optimizer step;
+    after it, the all-reduce of the step's numbers (StepStats.reduce).
+    tests/test_trainer_gpu.py lists every site on a GPU."""
     cfg, engine, place = run.cfg, run.engine, run.place
     lr = learning_rate(cfg, run.step)
     for group in engine.optimizer.param_groups:
