@@ -35,6 +35,15 @@
 #   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
 #   kernels       benchmarks/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
 #   memory        benchmarks/bench_generation_memory.py (memory per generated token, 4k-32k)
+#   benchsteps    benchmarks/bench_steps.py (training-step speed at real shapes, issue 19) with
+#                 BENCH_STEPS_ARGS (e.g. "--shapes 135m --baseline-tree bench/base"); its JSON
+#                 comes back as $OUT/bench_steps.json
+#   quality       the quality experiment (issue 18, benchmarks/quality.py): imports the GGUF at
+#                 $GGUF (default bench/smol.gguf) into $WORK/teacher, unpacks the corpus of
+#                 benchmarks/quality_corpus.py from bench/quality/*.xz, runs the arms with
+#                 QUALITY_ARGS; tables to $OUT/quality_*.{md,json}. WORK defaults to /root/quality;
+#                 QUALITY_TOKENIZER=DIR (a copy of the teacher's tokenizer) prepares the data
+#                 while the GGUF imports
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-out}
@@ -95,6 +104,26 @@ run_step() {
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py -m benchmarks.bench_kernels --batch 1 --reps 5 ;;
     memory) timeout "$limit" $py -m benchmarks.bench_generation_memory --profile-decode ;;
+    benchsteps) timeout "$limit" $py -m benchmarks.bench_steps ${BENCH_STEPS_ARGS:-} \
+                  --workdir "$logs/bench-steps" --json "$out/bench_steps.json" ;;
+    quality) (set -e; work=${WORK:-/root/quality}; mkdir -p "$work/corpus"
+              for f in bench/quality/*.xz; do
+                [ -f "$work/corpus/$(basename "${f%.xz}")" ] || xz -dc "$f" >"$work/corpus/$(basename "${f%.xz}")"
+              done
+              tok=${QUALITY_TOKENIZER:-}  # a copy of the teacher's tokenizer: data while it imports
+              if [ -n "$tok" ] && [ ! -f "$work/data/train/card.json" ]; then
+                $py -m services.data text --paths "$work/corpus/train.jsonl" --tokenizer "$tok" \
+                  --output_dir "$work/data/train" --max_len 1024 --pack --num_proc "$(nproc)" \
+                  --overwrite >"$logs/quality-data.log" 2>&1 & data=$!
+              fi
+              [ -f "$work/teacher/config.json" ] || timeout "$limit" $py -m services.teacher.gguf \
+                --gguf "${GGUF:-bench/smol.gguf}" --output "$work/teacher" --no-check
+              if [ -n "${data:-}" ]; then
+                wait "$data" || true
+                cmp -s "$tok/tokenizer.json" "$work/teacher/tokenizer.json" || rm -rf "$work/data"
+              fi
+              timeout "$limit" $py -m benchmarks.quality --teacher "$work/teacher" \
+                --corpus "$work/corpus" --work "$work" --out "$out" ${QUALITY_ARGS:-}) ;;
     *) echo "unknown step $name"; false ;;
   esac >"$logs/$name.log" 2>&1
   local rc=$?

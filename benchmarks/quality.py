@@ -67,16 +67,23 @@ def random_student(teacher: Path, out: Path) -> Path:
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.student import convert_teacher, save_student
+from shared.student.layers import _RWKVModule
 torch.manual_seed(0)
 teacher = AutoModelForCausalLM.from_pretrained({str(teacher)!r}, dtype=torch.float32)
 student = convert_teacher(teacher, {{"layers": "all", "mixer": "rwkv7", "mode": "block"}})
-for module in student.modules():
-    for p in module.parameters(recurse=False):
+with torch.no_grad():
+    for p in student.parameters():
         p._is_hf_initialized = False
-student.init_weights()
-for name, p in student.named_parameters():
-    if p.dim() >= 2 and "lora" not in name:
-        torch.nn.init.normal_(p, std=0.02)
+    for m in student.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+        elif type(m).__name__.endswith("RMSNorm"):
+            m.weight.fill_(1.0)
+    for m in student.modules():
+        if isinstance(m, _RWKVModule):
+            m.reset_parameters()  # RWKV-LM's own initialisation of the new layers
 save_student(student, AutoTokenizer.from_pretrained({str(teacher)!r}), {str(out)!r})
 """
     if not (out / "config.json").is_file():
@@ -100,17 +107,18 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
             "mfu": summary.get("mfu")}
 
 
-def run_arm(arm: str, steps: tuple[int, int], teacher: Path, data: Path, work: Path) -> list:
+def run_arm(arm: str, steps: tuple[int, int], teacher: Path, data: Path, work: Path,
+            extra: list[str]) -> list:
     if arm == "control":
         start = random_student(teacher, work / "control-init")
         total = steps[0] + steps[1]
         return [train_stage("control-sft", CONFIGS["rwkv7"][1], total, teacher, data, work, start,
                             ["--train.stage", "sft", "--train.ce_weight", "1.0",
-                             "--train.lr_init", "1e-3", "--train.lr_final", "1e-5"])]
+                             "--train.lr_init", "1e-3", "--train.lr_final", "1e-5", *extra])]
     align, kd = CONFIGS[arm]
-    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None, [])
+    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None, extra)
     second = train_stage(f"{arm}-kd", kd, steps[1], teacher, data, work,
-                         Path(first["student"]), [])
+                         Path(first["student"]), extra)
     return [first, second]
 
 
@@ -134,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
     parser.add_argument("--eval-tokens", type=int, default=100_000)
+    parser.add_argument("--trainer-args", default="",
+                        help="more --section.key value pairs for every stage (a CPU smoke run: "
+                             "'--data.micro_batch_size 1 --data.max_len 128')")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = args.arms.split(",")
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
-        futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work)
-                   for arm in arms}
+        futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
+                                    args.trainer_args.split()) for arm in arms}
         for arm, future in futures.items():
             try:
                 results[arm] = future.result()
