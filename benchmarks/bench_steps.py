@@ -11,8 +11,9 @@ runs), random token ids. Arms, each group in a fresh process (benchmarks/step_ar
 Per arm: tokens/s of the median step, p90/p50 step time, MFU, and of one profiled step: its
 self CPU time (host), its summed kernel time, GPU busy (kernel time / median step time), kernel
 launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt). ``--baseline-tree DIR``
-runs every arm also from an older checkout (PYTHONPATH=DIR), interleaved with ours, and adds
-our/baseline ratios. A Markdown table last.
+runs the arms also from an older checkout (PYTHONPATH=DIR), ``--variant NAME='--k v'`` ours
+again with config overrides, interleaved per group, with ratios to the first tree (baseline,
+else ours). A Markdown table last.
 
     python -m benchmarks.bench_steps --shapes 135m --layers hybrid all --micro-batches 8 32 \
         --workdir $OUT/bench-steps --json $OUT/bench_steps.json
@@ -97,14 +98,12 @@ def specs_for(args: argparse.Namespace, shape: str, work: Path) -> list[dict]:
     specs, teacher_done = [], False
     for layers in args.layers:
         for stage in args.stages:
-            arms = ["trainer"] if "trainer" in args.arms else []
+            arms = [a for a in ("plain", "trainer") if a in args.arms]
             if "teacher" in args.arms and not teacher_done and stage == "kd":
-                arms.insert(0, "teacher")
+                arms.insert(0, "teacher")   # once per shape: it does not depend on the student
                 teacher_done = True
             if arms:
                 specs.append({**common, "layers": layers, "stage": stage, "arms": arms})
-            if "plain" in args.arms:
-                specs.append({**common, "layers": layers, "stage": stage, "arms": ["plain"]})
     return specs
 
 
@@ -112,15 +111,15 @@ def cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table(results: list[dict], baseline: bool) -> str:
+def table(results: list[dict], reference: str | None) -> str:
+    """One row per arm; with several trees, tokens/s over the ``reference`` tree's same arm."""
     head = ("| tree | shape | layers | stage | arm | batch | tokens/s | p90/p50 | MFU | host s | "
-            "kernel s | GPU busy | kernels | aten ops | peak GiB |" + (" vs baseline |" if baseline
-                                                                         else ""))
+            "kernel s | GPU busy | kernels | aten ops | peak GiB |"
+            + (f" vs {reference} |" if reference else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    baselines = {}
-    for r in results:
-        if r.get("tree") == "baseline" and not r.get("error"):
-            baselines[(r["shape"], r["layers"], r["stage"], r["arm"], r["micro_batch"])] = r
+    def key(r: dict) -> tuple:
+        return r["shape"], r["layers"], r["stage"], r["arm"], r.get("micro_batch")
+    references = {key(r): r for r in results if r.get("tree") == reference and not r.get("error")}
     for r in results:
         if r.get("error"):
             lines.append(f"| {r['tree']} | {r['shape']} | {r['layers']} | {r['stage']} | "
@@ -132,13 +131,20 @@ def table(results: list[dict], baseline: bool) -> str:
                f"{cell(r.get('host_self_cpu_s'), '.3f')} | {cell(r.get('kernel_s'), '.3f')} | "
                f"{cell(r.get('gpu_busy'), '.0%')} | {cell(r.get('kernels'), 'd')} | "
                f"{cell(r.get('aten_ops'), 'd')} | {cell(r.get('peak_gib'), '.1f')} |")
-        if baseline:
-            base = baselines.get((r["shape"], r["layers"], r["stage"], r["arm"], r["micro_batch"]))
-            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and r["tree"] == "ours" \
-                else None
+        if reference:
+            base = references.get(key(r))
+            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and base is not r else None
             row += f" {cell(ratio, '.2f')}{'×' if ratio else ''} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name or not overrides.strip().startswith("--"):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME='--section.key value "
+                                         "...', e.g. compile='--train.compile default'")
+    return name, overrides.split()
 
 
 def main() -> None:
@@ -160,6 +166,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--baseline-tree", default=None, type=Path,
                         help="an older checkout of this repository, measured in the same run")
+    parser.add_argument("--baseline-arms", nargs="+", default=None,
+                        choices=["trainer", "plain", "teacher"],
+                        help="the baseline tree's arms (default: --arms)")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant,
+                        help="NAME='--section.key value ...': our tree again with these config "
+                        "overrides, as tree ours:NAME (repeatable)")
     parser.add_argument("--workdir", default=None, type=Path,
                         help="teacher checkpoints and logs (default: a new temporary dir)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per arm group")
@@ -178,18 +190,25 @@ def main() -> None:
         "OMP_NUM_THREADS", "4"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    trees = [("ours", ROOT, overrides)]
+    trees = [("ours", ROOT, overrides, args.arms)]
+    trees += [(f"ours:{name}", ROOT, overrides + extra, args.arms) for name, extra in args.variant]
     if args.baseline_tree is not None:
-        trees.insert(0, ("baseline", args.baseline_tree.resolve(), []))
+        trees.insert(0, ("baseline", args.baseline_tree.resolve(), [],
+                         args.baseline_arms or args.arms))
+    reference = trees[0][0] if len(trees) > 1 else None
     results: list[dict] = []
     for shape in args.shapes:
         for spec in specs_for(args, shape, work):
-            for tree_name, tree, extra in trees:  # interleaved: baseline, ours, baseline, ...
-                results += run_group({**spec, "tree": tree_name, "overrides": extra}, tree,
-                                     env, args.timeout, work / "logs")
+            for name, tree, extra, arms in trees:  # interleaved: baseline, ours, variants, ...
+                arms = [a for a in spec["arms"] if a in arms]
+                if arms:
+                    results += run_group({**spec, "arms": arms, "tree": name, "overrides": extra},
+                                         tree, env, args.timeout, work / "logs")
+                    # so far, in case the whole run is cut short
+                    (work / "results.json").write_text(json.dumps(results, indent=1))
+                    (work / "table.md").write_text(table(results, reference) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    (work / "results.json").write_text(json.dumps(results, indent=1))
     for r in results:
         if r.get("top_aten"):
             top = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in r["top_aten"].items())
@@ -198,7 +217,7 @@ def main() -> None:
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
           "GPU busy = its kernel time / the median step\n")
-    print(table(results, args.baseline_tree is not None))
+    print(table(results, reference))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Arms of a spec:
   trainer  ``loop.train_step`` on a DeepSpeed engine, the in-process teacher answering (ZeRO
            and bf16 as the trainer configures them);
   plain    the same student and DistillObjective (hence the same loss kernel) in a plain
-           PyTorch loop: fp32 weights, bf16 autocast on a GPU, fused AdamW, foreach clipping;
+           PyTorch loop: fp32 weights, bf16 autocast on a GPU, fused AdamW, foreach clipping
+           (run before the trainer arm, which then wraps the same student);
   teacher  the in-process teacher's forward alone (the request and its answer).
 """
 from __future__ import annotations
@@ -270,6 +271,8 @@ def plain_arm(spec: dict, cfg, objective, teacher, request, device, vocab: int,
         results.append(summary("plain", spec, mb, times, prof,
                                {**facts, "peak_gib": peak_gib(device)}))
         print("RESULT " + json.dumps(results[-1]), flush=True)
+    optimizer.state.clear()   # before the trainer arm builds its own in this process
+    objective.zero_grad(set_to_none=True)
     return results
 
 

@@ -61,6 +61,9 @@ class TeacherConfig:
     """GPU index the teacher uses. Every process sees all GPUs (NCCL needs that for P2P)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained (sdpa, flash_attention_2, eager)."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    """torch.compile each decoder layer's forward (shared/compiling.py): fewer, fused kernels
+    per forward; off until measured on the device (benchmarks/bench_steps.py)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off: a checkpoint can't run code here."""
     max_tokens_per_request: Count = 65536
@@ -158,6 +161,11 @@ class TrainConfig:
     """KL + CE over the full vocabulary (kd, sft): auto = one Triton kernel for logits on a GPU
     (shared/kd_ce_triton.py), the chunked PyTorch path elsewhere; torch forces that path (the
     kernel's reference)."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    """torch.compile each of the student's decoder layers (shared/compiling.py), forward and
+    backward: the RWKV-7 elementwise chains become a few fused kernels (issue 19: the eager
+    step was host-bound at the 135M shape). off until measured on the device
+    (benchmarks/bench_steps.py); reduce-overhead adds CUDA graphs (static shapes)."""
     steps: Count = 100
     """Optimizer steps to train."""
     grad_accum: Count = 1
@@ -176,7 +184,9 @@ class TrainConfig:
     """Gradient clipping norm."""
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     """DeepSpeed JSON (ZeRO stage, offload); batch sizes and the optimizer (torch AdamW, fused
-    on a GPU) are filled in here unless the JSON names its own optimizer."""
+    on a GPU) are filled in here unless the JSON names its own optimizer. zero1/zero2.json set
+    bf16.check_grad_overflow false: its isfinite per parameter tensor and step was host time
+    (issue 19); a step with non-finite gradients is then applied, not skipped."""
     output_dir: str = "runs/train"
     """Checkpoints, logs and the exported student go here."""
     checkpoint_every: Count = 50
@@ -255,6 +265,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 value = [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
                 raise ConfigError(f"{key}: expected a list of integers, got {value!r}") from None
+        if item is int and isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # `--student.layers 3`: YAML reads a one-item list as a number
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

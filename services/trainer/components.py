@@ -99,6 +99,7 @@ def build_student(cfg: Config, device: torch.device):
     teacher's weights converted (``shared.student.convert_teacher``)."""
     from transformers import AutoModelForCausalLM
 
+    from shared.compiling import compile_decoder_layers
     from shared.student import convert_teacher, load_student
 
     if cfg.student.init_from:
@@ -119,6 +120,7 @@ def build_student(cfg: Config, device: torch.device):
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing
+    compile_decoder_layers(student.model.layers, cfg.train.compile)  # off: nothing
     return student
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from shared.compiling import compile_decoder_layers
 from shared.config import TeacherConfig
 from shared.fingerprint import tokenizer_fingerprint
 from shared.link.protocol import RequestSpec, response_layout
@@ -115,6 +116,7 @@ class TeacherModel:
             str(path), dtype=dtype, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code).to(device)
         log.info("teacher %s loaded on %s as %s", path, device, dtype)
+        compile_decoder_layers(model.get_decoder().layers, cfg.compile)  # off: nothing
         return cls(model, path, cfg.max_batch_tokens)
 
     @torch.inference_mode()

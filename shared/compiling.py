@@ -1,0 +1,44 @@
+"""torch.compile for decoder layers: the student's (``train.compile``) and the teacher's
+(``teacher.compile``).
+
+Why: at the 135M shape an eager training step issued ~86k aten ops (benchmarks/bench_steps.py
+on a CPU, op counts) and the GPU sat idle 80 % of the step while the host dispatched them
+(issue 19); a compiled layer runs its elementwise chains (token shift, the six RWKV-7 lerps,
+gates, norms, residuals) as a few fused kernels, forward and backward.
+
+What: each decoder layer's ``forward`` is compiled on its own, not the model: the layers of one
+kind share one compiled graph (their code is the same; weights are graph inputs), so a 30-layer
+model compiles about three graphs (a kept layer, the first RWKV-7 layer, the others) instead of
+one huge one, and whatever runs around the layers (the embeddings, the LM head, our Triton
+loss, DeepSpeed's hooks, the teacher's hidden-state hooks) stays eager. Only ``forward`` is
+replaced, so module hooks still run outside the compiled code. Shapes: static on first use,
+dynamic after a shape changes (torch's default), so varying lengths do not recompile per shape.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""off: eager. default: inductor's fused kernels. reduce-overhead: also CUDA graphs (static
+shapes only). max-autotune-no-cudagraphs: autotuned matmul and fused kernels."""
+
+
+def compile_decoder_layers(layers: nn.ModuleList, mode: str = "default") -> int:
+    """Replace each layer's ``forward`` by a compiled one (``mode`` of :data:`COMPILE_MODES`);
+    returns how many layers were compiled (0 for ``off``)."""
+    import torch
+    import torch._dynamo
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "off":
+        return 0
+    config = torch._dynamo.config
+    # A layer kind recompiles when a guard fails (its first shape change, an is_first layer):
+    # room for every layer to compile its own graph, so none falls back to eager silently.
+    config.recompile_limit = max(config.recompile_limit, 2 * len(layers) + 8)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                             8 * len(layers) + 64)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, mode=None if mode == "default" else mode)
+    return len(layers)
