@@ -8,7 +8,7 @@ Default shapes are one 8B layer (hidden 4096, 32 heads x 128, T=2048, batch 1-3,
     python -m benchmarks.bench_kernels --smoke         # tiny shapes; also runs on CPU (no fla rows)
 
 Levels: ``op`` times the WKV operator alone; ``layer`` times a whole RWKV time-mix module
-(projections, LoRAs, GroupNorm) with each backend. Times are medians over ``--reps`` runs after
+(projections, LoRAs, GroupNorm) with each kernel. Times are medians over ``--reps`` runs after
 ``--warmup`` runs, measured with CUDA events (perf_counter on CPU). The timing table is printed
 last.
 """

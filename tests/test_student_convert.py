@@ -131,7 +131,7 @@ def test_spec_forms() -> None:
         student = convert_teacher(teacher, spec)
         assert student.converted_layers == [1] and student.config.rwkv_mixer == "rwkv7"
         assert student.config.rwkv_kernel == "chunk"
-        assert student.model.layers[1].att.backend == "chunk"
+        assert student.model.layers[1].att.kernel == "chunk"
     # default: all layers, rwkv6, block
     assert convert_teacher(teacher).converted_layers == [0, 1, 2]
 
