@@ -199,20 +199,6 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
         say(f"  {stage} done: {s['steps']} steps, {s['tokens_per_second']:.0f} tokens/s, "
             f"teacher wait {100 * s['teacher_wait_share']:.1f}%, student in {s['student']}")
 
-    generation = evaluation = None
-    if real is None:
-        step_title("Greedy generation with the exported student (RNN-state cache)")
-        generation = generate(Path(stages["kd"]["student"]), teacher, validation_text(c4),
-                              args.new_tokens or 24)
-        say(f"  prompt:  {generation['prompt']!r}\n  student: "
-            f"{generation['student']['text']!r}\n  teacher: {generation['teacher']['text']!r}")
-    else:
-        step_title("Evaluation: the teacher and both students on the held-out split, and "
-                   "their answers side by side")
-        evaluation = evaluate(teacher, {s: stages[s]["student"] for s in STAGES}, data,
-                              run_dir, flavour.eval_tokens, flavour.max_len,
-                              args.new_tokens or (64 if flavour.name.endswith("gpu") else 32))
-
     prometheus_url = f"http://{listen}" if listen else None
     dashboard = None
     if prometheus_url and not args.no_dashboard:
@@ -229,6 +215,23 @@ def demo(args: argparse.Namespace, stack_holder: list) -> dict[str, Any]:
                 + (f" (no data: {', '.join(empty)})" if empty else ""))
         except PrometheusError as err:
             say(f"  NOTE: could not draw the dashboard: {err}")
+
+    generation = evaluation = None
+    if real is None:
+        step_title("Greedy generation with the exported student (RNN-state cache)")
+        generation = generate(Path(stages["kd"]["student"]), teacher, validation_text(c4),
+                              args.new_tokens or 24)
+        say(f"  prompt:  {generation['prompt']!r}\n  student: "
+            f"{generation['student']['text']!r}\n  teacher: {generation['teacher']['text']!r}")
+    else:
+        if not args.keep_up:
+            stack.down()  # the stack's part is done (Prometheus has drawn): free its memory
+        step_title("Evaluation: the teacher and both students on the held-out split, and "
+                   "their answers side by side")
+        evaluation = evaluate(teacher, {s: stages[s]["student"] for s in STAGES}, data,
+                              run_dir, flavour.eval_tokens, flavour.max_len,
+                              args.new_tokens or (64 if flavour.name.endswith("gpu") else 32),
+                              threads=1 if flavour.stack else None)
 
     kl = kl_summary(stages, val_every)
     return {"run_dir": str(run_dir), "flavour": flavour.name, "teacher_note": note,

@@ -45,7 +45,7 @@ TINY = Flavour("tiny", {"align": "configs/demo_align.yaml", "kd": "configs/demo_
 SMOLLM2_CPU = Flavour("smollm2-cpu", {"align": "configs/demo_smollm2_align.yaml",
                                       "kd": "configs/demo_smollm2_kd.yaml"},
                       steps=20, max_len=64, c4_mb=2, validation_size=32, stack=True,
-                      eval_tokens=2048)
+                      eval_tokens=1024)
 SMOLLM2_GPU = Flavour("smollm2-gpu", {"align": "configs/demo_smollm2_gpu_align.yaml",
                                       "kd": "configs/demo_smollm2_gpu_kd.yaml"},
                       steps=300, max_len=512, c4_mb=20, validation_size=128, stack=False,

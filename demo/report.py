@@ -8,6 +8,7 @@ closing table of ``make demo``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def validation_text(c4: Path) -> str:
 
 
 def evaluate(teacher: Path, students: dict[str, str], data: Path, out: Path, max_tokens: int,
-             seq_len: int, new_tokens: int) -> dict[str, Any]:
+             seq_len: int, new_tokens: int, threads: int | None = None) -> dict[str, Any]:
     """``python -m services.evaluate``: perplexity, KL and top-1 agreement of each student
     against the teacher on the held-out split, and greedy answers to demo/prompts.txt side by
     side; the JSON and Markdown reports go to ``out``."""
@@ -79,7 +80,10 @@ def evaluate(teacher: Path, students: dict[str, str], data: Path, out: Path, max
             str(max_tokens), "--seq-len", str(seq_len), "--batch-size", "8",
             "--max-new-tokens", str(new_tokens), "--json", str(out / "evaluation.json"),
             "--markdown", str(out / "evaluation.md")]
-    run(cmd, quiet=True, what="services.evaluate")
+    # On a busy CPU, OpenMP threads that spin waiting for each other make it several times
+    # slower: the CPU demo gives it one, as compose.demo.yaml gives each service.
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    run(cmd, quiet=True, env=env, what="services.evaluate")
     return {"json": str(out / "evaluation.json"), "markdown": str(out / "evaluation.md"),
             "report": json.loads((out / "evaluation.json").read_text())}
 

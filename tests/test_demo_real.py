@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, free_port, service_env
 
-STEPS = 4
+STEPS = 2
 DEMO_TIMEOUT = 1800  # a hang guard (a loaded shared machine is several times slower)
 FUNCTION_WORDS = {"the", "a", "an", "is", "are", "and", "or", "to", "of", "in", "you", "it"}
 
