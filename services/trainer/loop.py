@@ -265,7 +265,8 @@ def start(cfg: Config) -> TrainingRun:
     teacher = teacher_source(cfg, place, inputs.fingerprint, inputs.vocab_size, on_reconnect)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.data.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))
+    # an export names its own modeling code (auto_map): never run it, never ask on stdin
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)), trust_remote_code=False)
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
     request = teacher_request(cfg.train, cfg.link, student.converted_layers,
