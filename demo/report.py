@@ -29,13 +29,14 @@ def generate(student_dir: Path, teacher_dir: Path, val_text: str, new_tokens: in
     import shared.student  # noqa: F401 - registers rwkv_hybrid with AutoModelForCausalLM
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir), trust_remote_code=False)
     words = val_text.split()
     prompt = " ".join(words[:8])
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     out: dict[str, Any] = {"prompt": prompt, "max_new_tokens": new_tokens}
     for name, path in (("student", student_dir), ("teacher", teacher_dir)):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                     trust_remote_code=False).eval()
         t0 = time.perf_counter()
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
