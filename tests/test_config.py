@@ -14,6 +14,12 @@ def test_overrides_are_typed():
     assert cfg.student.layers == [1, 3] and cfg.train.lr_init == 3e-4 and cfg.link.prefetch is False
 
 
+def test_a_one_item_list_may_be_a_number():
+    assert load_config(None, ["--student.layers", "5"]).student.layers == [5]
+    with pytest.raises(ConfigError, match="student.layers"):
+        load_config(None, ["--student.layers", "true"])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--train.lr_iit", "1"], "unknown key 'train.lr_iit'"),
     (["--train.steps", "x"], "train.steps: expected an integer"),
