@@ -156,8 +156,8 @@ def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict
         # layer shapes (BENCHMARKS.md, student MFU).
         "torch_adam": not offload, **({"fused": True} if device.type == "cuda" and not offload
                                        else {})}})
-    # bf16 runs on GPUs; the JSON's other bf16 options stay (check_grad_overflow: off in
-    # configs/deepspeed/zero1.json and zero2.json, see there).
+    # bf16 runs on GPUs; the JSON's other bf16 options stay (zero1/zero2.json turn
+    # check_grad_overflow off: train.deepspeed_config's doc says why).
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": device.type == "cuda"}
     return ds
 
