@@ -25,6 +25,9 @@ temporary directory): the same run measures the tree before a change.
 
     python -m benchmarks.bench_cpu_memory [--shapes 1x128,2x256] [--stages align,kd]
         [--baseline 44b4a58^] [--steps 3]
+
+The arms inherit the environment: ``MALLOC_MMAP_THRESHOLD_=131072 python -m ...`` measures
+glibc's malloc with a fixed mmap threshold (docs/student.md, "CPU memory").
 """
 from __future__ import annotations
 
