@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         say("\ndemo: interrupted")
         return 130
     finally:
-        if stack_holder and not (ok and args.keep_up):
+        if stack_holder and not (ok and args.keep_up) and stack_holder[0].alive():
             say("\n==> Stopping the stack")
             stack_holder[0].down()
 
