@@ -168,6 +168,10 @@ class TrainConfig:
     (benchmarks/bench_steps.py); reduce-overhead adds CUDA graphs (static shapes)."""
     steps: Count = 100
     """Optimizer steps to train."""
+    time_limit_seconds: NonNegative = 0.0
+    """End the stage after the first step that finishes past this many seconds of training
+    (as if it were the last: checkpoint, export, summary); the ranks agree on it. The learning
+    rate still follows the schedule of train.steps. 0 = no limit."""
     grad_accum: Count = 1
     """Micro batches per optimizer step."""
     lr_init: Positive = 1e-4

@@ -105,3 +105,16 @@ def test_torchruns_summary_shows_a_missing_teacher(tmp_path, tiny_llama, dataset
             " does not exist") in cause, cause
     assert "exitcode  : 1" in cause, cause
 
+
+
+def test_a_time_limit_ends_the_stage_with_an_export(tmp_path, tiny_llama, dataset):  # noqa: F811
+    """train.time_limit_seconds: the first step past the limit is the last; the stage still
+    checkpoints, exports and writes its summary (a benchmark or a demo can bound a stage)."""
+    cfg = in_process_config(tmp_path, tiny_llama, dataset)
+    done = trainer(cfg, "--train.steps", "100000", "--train.time_limit_seconds", "0.01")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1, summary   # the first step already ends past 10 ms
+    assert Path(summary["student"], "config.json").is_file()
+    assert "train.time_limit_seconds=0.01 reached: step 1 is the last" in out

@@ -214,6 +214,7 @@ class TrainingRun:
     totals: RunTotals = field(default_factory=RunTotals)
     http: MetricsServer | None = None
     peers: PeerWatch | None = None
+    deadline: float | None = None   # time.monotonic() past which the stage ends (time limit)
 
     def close(self, linger: float = 0.0) -> None:
         """Release everything; the metrics server last, after ``linger`` seconds (so
@@ -348,6 +349,13 @@ def train_step(run: TrainingRun) -> StepStats:
     values = torch.stack(pending).tolist()   # the step's one device-to-host copy
     seconds = time.perf_counter() - t_step
     grad_norm = values.pop() if torch.is_tensor(norm) else grad_norm_value(norm)
+    if norm is not None and engine.bfloat16_enabled() and not math.isfinite(grad_norm):
+        # bf16 ZeRO skips its per-tensor overflow check (configs/deepspeed/zero1.json): the
+        # step was applied, so stop before the run trains on from broken weights
+        raise RuntimeError(f"non-finite gradient norm ({grad_norm}) at step {run.step + 1}: "
+                           "the weights may be damaged; resume from the last checkpoint with a "
+                           "lower train.lr_init, or set bf16.check_grad_overflow: true in the "
+                           "DeepSpeed JSON to skip such steps")
     rows = [values[i:i + len(names)] for i in range(0, len(values), len(names))]
     run.step += 1
     stats = StepStats(step=run.step, lr=lr, tokens=tokens, teacher_wait=wait,
@@ -356,7 +364,8 @@ def train_step(run: TrainingRun) -> StepStats:
                               for i, k in enumerate(names)},
                       grad_norm=grad_norm, teacher_forward=forwards, flops=flops,
                       teacher_flops=teacher_flops, peak_flops=run.peak_flops)
-    stats.reduce(run.stop.requested, place.device)
+    time_up = run.deadline is not None and time.monotonic() >= run.deadline
+    stats.reduce(run.stop.requested, place.device, time_up)
     stats.end = time.time()
     return stats
 
@@ -395,7 +404,9 @@ def train(cfg: Config) -> dict:
     run = start(cfg)
     t = cfg.train
     profiler = StepProfiler(t.profile_steps, run.out_dir, f"trainer-rank{run.place.rank}")
-    finished = False
+    finished, stats = False, None
+    if t.time_limit_seconds:
+        run.deadline = time.monotonic() + t.time_limit_seconds
     try:
         while run.step < t.steps:
             profiler.begin(run.step + 1)
@@ -405,7 +416,10 @@ def train(cfg: Config) -> dict:
             run.loggers.record(stats)
             run.history.setdefault("first", stats.losses)
             run.history["last"] = stats.losses
-            last = run.step == t.steps
+            last = run.step == t.steps or stats.time_up
+            if stats.time_up and run.step < t.steps:
+                log.info("train.time_limit_seconds=%g reached: step %d is the last",
+                         t.time_limit_seconds, run.step)
             if t.val_every and (run.step % t.val_every == 0 or last):
                 run_validation(run)
             if (run.step % t.checkpoint_every == 0 or stats.stop_requested
@@ -414,7 +428,9 @@ def train(cfg: Config) -> dict:
             if stats.stop_requested:
                 log.info("stop requested: checkpointed at step %d, exiting", run.step)
                 break
-        finished = run.step >= t.steps
+            if last:
+                break
+        finished = run.step >= t.steps or (stats is not None and stats.time_up)
         summary = finish(run) if finished else {}
         if run.peers is not None:
             run.peers.finish()  # after this rank's last collective: its silence is no loss
