@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
     parser.add_argument("--eval-tokens", type=int, default=100_000)
-    parser.add_argument("--trainer-args", default="",
+    parser.add_argument("--trainer-args", default=os.environ.get("QUALITY_TRAINER_ARGS", ""),
                         help="more --section.key value pairs for every stage (a CPU smoke run: "
                              "'--data.micro_batch_size 1 --data.max_len 128')")
     args = parser.parse_args(argv)

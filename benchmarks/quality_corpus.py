@@ -30,7 +30,8 @@ from pathlib import Path
 KERNEL_DOCS = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
-PACKAGES = {KERNEL_DOCS: "linux-doc-6.1", PYTHON_DOCS: "python3.11-doc", HANDBOOK: "debian-handbook"}
+PACKAGES = {KERNEL_DOCS: "linux-doc-6.1", PYTHON_DOCS: "python3.11-doc",
+            HANDBOOK: "debian-handbook"}
 HELD_OUT_ONE_IN = 50
 
 
