@@ -113,8 +113,8 @@ run_step() {
               tok=${QUALITY_TOKENIZER:-}  # a copy of the teacher's tokenizer: data while it imports
               if [ -n "$tok" ] && [ ! -f "$work/data/train/card.json" ]; then
                 $py -m services.data text --paths "$work/corpus/train.jsonl" --tokenizer "$tok" \
-                  --output_dir "$work/data/train" --max_len 1024 --pack --num_proc "$(nproc)" \
-                  --overwrite >"$logs/quality-data.log" 2>&1 & data=$!
+                  --output_dir "$work/data/train" --max_len 1024 --pack --long_docs split \
+                  --num_proc "$(nproc)" --overwrite >"$logs/quality-data.log" 2>&1 & data=$!
               fi
               [ -f "$work/teacher/config.json" ] || timeout "$limit" $py -m services.teacher.gguf \
                 --gguf "${GGUF:-bench/smol.gguf}" --output "$work/teacher" --no-check

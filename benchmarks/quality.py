@@ -16,7 +16,9 @@ Arms, each through the product's own commands (``python -m services.data``,
 The corpus is what ``python -m benchmarks.quality_corpus`` writes (train.jsonl of the kernel's
 and Python's documentation; held-out files of that domain; the Debian handbook, a domain the
 training never sees). ``--parallel`` runs the arms at once: on one H200 a 135M-parameter
-student leaves most of the GPU idle. Each stage's tokens, seconds and tokens/s come from its
+student leaves most of the GPU idle, but three students at 32 x 1024 tokens per micro batch need
+~50-64 GiB each and do not fit (two arms died of CUDA OOM on 2026-12-01): keep the recipes'
+16 x 1024 when the arms share a GPU. Each stage's tokens, seconds and tokens/s come from its
 summary.json; the evaluation's table from services.evaluate. Last it prints both tables.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ def prepare_data(corpus: Path, teacher: Path, work: Path) -> Path:
         return out
     run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus / "train.jsonl"),
          "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", "1024", "--pack",
+         "--long_docs", "split",  # truncate kept 3.7M of the corpus's ~10M tokens (2026-12-01)
          "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
         work / "data.log")
     return out
