@@ -78,6 +78,18 @@ def free_port() -> int:
     raise RuntimeError("no block of free ports outside the ephemeral range")
 
 
+def run_one_rank(script: str, marker: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter as rank 0 of a world of one on the CPU (DeepSpeed needs
+    the launch variables); fails the test unless it exits 0 and prints ``marker``."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

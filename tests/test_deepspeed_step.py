@@ -8,14 +8,11 @@ gloo, in a subprocess so that torch.distributed state never leaks into other tes
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import run_one_rank
 
 SCRIPT = textwrap.dedent("""
     import copy, os
@@ -73,10 +70,4 @@ SCRIPT = textwrap.dedent("""
 
 def test_bf16_zero1_step_without_overflow_check_is_the_same_step() -> None:
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "DS-STEP-OK" in proc.stdout, (proc.stdout[-3000:]
-                                                                  + proc.stderr[-3000:])
+    run_one_rank(SCRIPT, "DS-STEP-OK")

@@ -5,14 +5,11 @@ Runs in a subprocess so that torch.distributed state never leaks into other test
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import run_one_rank
 
 SCRIPT = textwrap.dedent("""
     import torch, deepspeed
@@ -55,10 +52,4 @@ SCRIPT = textwrap.dedent("""
 
 def test_zero3_align_and_full_step_on_cpu() -> None:
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "ZERO3-OK" in proc.stdout, (proc.stdout[-3000:]
-                                                                + proc.stderr[-3000:])
+    run_one_rank(SCRIPT, "ZERO3-OK")
