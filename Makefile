@@ -33,7 +33,7 @@ lint: $(VENV_STAMP)
 
 test: lint
 	bash .ci/install_tools.sh $(PY)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS) tests
 
 # On a GPU machine: the CUDA/NCCL tests (skipped on CPU) and nothing else.
 test-gpu: $(VENV_STAMP)
