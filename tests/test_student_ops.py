@@ -73,6 +73,15 @@ def test_rwkv7_chunked_equals_recurrent(t: int, chunk: int, with_state: bool) ->
     torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-10)
 
 
+def wkv_gradients(fn, args: list[torch.Tensor], s0: torch.Tensor, **kwargs) -> list:
+    """Gradients of the inputs and the initial state of ``fn`` under a non-trivial output
+    gradient (a ramp over the outputs) plus the final state's squared norm."""
+    o, s = fn(*args, initial_state=s0, **kwargs)
+    weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
+    ((o * weights).sum() + (s * s).sum()).backward()
+    return [x.grad for x in args] + [s0.grad]
+
+
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 def test_chunked_gradients_equal_recurrent(mixer: str) -> None:
     make, ref, chunked = ((rwkv6_inputs, rwkv6_recurrent, rwkv6_chunked) if mixer == "rwkv6"
@@ -81,11 +90,7 @@ def test_chunked_gradients_equal_recurrent(mixer: str) -> None:
     for fn, kwargs in ((ref, {}), (chunked, {"chunk_size": 8})):
         args = [x.clone().requires_grad_(True) for x in make(21)]
         s0 = state().requires_grad_(True)
-        o, s = fn(*args, initial_state=s0, **kwargs)
-        # a non-trivial output grad
-        weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
-        ((o * weights).sum() + (s * s).sum()).backward()
-        grads.append([x.grad for x in args] + [s0.grad])
+        grads.append(wkv_gradients(fn, args, s0, **kwargs))
     for g_ref, g in zip(*grads, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-9)
 
