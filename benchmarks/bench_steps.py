@@ -9,15 +9,17 @@ runs), random token ids. Arms, each group in a fresh process (benchmarks/step_ar
            autocast, fused AdamW): the baseline issue 19 compares with;
   teacher  the in-process teacher's forward alone.
 Per arm: tokens/s of the median step, p90/p50 step time, MFU, and of one profiled step: its
-self CPU time (host), its summed kernel time, GPU busy (kernel time / median step time), kernel
-launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt). ``--baseline-tree DIR``
-runs the arms also from an older checkout (PYTHONPATH=DIR), ``--variant NAME='--k v'`` ours
-again with config overrides, interleaved per group, with ratios to the first tree (baseline,
-else ours). A Markdown table last.
+self CPU time (host), its summed kernel time, GPU busy (the union of its kernels' intervals over
+its wall time), kernel launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt).
+``--baseline-tree DIR`` runs the arms also from an older checkout (PYTHONPATH=DIR),
+``--variant NAME='--k v'`` ours again with config overrides, interleaved per group, with ratios
+to the first tree (baseline, else ours). A Markdown table last.
 
     python -m benchmarks.bench_steps --shapes 135m --layers hybrid all --micro-batches 8 32 \
         --workdir $OUT/bench-steps --json $OUT/bench_steps.json
     python -m benchmarks.bench_steps --shape tiny --device cpu --steps 2      # a CPU check
+``--docs-per-row N`` packs N documents of random lengths into each row (position_ids restart),
+and ``--variant per_doc='--student.packed_layout per_document'`` measures the other layout.
 Extra ``--section.key value`` arguments are config overrides for our tree's arms only.
 """
 from __future__ import annotations
@@ -94,6 +96,7 @@ def specs_for(args: argparse.Namespace, shape: str, work: Path) -> list[dict]:
     common = {"shape": shape, "seq": args.seq or seq,
               "micro_batches": args.micro_batches or batches, "steps": args.steps,
               "warmup": args.warmup, "profile": not args.no_profile, "device": args.device,
+              "docs_per_row": args.docs_per_row,
               "model_dir": str(work / f"teacher-{shape}"), "log_dir": str(work / "logs")}
     specs, teacher_done = [], False
     for layers in args.layers:
@@ -160,6 +163,8 @@ def main() -> None:
                         help="rows per micro step (default per shape: 135m 8 32, 1b 16)")
     parser.add_argument("--seq", type=int, default=None,
                         help="tokens per row (default per shape: 135m 1024, 1b 2048)")
+    parser.add_argument("--docs-per-row", type=int, default=1,
+                        help="packed rows: this many documents of random lengths in each row")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step")
@@ -216,7 +221,7 @@ def main() -> None:
                   f"{r['micro_batch']}: top aten ops per step: {top}")
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
-          "GPU busy = its kernel time / the median step\n")
+          "GPU busy = the union of its kernels' intervals / its wall time\n")
     print(table(results, reference))
 
 

@@ -54,10 +54,25 @@ def ensure_teacher(model_dir: Path, shape: str, device: str) -> Path:
     return model_dir
 
 
-class RandomBatches:
-    """The data loader's interface (``forever``, ``state_dict``) over random full-length rows."""
+def packed_positions(micro_batch: int, seq_len: int, docs_per_row: int,
+                     g: torch.Generator) -> torch.Tensor:
+    """``position_ids`` of rows packed with ``docs_per_row`` documents of random lengths each
+    (restarting at every document, as the data command's ``--pack`` rows do)."""
+    rows = []
+    for _ in range(micro_batch):
+        cuts = torch.randperm(seq_len - 1, generator=g)[:docs_per_row - 1] + 1
+        bounds = [0, *sorted(cuts.tolist()), seq_len]
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        rows.append(torch.cat([torch.arange(end - begin) for begin, end in pairs]))
+    return torch.stack(rows)
 
-    def __init__(self, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+
+class RandomBatches:
+    """The data loader's interface (``forever``, ``state_dict``) over random full-length rows,
+    each one document or ``docs_per_row`` packed ones."""
+
+    def __init__(self, micro_batch: int, seq_len: int, vocab: int, seed: int = 0,
+                 docs_per_row: int = 1) -> None:
         from shared.labels import IGNORE
 
         g = torch.Generator().manual_seed(seed)
@@ -65,6 +80,8 @@ class RandomBatches:
         labels = torch.cat([ids[:, 1:], torch.full((micro_batch, 1), IGNORE)], dim=1)
         self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                       "labels": labels, "lengths": torch.full((micro_batch,), seq_len)}
+        if docs_per_row > 1:
+            self.batch["position_ids"] = packed_positions(micro_batch, seq_len, docs_per_row, g)
         self.data = type("Data", (), {"root": "random"})()
 
     def forever(self):
@@ -73,6 +90,10 @@ class RandomBatches:
 
     def state_dict(self) -> dict:
         return {}
+
+
+def batches_for(spec: dict, micro_batch: int, vocab: int) -> RandomBatches:
+    return RandomBatches(micro_batch, spec["seq"], vocab, docs_per_row=spec.get("docs_per_row", 1))
 
 
 def make_config(spec: dict, model_dir: Path, out: Path):
@@ -114,15 +135,27 @@ def timed(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals in microseconds, in seconds."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
+
+
 def profile(fn, device: torch.device) -> dict:
     """One step under torch.profiler (a traced warm-up step before it is discarded): the self
-    CPU time of every op, the summed time and count of the device's kernels, aten ops."""
+    CPU time of every op, the summed time and count of the device's kernels, aten ops, and the
+    time the device was busy: the union of the kernels' intervals (kernels of several streams
+    overlap; summing them overstated it) over the profiled step's wall time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1),
-                                acc_events=True) as prof:
+    with torch.profiler.profile(activities=acts,
+                                schedule=schedule(wait=0, warmup=1, active=1)) as prof:
         for _ in range(2):
             sync(device)
             t0 = time.perf_counter()
@@ -139,6 +172,7 @@ def profile(fn, device: torch.device) -> dict:
                                                                             row_limit=40),
             "host_self_cpu_s": sum(e.self_cpu_time_total for e in cpu) / 1e6,
             "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+            "busy_s": busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]),
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
             "top_aten": dict(aten.most_common(15))}
 
@@ -160,7 +194,8 @@ def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: di
                          str(micro_batch)])
         (Path(spec["log_dir"]) / f"{name}.ops.txt").write_text(table)
         result.update(prof)
-        result["gpu_busy"] = prof["kernel_s"] / p50 if spec["device"] == "cuda" else None
+        cuda = spec["device"] == "cuda"
+        result["gpu_busy"] = prof["busy_s"] / prof["profiled_wall_s"] if cuda else None
     return result
 
 
@@ -207,9 +242,10 @@ def run_spec(spec: dict) -> list[dict]:
     arms = spec["arms"]
     if "teacher" in arms:
         for mb in spec["micro_batches"]:
-            b = RandomBatches(mb, spec["seq"], vocab).batch
+            b = batches_for(spec, mb, vocab).batch
             def forward(b=b) -> None:
-                teacher.request(b["input_ids"], b["lengths"], request).result()
+                teacher.request(b["input_ids"], b["lengths"], request,
+                                b.get("position_ids")).result()
             torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
             times = timed(forward, device, spec["steps"], spec["warmup"])
             prof = profile(forward, device) if spec["profile"] else None
@@ -221,7 +257,7 @@ def run_spec(spec: dict) -> list[dict]:
     if "trainer" in arms:
         engine = init_engine(objective, cfg, place)
         for mb in spec["micro_batches"]:
-            batches = RandomBatches(mb, spec["seq"], vocab)
+            batches = batches_for(spec, mb, vocab)
             prefetcher = loop.Prefetcher(batches, teacher, request, cfg.link.prefetch, vocab)
             run = loop.TrainingRun(cfg, place, engine, None, prefetcher, teacher,
                                    loop.StatLoggers(), loop.StopFlag(), out)
@@ -250,14 +286,15 @@ def plain_arm(spec: dict, cfg, objective, teacher, request, device, vocab: int,
     params = [p for g in groups for p in g["params"]]
     results = []
     for mb in spec["micro_batches"]:
-        cpu_batch = RandomBatches(mb, spec["seq"], vocab).batch
+        cpu_batch = batches_for(spec, mb, vocab).batch
         b = {k: v.to(device) for k, v in cpu_batch.items()}
 
         def step(cpu_batch=cpu_batch, b=b) -> None:
             answer = teacher.request(cpu_batch["input_ids"], cpu_batch["lengths"],
-                                     request).result()
+                                     request, cpu_batch.get("position_ids")).result()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], answer)
+                loss, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], answer,
+                                    b.get("position_ids"))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip, foreach=True)
             optimizer.step()

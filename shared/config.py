@@ -126,6 +126,9 @@ class StudentConfig:
     """Recompute converted layers in the backward pass (saves activation memory)."""
     kernel: Literal["auto", "fla", "chunk"] = "auto"
     """WKV path: auto = flash-linear-attention's Triton kernels on CUDA, PyTorch chunked else."""
+    packed_layout: Literal["auto", "segments", "per_document"] = "auto"
+    """How RWKV layers run packed rows (shared/student/packing.py): segments = one pass, varlen
+    WKV; per_document = rows re-laid out per document; auto = segments on fla, else per_document."""
 
 
 @dataclass

@@ -137,22 +137,41 @@ def test_bf16_student_on_cuda(mixer: str) -> None:
     assert grads and all(gr is not None and torch.isfinite(gr.float()).all() for gr in grads)
 
 
+@pytest.mark.parametrize("layout", ["segments", "per_document"])
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
-def test_packed_documents_on_cuda(mixer: str) -> None:
-    """Packed rows through the fla kernels (per-document re-layout) equal each document alone."""
+def test_packed_documents_on_cuda(mixer: str, layout: str) -> None:
+    """Packed rows through the fla kernels (varlen segments, or the per-document re-layout) equal
+    each document alone; the two layouts' gradients agree."""
     _require_fla()
     from shared.student import convert_teacher
     from shared.tiny import tiny_teacher
 
     teacher = tiny_teacher("llama", layers=3, hidden=512, heads=4, kv_heads=2, vocab=512).to(DEV)
-    student = convert_teacher(teacher, dict(layers=[0, 2], mixer=mixer)).to(torch.bfloat16).eval()
-    lengths = [70, 33, 100]  # one row: three documents, one of them longer than a chunk multiple
-    ids = torch.randint(3, 512, (1, sum(lengths)), device=DEV)
-    positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]
+    torch.manual_seed(0)
+    student = convert_teacher(teacher, dict(layers=[0, 2], mixer=mixer, ffn="rwkv_cmix"))
+    student = student.to(torch.bfloat16).eval()
+    student.model.packed_layout = layout
+    rows = [[70, 33, 100, 53], [1, 200, 55]]  # a one-token document; lengths off chunk multiples
+    ids = torch.randint(3, 512, (2, 256), device=DEV)
+    positions = torch.stack([torch.cat([torch.arange(n, device=DEV) for n in row])
+                             for row in rows])
     with torch.no_grad():
-        packed = student(ids, position_ids=positions, use_cache=False).logits[0]
-        at = 0
-        for n in lengths:
-            alone = student(ids[:, at:at + n], use_cache=False).logits[0]
-            assert rel(packed[at:at + n], alone) < TOL
-            at += n
+        packed = student(ids, position_ids=positions, use_cache=False).logits
+        for r, row in enumerate(rows):
+            at = 0
+            for n in row:
+                alone = student(ids[r:r + 1, at:at + n], use_cache=False).logits[0]
+                assert rel(packed[r, at:at + n], alone) < TOL, (r, at, n)
+                at += n
+    grads = {}
+    for name in ("segments", "per_document"):
+        student.model.packed_layout = name
+        student.zero_grad(set_to_none=True)
+        student.train()
+        logits = student(ids, position_ids=positions, use_cache=False).logits
+        logits.float().pow(2).mean().backward()
+        grads[name] = {n: p.grad.float() for n, p in student.named_parameters()
+                       if p.grad is not None}
+    assert grads["segments"].keys() == grads["per_document"].keys()
+    for n, g in grads["segments"].items():
+        assert rel(g, grads["per_document"][n]) < TOL, n

@@ -1,14 +1,23 @@
-"""Packed documents: every document in a row behaves exactly as if it were alone."""
+"""Packed documents: every document in a row behaves exactly as if it were alone, in both
+layouts of shared.student.packing (segments: one pass with varlen WKV and reset token shifts;
+per_document: the row re-laid out as batches of whole documents)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from shared.student import convert_teacher
-from shared.student.packing import DocumentBatch, document_starts
+from shared.student.packing import (
+    DocumentBatch,
+    PackedSegments,
+    document_starts,
+    packed_document_starts,
+    packed_documents,
+)
 from shared.tiny import tiny_teacher
 
 VOCAB = 101
+LAYOUTS = ["segments", "per_document"]
 COMBOS = [("block", "mlp"), ("block", "rwkv_cmix"), ("attention_only", "mlp")]
 # row 0: documents of 5, 9 and 1 tokens, then 3 padding; row 1: 17 tokens and 1 of padding
 DOCS = [[5, 9, 1], [17]]
@@ -56,21 +65,42 @@ def test_document_batch_round_trip_and_grouping() -> None:
     torch.testing.assert_close(x.grad, torch.ones_like(x))  # each token exactly once
 
 
+def test_segments_cut_the_flattened_rows_at_document_starts() -> None:
+    _, batch = packed_batch()
+    segments = PackedSegments(document_starts(batch["position_ids"]))
+    # row 0: 5, 9 and 1 + 3 padding; row 1 starts at flat index 18: 17 + 1 padding
+    assert segments.cu_seqlens_cpu.tolist() == [0, 5, 14, 18, 36]
+    assert segments.num_documents == 4
+    assert segments.continues[:, :, 0].logical_not().nonzero().tolist() == [[0, 0], [0, 5],
+                                                                            [0, 14], [1, 0]]
+
+
 def test_rows_without_restarts_are_not_packed() -> None:
     pos = torch.arange(6).repeat(2, 1)
-    assert DocumentBatch.detect(pos, None, 2) is None
+    assert packed_document_starts(pos, None, 2) is None
     # generation's left padding: positions 1,1,0,1,2 - the jump after the padding is no document
     mask = torch.tensor([[0, 0, 1, 1, 1]])
-    assert DocumentBatch.detect(torch.tensor([[1, 1, 0, 1, 2]]), mask, 1) is None
+    assert packed_document_starts(torch.tensor([[1, 1, 0, 1, 2]]), mask, 1) is None
     with pytest.raises(ValueError, match="right-padded"):
-        DocumentBatch.detect(torch.tensor([[1, 0, 1, 0, 1]]), torch.tensor([[0, 1, 1, 1, 1]]), 1)
+        packed_document_starts(torch.tensor([[1, 0, 1, 0, 1]]), torch.tensor([[0, 1, 1, 1, 1]]),
+                               1)
+    _, batch = packed_batch()
+    assert isinstance(packed_documents(batch["position_ids"], None, 2, "auto", fla=True),
+                      PackedSegments)
+    assert isinstance(packed_documents(batch["position_ids"], None, 2, "auto", fla=False),
+                      DocumentBatch)
+    with pytest.raises(ValueError, match="choose one of auto, segments, per_document"):
+        packed_documents(batch["position_ids"], None, 2, "varlen")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize("mode,ffn", COMBOS)
-def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ffn: str) -> None:
+def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ffn: str,
+                                              layout: str) -> None:
     """Attention layers (block-diagonal mask) and RWKV layers (zero state per document) alike."""
     student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer, mode=mode, ffn=ffn)).eval()
+    student.model.packed_layout = layout
     docs, batch = packed_batch()
     with torch.no_grad():
         packed = student(**batch, use_cache=False).logits
@@ -85,11 +115,13 @@ def test_packed_documents_equal_separate_runs(teacher, mixer: str, mode: str, ff
     assert not torch.allclose(leaky[0, 5:14], packed[0, 5:14], atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
-def test_packed_align_forward_and_gradients(teacher, mixer: str) -> None:
+def test_packed_align_forward_and_gradients(teacher, mixer: str, layout: str) -> None:
     """Teacher-forced alignment on packed rows: outputs and mixer gradients equal the per-document
     ones, and nothing flows between documents."""
     student = convert_teacher(teacher, dict(layers=[1, 3], mixer=mixer))
+    student.model.packed_layout = layout
     docs, batch = packed_batch(seed=1)
     states = torch.randn(2, WIDTH, 64, generator=torch.Generator().manual_seed(2))
     inputs = {1: states, 3: states * 0.5}

@@ -117,6 +117,7 @@ def build_student(cfg: Config, device: torch.device):
         log.info("student converted from %s: layers %s -> %s (%s)", path,
                  student.converted_layers, cfg.student.mixer, cfg.student.mode)
     student.set_rwkv_kernel(cfg.student.kernel)
+    student.model.packed_layout = cfg.student.packed_layout
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing

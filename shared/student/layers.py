@@ -8,7 +8,8 @@ then overwrites receptance/key/value/output (and the channel-mix key/value) with
 weights.
 
 Every module takes the already-normalised input ``x [B, T, C]`` (zeroed at padded positions by
-the caller) plus its recurrent state, and returns its output and the new state.
+the caller) plus its recurrent state, and returns its output and the new state. ``segments``
+(``shared.student.packing.PackedSegments``): packed rows, every document from a zero state.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from transformers import initialization as init
 
 from shared.student.ops import RWKV7_LOG_DECAY_MIN, rwkv6_op, rwkv7_op
+from shared.student.packing import PackedSegments
 
 
 def _ratios(layer_idx: int, num_layers: int) -> tuple[float, float]:
@@ -44,10 +46,13 @@ def _lora_dim(factor: float, size: int, power: float = 0.5) -> int:
     return max(32, int(round(factor * size**power / 32) * 32))
 
 
-def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """x_{t-1} for every t; the first step sees the cached last token (zeros at sequence start)."""
+def token_shift(x: torch.Tensor, last: torch.Tensor | None,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+    """x_{t-1} for every t; the first step sees the cached last token (zeros at sequence start),
+    and with ``segments`` the first token of every packed document sees zeros."""
     first = torch.zeros_like(x[:, :1]) if last is None else last.unsqueeze(1).to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    return shifted if segments is None else shifted * segments.continues.to(x.dtype)
 
 
 def head_norm(o: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -140,11 +145,11 @@ class RWKV6TimeMix(_RWKVModule):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
                 wkv: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
-                v_first: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                v_first: torch.Tensor | None = None, segments: PackedSegments | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         bsz, t, _ = x.shape
         h, n = self.num_heads, self.head_size
-        xx = token_shift(x, shift) - x
+        xx = token_shift(x, shift, segments) - x
         xxx = x + xx * self.time_maa_x
         mix = torch.tanh(xxx @ self.time_maa_w1).view(bsz, t, 5, -1)
         mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->btfc", mix, self.time_maa_w2).unbind(dim=2)
@@ -159,7 +164,7 @@ class RWKV6TimeMix(_RWKVModule):
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         o, wkv = rwkv6_op(r.view(bsz, t, h, n), k.view(bsz, t, h, n), v.view(bsz, t, h, n),
                           log_w.view(bsz, t, h, n), self.time_faaaa, wkv, self.kernel,
-                          self.chunk_size)
+                          self.chunk_size, segments)
         o = head_norm(o, self.ln_x)
         return self.output(o * g), x[:, -1], wkv, v_first
 
@@ -227,11 +232,11 @@ class RWKV7TimeMix(_RWKVModule):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
                 wkv: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
-                v_first: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                v_first: torch.Tensor | None = None, segments: PackedSegments | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         bsz, t, _ = x.shape
         h, n = self.num_heads, self.head_size
-        xx = token_shift(x, shift) - x
+        xx = token_shift(x, shift, segments) - x
         xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, f"x_{m}") for m in "rwkvag")
         r = self.receptance(xr)
         # x070: w = -softplus(-(w0 + lora)) - 0.5, decay = exp(-exp(w)); i.e. log decay below:
@@ -254,7 +259,7 @@ class RWKV7TimeMix(_RWKVModule):
             v = v * token_mask.unsqueeze(-1).to(v.dtype)
         a4, r4, k4, v4 = (z.view(bsz, t, h, n) for z in (a, r, k, v))
         o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.kernel,
-                          self.chunk_size)
+                          self.chunk_size, segments)
         o = head_norm(o, self.ln_x)
         bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
         o = o + bonus.reshape(bsz, t, h * n)
@@ -290,9 +295,9 @@ class RWKV6ChannelMix(_RWKVModule):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor,
-                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, shift) - x
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                segments: PackedSegments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, shift, segments) - x
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
 
@@ -322,9 +327,9 @@ class RWKV7ChannelMix(_RWKVModule):
             if lin.bias is not None:
                 init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor,
-                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = token_shift(x, shift) - x
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                segments: PackedSegments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = token_shift(x, shift, segments) - x
         return self.value(torch.relu(self.key(x + xx * self.x_k)) ** 2), x[:, -1]
 
 

@@ -38,7 +38,8 @@ from shared.student.layers import (
     RWKV7TimeMix,
 )
 from shared.student.ops import KERNELS
-from shared.student.packing import DocumentBatch
+from shared.student.ops.common import resolve_kernel
+from shared.student.packing import DocumentBatch, PackedSegments, packed_documents
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
 
@@ -85,7 +86,8 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, v_first: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                use_cache: bool = False, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                use_cache: bool = False, segments: PackedSegments | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         norm1, mixer, norm2, ffn = (getattr(self, name) for name in self.names)
         state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         keep = None if token_mask is None else token_mask.unsqueeze(-1).to(hidden_states.dtype)
@@ -93,14 +95,15 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
         if keep is not None:  # zero the mixer input at padding so left padding leaves no trace
             x = x * keep
         out, att_shift, wkv, v_first = mixer(x, getattr(state, "att_shift", None),
-                                             getattr(state, "wkv", None), token_mask, v_first)
+                                             getattr(state, "wkv", None), token_mask, v_first,
+                                             segments)
         hidden_states = hidden_states + out
         x = norm2(hidden_states)
         ffn_shift = None
         if isinstance(ffn, (RWKV6ChannelMix, RWKV7ChannelMix)):
             if keep is not None:
                 x = x * keep
-            out, ffn_shift = ffn(x, getattr(state, "ffn_shift", None))
+            out, ffn_shift = ffn(x, getattr(state, "ffn_shift", None), segments)
         else:
             out = ffn(x)
         if state is not None:
@@ -131,6 +134,10 @@ class RWKVHybridPreTrainedModel(PreTrainedModel):
 class RWKVHybridModel(RWKVHybridPreTrainedModel):
     """Embeddings, decoder layers (teacher layers and RWKV layers), final norm."""
 
+    packed_layout = "auto"
+    """How RWKV layers run packed rows: ``auto``, ``segments`` or ``per_document``
+    (``shared.student.packing``); the same numbers either way."""
+
     def __init__(self, config: RWKVHybridConfig) -> None:
         super().__init__(config)
         classes = base_classes(config.base_model_type)
@@ -156,20 +163,33 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
     def run_rwkv_layer(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                        v_first: torch.Tensor | None, token_mask: torch.Tensor | None,
                        cache: Cache | None, use_cache: bool,
+                       documents: DocumentBatch | PackedSegments | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run one converted layer, recomputing it in backward if the config asks for it."""
+        """Run one converted layer, recomputing it in backward if the config asks for it; packed
+        rows (``documents``) run every document from a zero RNN state."""
+        if isinstance(documents, DocumentBatch):
+            return self.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
         if (self.config.rwkv_gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and not layer.gradient_checkpointing):
             # non-reentrant: works with DeepSpeed ZeRO-3's parameter hooks; no cache writes on
             # replay
-            return checkpoint(layer, hidden, v_first, token_mask, None, False, use_reentrant=False)
+            return checkpoint(layer, hidden, v_first, token_mask, None, False, documents,
+                              use_reentrant=False)
         return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache,
-                     use_cache=use_cache)
+                     use_cache=use_cache, segments=documents)
+
+    def packed_documents(self, position_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, hidden: torch.Tensor,
+                         ) -> DocumentBatch | PackedSegments | None:
+        """The batch's packed documents in the layout ``packed_layout`` names, or None."""
+        fla = resolve_kernel(self.config.rwkv_kernel, hidden) == "fla"
+        return packed_documents(position_ids, attention_mask, hidden.shape[0],
+                                self.packed_layout, fla)
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,
                                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run one converted layer on packed rows, every document from a zero RNN state."""
+        """Run one converted layer on packed rows re-laid out as batches of whole documents."""
         outs, firsts = [], []
         for h, vf in zip(documents.split(hidden), documents.split(v_first), strict=True):
             out, vf = self.run_rwkv_layer(layer, h, vf, None, None, False)
@@ -222,7 +242,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         # Packed documents only come with the caller's position_ids; detecting them costs a
         # device sync, so derived positions skip it.
-        documents = DocumentBatch.detect(position_ids, attention_mask, inputs_embeds.shape[0])
+        documents = self.packed_documents(position_ids, attention_mask, inputs_embeds)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len,
@@ -243,12 +263,9 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 states.append(hidden)
-            if isinstance(layer, RWKVDecoderLayer) and documents is not None:
-                hidden, v_first = self.run_rwkv_layer_per_document(layer, hidden, v_first,
-                                                                   documents)
-            elif isinstance(layer, RWKVDecoderLayer):
+            if isinstance(layer, RWKVDecoderLayer):
                 hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache,
-                                                      use_cache)
+                                                      use_cache, documents)
             else:
                 hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]],
                                position_embeddings=rope, position_ids=position_ids,
@@ -338,8 +355,8 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
         dtype = self.model.embed_tokens.weight.dtype
         outputs: dict[int, torch.Tensor] = {}
         v_first = None
-        documents = DocumentBatch.detect(position_ids, attention_mask,
-                                         layer_inputs[todo[0]].shape[0])
+        documents = self.model.packed_documents(position_ids, attention_mask,
+                                                layer_inputs[todo[0]])
         for idx in todo:
             hidden = layer_inputs[idx]
             if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
@@ -347,11 +364,9 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
                                  f"{self.config.hidden_size}], got {tuple(hidden.shape)}")
             layer = self.model.layers[idx]
             hidden = hidden.to(dtype)
-            if documents is not None:
-                out, vf = self.model.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
-            else:
-                mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
-                out, vf = self.model.run_rwkv_layer(layer, hidden, v_first, mask, None, False)
+            mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
+            out, vf = self.model.run_rwkv_layer(layer, hidden, v_first, mask, None, False,
+                                                documents)
             if idx == first:
                 v_first = vf
             outputs[idx] = out

@@ -6,12 +6,21 @@ before it: attention layers get a block-diagonal causal mask (transformers build
 position ids), and RWKV layers must start every document from a zero state, token shift and WKV
 state alike.
 
-The RWKV side is done by re-laying the row out: ``DocumentBatch.split`` turns ``[B, T, *]`` into
-batches of whole documents ``[n, L, *]`` (each from a zero state, right-padded), the layer runs
-on those, and ``merge`` puts the outputs back. This works unchanged for every WKV path (fla,
-chunked, recurrent) and for gradient checkpointing. Documents are grouped by length (powers of
-two), so a group is padded to at most twice its shortest member and short documents do not pay
-for a long one.
+The RWKV side has two layouts:
+
+* ``segments`` (``PackedSegments``, the default where the WKV path is fla): the layer runs once on
+  the packed rows; its token shifts read zeros at each document start, and the WKV operator
+  sees the rows as one flat sequence cut at the document starts (``cu_seqlens``, as
+  flash-linear-attention's varlen kernels take it; the other paths loop over the documents).
+  The row layout stays as it is: no gather, no padding, one kernel per op whatever the number
+  of documents.
+* ``per_document`` (``DocumentBatch``, the default on the chunked and recurrent paths): the row
+  is re-laid out: ``split`` turns ``[B, T, *]`` into batches of whole documents ``[n, L, *]``
+  (each from a zero state, right-padded), the layer runs on those, and ``merge`` puts the
+  outputs back. Documents are grouped by length (powers of two), so a group is padded to at
+  most twice its shortest member and short documents do not pay for a long one. On a GPU this
+  cost the all-RWKV-7 SmolLM2 student two thirds of its step (docs/quality.md): every group is
+  one more launch of every op of the layer, at a new shape.
 
 The rule for a document start is transformers' (``find_packed_sequence_indices``): a position
 that does not follow its left neighbour by exactly 1. The data loader continues counting into
@@ -38,6 +47,32 @@ def is_right_padding(attention_mask: torch.Tensor | None) -> bool:
         return True
     mask = attention_mask.bool()
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def packed_document_starts(position_ids: torch.Tensor | None,
+                           attention_mask: torch.Tensor | None,
+                           batch_size: int) -> torch.Tensor | None:
+    """``[B, T]`` document starts when some row holds more than one document, else None.
+
+    Only a restart between two real tokens counts: generation's left padding makes the first
+    real token's position look like a restart after the padding, and that is no document.
+    Packed rows must be right-padded (the data loader's collate does that).
+    """
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    starts = document_starts(position_ids.expand(batch_size, -1))
+    inner = starts[:, 1:]
+    if attention_mask is not None:
+        # with a cache the mask also covers the past tokens: keep the current ones
+        attention_mask = attention_mask[:, -starts.shape[1]:]
+        real = attention_mask.bool()
+        inner = inner & real[:, 1:] & real[:, :-1]
+    if not bool(inner.any()):
+        return None
+    if not is_right_padding(attention_mask):
+        raise ValueError("position_ids restart inside a row (packed documents) but the "
+                         "attention_mask has left padding: packed rows must be right-padded")
+    return starts
 
 
 class DocumentBatch:
@@ -70,31 +105,6 @@ class DocumentBatch:
         self.kept = kept
         self.restore = torch.argsort(torch.cat(dest))  # concatenated real outputs -> token order
 
-    @classmethod
-    def detect(cls, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-               batch_size: int) -> DocumentBatch | None:
-        """The documents when some row holds more than one, else None (nothing to do).
-
-        Only a restart between two real tokens counts: generation's left padding makes the first
-        real token's position look like a restart after the padding, and that is no document.
-        Packed rows must be right-padded (the data loader's collate does that).
-        """
-        if position_ids is None or position_ids.shape[-1] < 2:
-            return None
-        starts = document_starts(position_ids.expand(batch_size, -1))
-        inner = starts[:, 1:]
-        if attention_mask is not None:
-            # with a cache the mask also covers the past tokens: keep the current ones
-            attention_mask = attention_mask[:, -starts.shape[1]:]
-            real = attention_mask.bool()
-            inner = inner & real[:, 1:] & real[:, :-1]
-        if not bool(inner.any()):
-            return None
-        if not is_right_padding(attention_mask):
-            raise ValueError("position_ids restart inside a row (packed documents) but the "
-                             "attention_mask has left padding: packed rows must be right-padded")
-        return cls(starts)
-
     def split(self, x: torch.Tensor | None) -> list[torch.Tensor | None]:
         """``[B, T, *]`` -> one ``[n, L, *]`` tensor per length group (right-padded documents)."""
         if x is None:
@@ -111,3 +121,44 @@ class DocumentBatch:
         real = torch.cat([p.reshape(-1, *rest).index_select(0, keep.to(p.device))
                           for p, keep in zip(parts, self.kept, strict=True)])
         return real.index_select(0, self.restore.to(real.device)).view(self.batch, self.seq, *rest)
+
+
+class PackedSegments:
+    """The documents of a packed ``[B, T]`` batch as a flat varlen sequence (the ``segments``
+    layout of the module docstring): ``cu_seqlens`` (``[N + 1]`` offsets of the documents in the
+    ``B * T`` flattened tokens, on the batch's device and on the host) and ``continues``
+    (``[B, T, 1]``, False where a token starts a document: its token shift must read zeros).
+
+    Built once per forward and shared by every layer, so fla's chunk-index preparation (cached
+    on the ``cu_seqlens`` tensor) runs once; building it costs one device-to-host copy.
+    """
+
+    def __init__(self, starts: torch.Tensor) -> None:
+        if starts.dim() != 2:
+            raise ValueError(f"starts must be [batch, seq], got shape {tuple(starts.shape)}")
+        self.batch, self.seq = starts.shape
+        host = starts.cpu().flatten()
+        begin = host.nonzero().squeeze(1)
+        self.cu_seqlens_cpu = torch.cat([begin, begin.new_tensor([host.numel()])])
+        self.cu_seqlens = self.cu_seqlens_cpu.to(starts.device, non_blocking=True)
+        self.continues = ~starts.unsqueeze(-1)
+        self.num_documents = int(begin.numel())
+
+
+PACKED_LAYOUTS = ("auto", "segments", "per_document")
+
+
+def packed_documents(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                     batch_size: int, layout: str = "auto", fla: bool = False,
+                     ) -> DocumentBatch | PackedSegments | None:
+    """The packed documents of a batch in ``layout`` (one of ``PACKED_LAYOUTS``; ``auto`` is
+    ``segments`` where the WKV path is fla, else ``per_document``), or None when no row holds
+    more than one document."""
+    if layout not in PACKED_LAYOUTS:
+        raise ValueError(f"packed layout {layout!r}: choose one of {', '.join(PACKED_LAYOUTS)}")
+    starts = packed_document_starts(position_ids, attention_mask, batch_size)
+    if starts is None:
+        return None
+    if layout == "auto":
+        layout = "segments" if fla else "per_document"
+    return PackedSegments(starts) if layout == "segments" else DocumentBatch(starts)

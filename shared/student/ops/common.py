@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,28 @@ def recompute_in_backward(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
                                        for x in (*args, *kwargs.values())):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return fn(*args, **kwargs)
+
+
+class Segments(Protocol):
+    """Packed documents as the WKV operators take them (``shared.student.packing.PackedSegments``):
+    the offsets of the documents in the flattened ``B * T`` tokens, on the device and the host."""
+    cu_seqlens: torch.Tensor
+    cu_seqlens_cpu: torch.Tensor
+
+
+def flatten_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``[B, T, H, D]`` -> ``[1, B * T, H, D]`` (a view): packed rows as one varlen sequence."""
+    return [x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]) for x in xs]
+
+
+def per_document(fn: Callable[..., torch.Tensor], segments: Segments,
+                 flat: list[torch.Tensor]) -> torch.Tensor:
+    """``fn`` on each document of the ``[1, N, ...]`` inputs (from a zero state), outputs joined
+    along the sequence: the varlen reference of the paths that have no varlen mode of their own.
+    """
+    bounds = segments.cu_seqlens_cpu.tolist()
+    return torch.cat([fn(*(x[:, begin:end] for x in flat))
+                      for begin, end in zip(bounds[:-1], bounds[1:], strict=True)], dim=1)
 
 
 def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:

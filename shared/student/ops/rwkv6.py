@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 
 from shared.student.ops.common import (
+    Segments,
     compute_dtype,
     fla_op,
+    flatten_rows,
     from_chunks,
     pairwise_decay,
+    per_document,
     recompute_in_backward,
     resolve_kernel,
     supported_kwargs,
@@ -130,25 +133,41 @@ def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
 
 
 def rwkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-              initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+              initial_state: State = None,
+              segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """flash-linear-attention's Triton chunk kernel (CUDA). All inputs are cast to r's dtype,
-    as fla's own RWKV6 layer does; the state stays float32."""
+    as fla's own RWKV6 layer does; the state stays float32. ``segments``: ``[1, N]`` inputs cut
+    into documents by fla's varlen mode (no final state)."""
     chunk_rwkv6 = fla_op("chunk_rwkv6")
     dt = r.dtype
     state = None if initial_state is None else initial_state.float().contiguous()
-    o, final = chunk_rwkv6(
-        r.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), w.to(dt).contiguous(),
-        u.to(dt),
-        **supported_kwargs(chunk_rwkv6, scale=1.0, initial_state=state, output_final_state=True),
-    )
+    kwargs = supported_kwargs(chunk_rwkv6, scale=1.0, initial_state=state,
+                              output_final_state=segments is None)
+    if segments is not None:  # passed as such: an fla without varlen must fail, not ignore it
+        kwargs.update(cu_seqlens=segments.cu_seqlens, cu_seqlens_cpu=segments.cu_seqlens_cpu)
+    o, final = chunk_rwkv6(r.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(),
+                           w.to(dt).contiguous(), u.to(dt), **kwargs)
     return o, final
 
 
 def rwkv6_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
              initial_state: State = None, kernel: str = "auto",
-             chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``."""
+             chunk_size: int = 16, segments: Segments | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``. With ``segments``
+    (packed documents, ``shared.student.packing.PackedSegments``) every document of the
+    ``[B, T]`` rows starts from a zero state and no final state is returned."""
     path = resolve_kernel(kernel, r)
+    if segments is not None:
+        def one_document(r_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor,
+                         w_: torch.Tensor) -> torch.Tensor:
+            return rwkv6_op(r_, k_, v_, w_, u, None, path, chunk_size)[0]
+        flat = flatten_rows(r, k, v, w)
+        if path == "fla":
+            o = rwkv6_fla(*flat, u, segments=segments)[0]
+        else:
+            o = per_document(one_document, segments, flat)
+        return o.view(*r.shape[:3], v.shape[-1]), None
     if path == "fla":
         return rwkv6_fla(r, k, v, w, u, initial_state)
     if path == "recurrent":

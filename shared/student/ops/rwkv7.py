@@ -19,10 +19,13 @@ import math
 import torch
 
 from shared.student.ops.common import (
+    Segments,
     check_chunk_decay,
     compute_dtype,
     fla_op,
+    flatten_rows,
     from_chunks,
+    per_document,
     recompute_in_backward,
     resolve_kernel,
     supported_kwargs,
@@ -111,14 +114,19 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-              b: torch.Tensor, initial_state: State = None) -> tuple[torch.Tensor, torch.Tensor]:
+              b: torch.Tensor, initial_state: State = None,
+              segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """flash-linear-attention's Triton chunk kernel (CUDA), called as fla's RWKV7Attention does:
-    scale 1 and, where the installed fla supports it, the x070 decay bound for the fast path."""
+    scale 1 and, where the installed fla supports it, the x070 decay bound for the fast path.
+    ``segments``: ``[1, N]`` inputs cut into documents by fla's varlen mode (no final state)."""
     chunk_rwkv7 = fla_op("chunk_rwkv7")
     dt = r.dtype
     state = None if initial_state is None else initial_state.float().contiguous()
-    kwargs = supported_kwargs(chunk_rwkv7, scale=1.0, initial_state=state, output_final_state=True,
-                              safe_gate=True, lower_bound=RWKV7_LOG_DECAY_MIN, chunk_size=64)
+    kwargs = supported_kwargs(chunk_rwkv7, scale=1.0, initial_state=state,
+                              output_final_state=segments is None, safe_gate=True,
+                              lower_bound=RWKV7_LOG_DECAY_MIN, chunk_size=64)
+    if segments is not None:  # passed as such: an fla without varlen must fail, not ignore it
+        kwargs.update(cu_seqlens=segments.cu_seqlens, cu_seqlens_cpu=segments.cu_seqlens_cpu)
     o, final = chunk_rwkv7(r.contiguous(), w.to(dt).contiguous(), k.to(dt).contiguous(),
                            v.to(dt).contiguous(), a.to(dt).contiguous(), b.to(dt).contiguous(),
                            **kwargs)
@@ -127,9 +135,21 @@ def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
              b: torch.Tensor, initial_state: State = None, kernel: str = "auto",
-             chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``."""
+             chunk_size: int = 16, segments: Segments | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to one of the paths above. ``kernel`` is one of ``KERNELS``. With ``segments``
+    (packed documents, ``shared.student.packing.PackedSegments``) every document of the
+    ``[B, T]`` rows starts from a zero state and no final state is returned."""
     path = resolve_kernel(kernel, r)
+    if segments is not None:
+        def one_document(*xs: torch.Tensor) -> torch.Tensor:
+            return rwkv7_op(*xs, None, path, chunk_size)[0]
+        flat = flatten_rows(r, w, k, v, a, b)
+        if path == "fla":
+            o = rwkv7_fla(*flat, segments=segments)[0]
+        else:
+            o = per_document(one_document, segments, flat)
+        return o.view(*r.shape[:3], v.shape[-1]), None
     if path == "fla":
         return rwkv7_fla(r, w, k, v, a, b, initial_state)
     if path == "recurrent":
