@@ -19,7 +19,7 @@ to the first tree (baseline, else ours). A Markdown table last.
         --workdir $OUT/bench-steps --json $OUT/bench_steps.json
     python -m benchmarks.bench_steps --shape tiny --device cpu --steps 2      # a CPU check
 ``--docs-per-row N`` packs N documents of random lengths into each row (position_ids restart),
-and ``--variant per_doc='--student.packed_layout per_document'`` measures the other layout.
+and ``--variant seg='--student.packed_layout segments'`` measures the one-pass layout against it.
 Extra ``--section.key value`` arguments are config overrides for our tree's arms only.
 """
 from __future__ import annotations

@@ -126,9 +126,10 @@ class StudentConfig:
     """Recompute converted layers in the backward pass (saves activation memory)."""
     kernel: Literal["auto", "fla", "chunk"] = "auto"
     """WKV path: auto = flash-linear-attention's Triton kernels on CUDA, PyTorch chunked else."""
-    packed_layout: Literal["auto", "segments", "per_document"] = "auto"
-    """How RWKV layers run packed rows (shared/student/packing.py): segments = one pass, varlen
-    WKV; per_document = rows re-laid out per document; auto = segments on fla, else per_document."""
+    packed_layout: Literal["per_document", "segments"] = "per_document"
+    """How RWKV layers run packed rows (shared/student/packing.py): per_document = rows re-laid
+    out as batches of whole documents; segments = one pass, token shifts reset and a varlen WKV
+    (fla's cu_seqlens; CPU-tested, not yet run on a GPU)."""
 
 
 @dataclass

@@ -85,11 +85,10 @@ def test_rows_without_restarts_are_not_packed() -> None:
         packed_document_starts(torch.tensor([[1, 0, 1, 0, 1]]), torch.tensor([[0, 1, 1, 1, 1]]),
                                1)
     _, batch = packed_batch()
-    assert isinstance(packed_documents(batch["position_ids"], None, 2, "auto", fla=True),
+    assert isinstance(packed_documents(batch["position_ids"], None, 2, "segments"),
                       PackedSegments)
-    assert isinstance(packed_documents(batch["position_ids"], None, 2, "auto", fla=False),
-                      DocumentBatch)
-    with pytest.raises(ValueError, match="choose one of auto, segments, per_document"):
+    assert isinstance(packed_documents(batch["position_ids"], None, 2), DocumentBatch)
+    with pytest.raises(ValueError, match="choose one of per_document, segments"):
         packed_documents(batch["position_ids"], None, 2, "varlen")
 
 

@@ -38,7 +38,6 @@ from shared.student.layers import (
     RWKV7TimeMix,
 )
 from shared.student.ops import KERNELS
-from shared.student.ops.common import resolve_kernel
 from shared.student.packing import DocumentBatch, PackedSegments, packed_documents
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
@@ -134,8 +133,8 @@ class RWKVHybridPreTrainedModel(PreTrainedModel):
 class RWKVHybridModel(RWKVHybridPreTrainedModel):
     """Embeddings, decoder layers (teacher layers and RWKV layers), final norm."""
 
-    packed_layout = "auto"
-    """How RWKV layers run packed rows: ``auto``, ``segments`` or ``per_document``
+    packed_layout = "per_document"
+    """How RWKV layers run packed rows: ``per_document`` or ``segments``
     (``shared.student.packing``); the same numbers either way."""
 
     def __init__(self, config: RWKVHybridConfig) -> None:
@@ -182,9 +181,8 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
                          attention_mask: torch.Tensor | None, hidden: torch.Tensor,
                          ) -> DocumentBatch | PackedSegments | None:
         """The batch's packed documents in the layout ``packed_layout`` names, or None."""
-        fla = resolve_kernel(self.config.rwkv_kernel, hidden) == "fla"
         return packed_documents(position_ids, attention_mask, hidden.shape[0],
-                                self.packed_layout, fla)
+                                self.packed_layout)
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,

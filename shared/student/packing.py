@@ -8,19 +8,21 @@ state alike.
 
 The RWKV side has two layouts:
 
-* ``segments`` (``PackedSegments``, the default where the WKV path is fla): the layer runs once on
+* ``segments`` (``PackedSegments``; ``student.packed_layout: segments``): the layer runs once on
   the packed rows; its token shifts read zeros at each document start, and the WKV operator
   sees the rows as one flat sequence cut at the document starts (``cu_seqlens``, as
   flash-linear-attention's varlen kernels take it; the other paths loop over the documents).
   The row layout stays as it is: no gather, no padding, one kernel per op whatever the number
   of documents.
-* ``per_document`` (``DocumentBatch``, the default on the chunked and recurrent paths): the row
+* ``per_document`` (``DocumentBatch``, the default): the row
   is re-laid out: ``split`` turns ``[B, T, *]`` into batches of whole documents ``[n, L, *]``
   (each from a zero state, right-padded), the layer runs on those, and ``merge`` puts the
   outputs back. Documents are grouped by length (powers of two), so a group is padded to at
   most twice its shortest member and short documents do not pay for a long one. On a GPU this
   cost the all-RWKV-7 SmolLM2 student two thirds of its step (docs/quality.md): every group is
-  one more launch of every op of the layer, at a new shape.
+  one more launch of every op of the layer, at a new shape. ``segments`` is meant to become the
+  default on fla once a GPU run has compared the two (tests/test_student_gpu.py,
+  ``bench_steps --docs-per-row``); it has only run on CPU so far.
 
 The rule for a document start is transformers' (``find_packed_sequence_indices``): a position
 that does not follow its left neighbour by exactly 1. The data loader continues counting into
@@ -145,20 +147,17 @@ class PackedSegments:
         self.num_documents = int(begin.numel())
 
 
-PACKED_LAYOUTS = ("auto", "segments", "per_document")
+PACKED_LAYOUTS = ("per_document", "segments")
 
 
 def packed_documents(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                     batch_size: int, layout: str = "auto", fla: bool = False,
+                     batch_size: int, layout: str = "per_document",
                      ) -> DocumentBatch | PackedSegments | None:
-    """The packed documents of a batch in ``layout`` (one of ``PACKED_LAYOUTS``; ``auto`` is
-    ``segments`` where the WKV path is fla, else ``per_document``), or None when no row holds
-    more than one document."""
+    """The packed documents of a batch in ``layout`` (one of ``PACKED_LAYOUTS``), or None when no
+    row holds more than one document."""
     if layout not in PACKED_LAYOUTS:
         raise ValueError(f"packed layout {layout!r}: choose one of {', '.join(PACKED_LAYOUTS)}")
     starts = packed_document_starts(position_ids, attention_mask, batch_size)
     if starts is None:
         return None
-    if layout == "auto":
-        layout = "segments" if fla else "per_document"
     return PackedSegments(starts) if layout == "segments" else DocumentBatch(starts)
