@@ -24,10 +24,11 @@ temporaries, gradients); tokens/s, the median over the steps after the first.
 temporary directory): the same run measures the tree before a change.
 
     python -m benchmarks.bench_cpu_memory [--shapes 1x128,2x256] [--stages align,kd]
-        [--baseline 44b4a58^] [--steps 3]
+        [--baseline 44b4a58^] [--steps 3] [--malloc fixed|adaptive|both]
 
-The arms inherit the environment: ``MALLOC_MMAP_THRESHOLD_=131072 python -m ...`` measures
-glibc's malloc with a fixed mmap threshold (docs/student.md, "CPU memory").
+Malloc: each arm fixes glibc's mmap threshold as the trainer does on CPU
+(``shared.host_memory.fix_mmap_threshold``); ``--malloc adaptive`` leaves glibc's default, and
+``--malloc both`` runs every arm both ways (docs/student.md, "CPU memory").
 """
 from __future__ import annotations
 
@@ -93,7 +94,19 @@ def tensor_memory_class() -> type:
     return module.TensorMemory
 
 
+def fix_malloc() -> bool:
+    """This tree's ``shared.host_memory.fix_mmap_threshold()``, also under a baseline tree."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_host_memory",
+                                                  REPO / "shared" / "host_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fix_mmap_threshold()
+
+
 def child(args: argparse.Namespace) -> dict:
+    fixed = args.malloc == "fixed" and fix_malloc()   # before the arm allocates anything
     sys.path.insert(0, args.tree)  # the tree whose ``shared`` is measured
     import torch
 
@@ -141,7 +154,8 @@ def child(args: argparse.Namespace) -> dict:
         step()
         times.append(time.perf_counter() - start)
     rss = peak_rss_bytes()
-    result = dict(tree=args.tree_label, stage=args.stage, shape=args.shape, peak_rss=rss,
+    label = args.tree_label + ("" if fixed else ", adaptive malloc")
+    result = dict(tree=label, stage=args.stage, shape=args.shape, peak_rss=rss,
                   rss_reset=reset, tokens_per_s=batch * length / statistics.median(times[1:]),
                   weights=sum(p.numel() * p.element_size() for p in student.parameters()),
                   adamw=sum(v.numel() * v.element_size() for s in opt.state.values()
@@ -152,10 +166,11 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_arm(tree: Path, label: str, stage: str, shape: str, args: argparse.Namespace) -> dict:
+def run_arm(tree: Path, label: str, stage: str, shape: str, malloc: str,
+            args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_cpu_memory", "--child", "--stage", stage,
            "--shape", shape, "--steps", str(args.steps), "--layers", str(args.layers),
-           "--tree", str(tree), "--tree-label", label]
+           "--tree", str(tree), "--tree-label", label, "--malloc", malloc]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -171,6 +186,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps per arm (>= 2)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--baseline", default="", help="a commit to measure in the same run")
+    parser.add_argument("--malloc", default="fixed", choices=["fixed", "adaptive", "both"],
+                        help="glibc's mmap threshold fixed (as the trainer on CPU) or adaptive")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -189,9 +206,10 @@ def main() -> None:
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
             trees.insert(0, (Path(tmp), f"baseline {args.baseline}"))
-        rows = [run_arm(tree, label, stage, shape, args)
+        mallocs = ["adaptive", "fixed"] if args.malloc == "both" else [args.malloc]
+        rows = [run_arm(tree, label, stage, shape, malloc, args)
                 for stage in args.stages.split(",") for shape in args.shapes.split(",")
-                for tree, label in trees]
+                for tree, label in trees for malloc in mallocs]
     for row in rows:
         print(json.dumps(row), file=sys.stderr)
     print("| tree | stage | B x T | peak RSS MiB | weights MiB | AdamW MiB | tensor peak MiB "

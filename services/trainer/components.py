@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from services.trainer.inputs import check_deepspeed_json
 from shared.config import Config
+from shared.host_memory import fix_mmap_threshold
 
 log = logging.getLogger("trainer")
 
@@ -53,6 +54,8 @@ def init_distributed(cfg: Config) -> Place:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        if fix_mmap_threshold():  # activations freed by a CPU step go back (shared/host_memory)
+            log.info("CPU training: glibc's mmap threshold fixed at 128 KiB")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
