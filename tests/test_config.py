@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, documented_keys, load_config
+from shared.config import ConfigError, load_config
+from shared.config_table import documented_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,7 @@ def test_values_on_a_bound_pass():
 
 
 def test_every_numeric_key_has_a_bound_shown_in_the_table():
-    from shared.config import markdown_table
+    from shared.config_table import markdown_table
 
     for key, kind, default, _ in documented_keys():
         if isinstance(default, (int, float)) and not isinstance(default, bool):
