@@ -373,9 +373,3 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         result[name.replace("-", "_")] = value if isinstance(parsed, dict) else parsed
         i += 1
     return result
-
-
-if __name__ == "__main__":  # the README's config table (shared/config_table.py)
-    from shared.config_table import markdown_table
-
-    print(markdown_table())

@@ -1,6 +1,6 @@
 """The README's config table, made from the schema in shared/config.py: every key, its type (a
 bounded number with its bound), its default and the docstring under it.
-``python -m shared.config`` prints it; tests/test_config.py checks README against it."""
+``python -m shared.config_table`` prints it; tests/test_config.py checks README against it."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +22,7 @@ def type_text(hint: Any, written: str) -> str:
 
 def documented_keys() -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every key: the README's config table is made from it
-    (``python -m shared.config`` prints it)."""
+    (``python -m shared.config_table`` prints it)."""
     import ast
     import inspect
 
@@ -50,3 +50,7 @@ def markdown_table() -> str:
         kind = kind.replace(" | ", " or ")  # a pipe would end the cell
         lines.append(f"| `{key}` | {kind} | `{default}` | {' '.join(doc.split())} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -40,6 +40,7 @@ from services.trainer.components import (
 from services.trainer.inputs import check_inputs, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
 from services.trainer.peers import PeerWatch, start_peer_watch
+from services.trainer.prefetch import Prefetcher, to_device
 from services.trainer.stats import (
     ProgressLogger,
     PrometheusStatLogger,
@@ -69,56 +70,6 @@ def learning_rate(cfg: Config, step: int) -> float:
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     cosine = 1 + math.cos(math.pi * min(1.0, progress))
     return t.lr_final + 0.5 * (t.lr_init - t.lr_final) * cosine
-
-
-class Prefetcher:
-    """Hands out (batch, teacher handle, data state before the batch) in training order."""
-
-    def __init__(self, batches, teacher, request: RequestSpec | None, prefetch: bool,
-                 vocab_size: int) -> None:
-        self.batches, self.teacher, self.request = batches, teacher, request
-        self.prefetch = prefetch and teacher is not None
-        self.vocab_size = vocab_size
-        self.iterator = batches.forever()
-        self.pending = None
-
-    def _fetch(self):
-        state = self.batches.state_dict()
-        batch = next(self.iterator)
-        highest = int(batch["input_ids"].max())
-        if highest >= self.vocab_size:
-            raise ValueError(f"token id {highest} in dataset {self.batches.data.root} is outside "
-                             f"the student's vocabulary of {self.vocab_size}: the dataset holds "
-                             "ids its tokenizer cannot produce (made for another model, or "
-                             "changed since); prepare it again with python -m "
-                             "services.data and this model's tokenizer")
-        handle = None
-        if self.teacher is not None:
-            handle = self.teacher.request(batch["input_ids"], batch["lengths"], self.request,
-                                          batch.get("position_ids"))
-        return batch, handle, state
-
-    def next(self):
-        """The next batch and its teacher answer; with prefetch, the one after is asked for."""
-        current = self.pending or self._fetch()
-        self.pending = None
-        batch, handle, _ = current
-        t0 = time.perf_counter()
-        answer = handle.result() if handle is not None else None
-        wait = time.perf_counter() - t0
-        if self.prefetch:
-            self.pending = self._fetch()   # k+1 goes out before k's forward
-        return batch, answer, wait, handle
-
-    def data_state(self) -> dict:
-        """Position of the next batch to train (a prefetched batch is not yet trained)."""
-        return self.pending[2] if self.pending is not None else self.batches.state_dict()
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    if device.type == "cuda":  # a non-blocking copy from pinned memory never waits
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 class StopFlag:
@@ -155,7 +106,7 @@ def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
         n = int((labels != IGNORE).sum())
         if n == 0:
             continue
-        b = _to(batch, place.device)
+        b = to_device(batch, place.device)
         labels = labels.to(place.device)
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                          position_ids=b.get("position_ids"), use_cache=False).logits
@@ -328,7 +279,7 @@ def train_step(run: TrainingRun) -> StepStats:
         wait += waited
         if handle is not None and handle.teacher_forward:
             forwards.append(handle.teacher_forward)
-        b = _to(batch, place.device)
+        b = to_device(batch, place.device)
         loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
                              b.get("position_ids"))
         engine.backward(loss)
