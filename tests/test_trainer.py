@@ -172,6 +172,11 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     assert scraped and max(scraped) >= 10   # the run's steps, seen over HTTP
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert Path(summary["student"], "config.json").is_file()
+    startup = summary["startup_seconds"]   # services/trainer/startup.py, in the order they ran
+    assert list(startup) == ["process start and imports", "input checks", "process group",
+                             "teacher", "student", "DeepSpeed engine", "data and resume",
+                             "first step"], startup
+    assert all(v >= 0 for v in startup.values()) and startup["process start and imports"] > 0.5
     if packed:  # validation on packed rows, through the teacher link with position ids
         val = summary["history"]["last_val"]
         assert val["tokens"] > 0, val

@@ -41,6 +41,7 @@ from services.trainer.inputs import check_inputs, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
 from services.trainer.peers import PeerWatch, start_peer_watch
 from services.trainer.prefetch import Prefetcher, to_device
+from services.trainer.startup import StartupClock
 from services.trainer.stats import (
     ProgressLogger,
     PrometheusStatLogger,
@@ -166,6 +167,7 @@ class TrainingRun:
     http: MetricsServer | None = None
     peers: PeerWatch | None = None
     deadline: float | None = None   # time.monotonic() past which the stage ends (time limit)
+    startup: StartupClock = field(default_factory=StartupClock)   # phases to the first step
 
     def close(self, linger: float = 0.0) -> None:
         """Release everything; the metrics server last, after ``linger`` seconds (so
@@ -197,6 +199,8 @@ def start(cfg: Config) -> TrainingRun:
 
     from shared.data_loader import TrainBatches
 
+    clock = StartupClock()
+    clock.mark("process start and imports")
     # Bad input is an error here, before anything is built or written.
     inputs = check_inputs(cfg)
     out_dir = Path(cfg.train.output_dir)
@@ -204,7 +208,9 @@ def start(cfg: Config) -> TrainingRun:
     start_peer_watch(cfg.train.peer_timeout_seconds)  # under torchrun: before a failure
     metrics = TrainerMetrics(int(os.environ.get("RANK", 0)))
     http = serve_metrics(cfg, int(os.environ.get("RANK", 0)), metrics)  # a taken port, too
+    clock.mark("input checks")
     place = init_distributed(cfg)
+    clock.mark("process group")
     peers = start_peer_watch(cfg.train.peer_timeout_seconds)  # that one, or now (no torchrun)
     if peers is not None:
         peers.arm()  # every rank has joined: from now on a silent rank is a lost one
@@ -215,17 +221,20 @@ def start(cfg: Config) -> TrainingRun:
         metrics.teacher_reconnect_seconds.inc(seconds_lost)
 
     teacher = teacher_source(cfg, place, inputs.fingerprint, inputs.vocab_size, on_reconnect)
+    clock.mark("teacher")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.data.seed)
     # an export names its own modeling code (auto_map): never run it, never ask on stdin
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)), trust_remote_code=False)
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
+    clock.mark("student")
     request = teacher_request(cfg.train, cfg.link, student.converted_layers,
                               student.config.num_hidden_layers)
     flops = student_step_flops(student, cfg.train.stage, cfg.train.align_mode)  # before ZeRO-3
     objective = DistillObjective(student, cfg.train, request)
     engine = init_engine(objective, cfg, place)
+    clock.mark("DeepSpeed engine")
     batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
                            place.rank, seed=cfg.data.seed, remainder="wrap")
     frozen = checkpoint.frozen_parameters(engine)
@@ -236,6 +245,7 @@ def start(cfg: Config) -> TrainingRun:
         step, history = state["step"], state.get("history", {})
         log.info("resumed from %s at step %d", resume_from, step)
     prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch, inputs.vocab_size)
+    clock.mark("data and resume")
     loggers = StatLoggers(
         PrometheusStatLogger(metrics),
         StepsFileLogger(out_dir / f"steps-rank{place.rank}.jsonl", resume_step=step),
@@ -248,7 +258,8 @@ def start(cfg: Config) -> TrainingRun:
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
                        out_dir, frozen, flops, in_process_teacher_flops(teacher, request),
-                       peak_flops(place.device), step, history, http=http, peers=peers)
+                       peak_flops(place.device), step, history, http=http, peers=peers,
+                       startup=clock)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -343,6 +354,7 @@ def finish(run: TrainingRun) -> dict:
                "tokens_per_second": run.totals.tokens_per_second(place.world_size),
                **({"mfu": run.totals.mfu()} if run.totals.mfu() is not None else {}),
                "teacher_wait_share": run.totals.teacher_wait_share(),
+               "startup_seconds": run.startup.as_dict(),
                "history": run.history, "student": str(exported) if exported else None}
     if place.rank == 0:
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -363,6 +375,10 @@ def train(cfg: Config) -> dict:
             profiler.begin(run.step + 1)
             stats = train_step(run)
             profiler.end(run.step)
+            if "first step" not in run.startup.phases:
+                run.startup.mark("first step")   # kernel compilation and autotuning included
+                if run.place.rank == 0:
+                    log.info(run.startup.report())
             run.totals.add(stats)
             run.loggers.record(stats)
             run.history.setdefault("first", stats.losses)
