@@ -125,6 +125,9 @@ class StudentConfig:
     """Recompute converted layers in the backward pass (saves activation memory)."""
     kernel: Literal["auto", "fla", "chunk"] = "auto"
     """WKV path: auto = flash-linear-attention's Triton kernels on CUDA, PyTorch chunked else."""
+    rwkv7_variant: Literal["x070", "rad"] = "x070"
+    """RWKV-7 time mix: x070 (RWKV-LM's) or rad (RADLADS' RAD-RWKV7: no token shift, no bonus
+    term, the teacher's RoPE on receptance and key; v_first, LoRA gate and GroupNorm kept)."""
     packed_layout: Literal["per_document", "segments"] = "per_document"
     """How RWKV layers run packed rows (shared/student/packing.py): per_document = rows re-laid
     out as batches of whole documents; segments = one pass, token shifts reset and a varlen WKV

@@ -20,6 +20,7 @@ _OPTION_TYPES = get_type_hints(StudentConfig)
 MIXERS: tuple[str, ...] = get_args(_OPTION_TYPES["mixer"])
 MODES: tuple[str, ...] = get_args(_OPTION_TYPES["mode"])
 FFNS: tuple[str, ...] = get_args(_OPTION_TYPES["ffn"])
+RWKV7_VARIANTS: tuple[str, ...] = get_args(_OPTION_TYPES["rwkv7_variant"])
 # PreTrainedConfig bookkeeping that must not be copied from the teacher's config
 _NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
@@ -46,6 +47,7 @@ class RWKVHybridConfig(PreTrainedConfig):
         rwkv_chunk_size: chunk length of the pure-PyTorch chunked path.
         rwkv_kernel: ``auto`` | ``fla`` | ``chunk`` | ``recurrent`` (see ``shared.student.ops``);
             a config saved with the former name ``rwkv_backend`` loads into it.
+        rwkv7_variant: ``x070`` or ``rad`` (RAD-RWKV7; ``shared.config.StudentConfig``).
         rwkv_qkv_bias, rwkv_o_bias, rwkv_mlp_bias: whether the teacher's q/k/v, o and MLP
             projections have biases (then the RWKV receptance/key/value, output and channel-mix
             key/value get one too, copied from the teacher).
@@ -62,6 +64,7 @@ class RWKVHybridConfig(PreTrainedConfig):
     rwkv_gradient_checkpointing: bool = _OPTIONS.grad_checkpointing
     rwkv_chunk_size: int = 16
     rwkv_kernel: str = _OPTIONS.kernel
+    rwkv7_variant: str = _OPTIONS.rwkv7_variant
     rwkv_qkv_bias: bool = False
     rwkv_o_bias: bool = False
     rwkv_mlp_bias: bool = False
@@ -74,6 +77,12 @@ class RWKVHybridConfig(PreTrainedConfig):
         self.rwkv_layers = sorted(set(int(i) for i in (self.rwkv_layers or [])))
         validate_hybrid_settings(self.rwkv_mixer, self.rwkv_mode, self.rwkv_ffn,
                                  self.rwkv_layers, getattr(self, "num_hidden_layers", None))
+        if self.rwkv7_variant not in RWKV7_VARIANTS:
+            raise ValueError(f"unknown rwkv7_variant {self.rwkv7_variant!r}: choose one of "
+                             f"{RWKV7_VARIANTS}")
+        if self.rwkv7_variant != "x070" and self.rwkv_mixer != "rwkv7":
+            raise ValueError(f"rwkv7_variant {self.rwkv7_variant!r} is a variant of the rwkv7 "
+                             f"mixer, but the mixer is {self.rwkv_mixer!r}: set mixer: rwkv7")
         if self.rwkv_head_size is None and getattr(self, "head_dim", None) is not None:
             self.rwkv_head_size = self.head_dim
 
@@ -93,7 +102,7 @@ class RWKVHybridConfig(PreTrainedConfig):
                       rwkv_mixer=options.mixer, rwkv_mode=options.mode, rwkv_ffn=options.ffn,
                       rwkv_head_size=head_dim,
                       rwkv_gradient_checkpointing=bool(options.grad_checkpointing),
-                      rwkv_kernel=options.kernel, **extra)
+                      rwkv_kernel=options.kernel, rwkv7_variant=options.rwkv7_variant, **extra)
         config = cls(**fields)
         config._attn_implementation = base._attn_implementation
         return config

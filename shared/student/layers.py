@@ -55,6 +55,18 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None,
     return shifted if segments is None else shifted * segments.continues.to(x.dtype)
 
 
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The teacher's rotary position embedding on ``x [B, T, H, D]``; ``rope`` is the
+    ``(cos, sin)`` pair its rotary module gives (``[B or 1, T, D]``), as Llama's attention uses."""
+    cos, sin = (z.unsqueeze(2).to(x.dtype) for z in rope)
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"rotary embedding of width {cos.shape[-1]} for heads of {x.shape[-1]}: "
+                         "RAD-RWKV7 needs a teacher whose RoPE covers the whole head")
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 def head_norm(o: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """``norm`` (a GroupNorm with one group per head) of the WKV output ``o [B, T, H, K]``,
     returned as ``[B, T, H*K]``: layer_norm over each head's K channels, then the per-channel
@@ -174,14 +186,18 @@ class RWKV7TimeMix(_RWKVModule):
 
     def __init__(self, hidden_size: int, num_heads: int, head_size: int, layer_idx: int,
                  num_layers: int, is_first: bool, qkv_bias: bool = False, o_bias: bool = False,
-                 kernel: str = "auto", chunk_size: int = 16) -> None:
+                 kernel: str = "auto", chunk_size: int = 16, variant: str = "x070") -> None:
         super().__init__()
         c, a = hidden_size, num_heads * head_size
         self.hidden_size, self.num_heads, self.head_size = hidden_size, num_heads, head_size
         self.layer_idx, self.num_layers, self.is_first = layer_idx, num_layers, is_first
         self.kernel, self.chunk_size = kernel, chunk_size
-        for name in ("r", "w", "k", "v", "a", "g"):
-            setattr(self, f"x_{name}", nn.Parameter(torch.empty(c)))
+        # rad (RADLADS' RAD-RWKV7): no token shift, no bonus, RoPE on r/k: the converted layer
+        # keeps the teacher's positional behaviour and has fewer new parameters to learn
+        self.variant = variant
+        if variant == "x070":
+            for name in ("r", "w", "k", "v", "a", "g"):
+                setattr(self, f"x_{name}", nn.Parameter(torch.empty(c)))
         lora = {"w": _lora_dim(2.5, c), "a": _lora_dim(2.5, c), "v": _lora_dim(1.7, c),
                 "g": _lora_dim(5, c)}
         # the first RWKV-7 layer has no value residual, so it gets no v0/v1/v2 (they would never
@@ -193,7 +209,8 @@ class RWKV7TimeMix(_RWKVModule):
                 setattr(self, f"{name}0", nn.Parameter(torch.empty(a)))
         self.k_k = nn.Parameter(torch.empty(a))
         self.k_a = nn.Parameter(torch.empty(a))
-        self.r_k = nn.Parameter(torch.empty(num_heads, head_size))
+        if variant == "x070":
+            self.r_k = nn.Parameter(torch.empty(num_heads, head_size))
         self.receptance = nn.Linear(c, a, bias=qkv_bias)
         self.key = nn.Linear(c, a, bias=qkv_bias)
         self.value = nn.Linear(c, a, bias=qkv_bias)
@@ -208,8 +225,11 @@ class RWKV7TimeMix(_RWKVModule):
         c, a, hs = self.hidden_size, self.num_heads * self.head_size, self.head_size
         r01, r1a0 = _ratios(self.layer_idx, self.num_layers)
         ddd = torch.arange(c, dtype=torch.float64) / c
-        for name, power in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2)):
-            init.copy_(getattr(self, f"x_{name}"), 1.0 - ddd.pow(power * r1a0))
+        if self.variant == "x070":
+            for name, power in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9),
+                                ("g", 0.2)):
+                init.copy_(getattr(self, f"x_{name}"), 1.0 - ddd.pow(power * r1a0))
+            init.constant_(self.r_k, -0.04)
         n = torch.arange(a, dtype=torch.float64)
         linear = n / max(a - 1, 1) - 0.5
         zigzag = ((n % hs) - (hs - 1) / 2) / max((hs - 1) / 2, 1e-9)
@@ -224,7 +244,6 @@ class RWKV7TimeMix(_RWKVModule):
             _ortho(getattr(self, f"{name}2"), 0.1)
         init.copy_(self.k_k, 0.71 - linear * 0.1)
         init.constant_(self.k_a, 1.02)
-        init.constant_(self.r_k, -0.04)
         init.uniform_(self.receptance.weight, -0.5 / c**0.5, 0.5 / c**0.5)
         init.uniform_(self.key.weight, -0.05 / c**0.5, 0.05 / c**0.5)
         init.uniform_(self.value.weight, -0.5 / c**0.5, 0.5 / c**0.5)
@@ -233,16 +252,25 @@ class RWKV7TimeMix(_RWKVModule):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
                 wkv: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
                 v_first: torch.Tensor | None = None, segments: PackedSegments | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         bsz, t, _ = x.shape
         h, n = self.num_heads, self.head_size
-        xx = token_shift(x, shift, segments) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, f"x_{m}") for m in "rwkvag")
+        if self.variant == "x070":
+            xx = token_shift(x, shift, segments) - x
+            xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, f"x_{m}") for m in "rwkvag")
+        else:
+            xr = xw = xk = xv = xa = xg = x
         r = self.receptance(xr)
         # x070: w = -softplus(-(w0 + lora)) - 0.5, decay = exp(-exp(w)); i.e. log decay below:
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
         log_w = RWKV7_LOG_DECAY_MIN * torch.sigmoid(w.float())
         k = self.key(xk)
+        if self.variant == "rad":
+            if rope is None:
+                raise ValueError(f"RAD-RWKV7 layer {self.layer_idx} needs the rotary position "
+                                 "embeddings (cos, sin) of its positions")
+            r, k = (rotate(z.view(bsz, t, h, n), rope).view(bsz, t, h * n) for z in (r, k))
         v = self.value(xv)
         if self.is_first:
             v_first = v
@@ -261,8 +289,9 @@ class RWKV7TimeMix(_RWKVModule):
         o, wkv = rwkv7_op(r4, log_w.view(bsz, t, h, n), k4, v4, -kk, kk * a4, wkv, self.kernel,
                           self.chunk_size, segments)
         o = head_norm(o, self.ln_x)
-        bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
-        o = o + bonus.reshape(bsz, t, h * n)
+        if self.variant == "x070":
+            bonus = (r4 * k4 * self.r_k).sum(dim=-1, keepdim=True) * v4
+            o = o + bonus.reshape(bsz, t, h * n)
         return self.output(o * g), x[:, -1], wkv, v_first
 
 

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from shared.student.base_model import base_classes
 from shared.student.cache import HybridRWKVCache
 from shared.student.configuration import RWKVHybridConfig
+from shared.student.distillation import DistillationHelpers
 from shared.student.layers import (
     RWKV_MODULES,
     RWKV6ChannelMix,
@@ -37,7 +38,6 @@ from shared.student.layers import (
     RWKV7ChannelMix,
     RWKV7TimeMix,
 )
-from shared.student.ops import KERNELS
 from shared.student.packing import DocumentBatch, PackedSegments, packed_documents
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
@@ -62,7 +62,8 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
             chunk_size=config.rwkv_chunk_size)
         if config.rwkv_mixer == "rwkv7":
             is_first = layer_idx == min(config.rwkv_layers)
-            mixer: nn.Module = RWKV7TimeMix(is_first=is_first, **mixer_kwargs)
+            mixer: nn.Module = RWKV7TimeMix(is_first=is_first, variant=config.rwkv7_variant,
+                                            **mixer_kwargs)
         else:
             mixer = RWKV6TimeMix(**mixer_kwargs)
         if config.rwkv_ffn == "mlp":
@@ -75,6 +76,10 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
         for name, module in zip(self.names, (norms[0], mixer, norms[1], ffn), strict=True):
             self.add_module(name, module)
 
+    def rope_kwargs(self, rope: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """The rotary embeddings for a mixer that takes them (RAD-RWKV7)."""
+        return {"rope": rope} if getattr(self.mixer, "variant", None) == "rad" else {}
+
     @property
     def mixer(self) -> nn.Module:
         return getattr(self, self.names[1])
@@ -86,6 +91,7 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, v_first: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False, segments: PackedSegments | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         norm1, mixer, norm2, ffn = (getattr(self, name) for name in self.names)
         state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
@@ -95,7 +101,7 @@ class RWKVDecoderLayer(GradientCheckpointingLayer):
             x = x * keep
         out, att_shift, wkv, v_first = mixer(x, getattr(state, "att_shift", None),
                                              getattr(state, "wkv", None), token_mask, v_first,
-                                             segments)
+                                             segments, **self.rope_kwargs(position_embeddings))
         hidden_states = hidden_states + out
         x = norm2(hidden_states)
         ffn_shift = None
@@ -163,19 +169,21 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
                        v_first: torch.Tensor | None, token_mask: torch.Tensor | None,
                        cache: Cache | None, use_cache: bool,
                        documents: DocumentBatch | PackedSegments | None = None,
+                       rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one converted layer, recomputing it in backward if the config asks for it; packed
-        rows (``documents``) run every document from a zero RNN state."""
+        rows (``documents``) run every document from a zero RNN state; ``rope``: the rotary
+        embeddings of the positions (RAD-RWKV7 only)."""
         if isinstance(documents, DocumentBatch):
-            return self.run_rwkv_layer_per_document(layer, hidden, v_first, documents)
+            return self.run_rwkv_layer_per_document(layer, hidden, v_first, documents, rope)
         if (self.config.rwkv_gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and not layer.gradient_checkpointing):
             # non-reentrant: works with DeepSpeed ZeRO-3's parameter hooks; no cache writes on
             # replay
-            return checkpoint(layer, hidden, v_first, token_mask, None, False, documents,
+            return checkpoint(layer, hidden, v_first, token_mask, None, False, documents, rope,
                               use_reentrant=False)
         return layer(hidden, v_first, token_mask=token_mask, past_key_values=cache,
-                     use_cache=use_cache, segments=documents)
+                     use_cache=use_cache, segments=documents, position_embeddings=rope)
 
     def packed_documents(self, position_ids: torch.Tensor | None,
                          attention_mask: torch.Tensor | None, hidden: torch.Tensor,
@@ -186,11 +194,15 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,
+                                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one converted layer on packed rows re-laid out as batches of whole documents."""
         outs, firsts = [], []
-        for h, vf in zip(documents.split(hidden), documents.split(v_first), strict=True):
-            out, vf = self.run_rwkv_layer(layer, h, vf, None, None, False)
+        ropes = (zip(*(documents.split(z.expand(hidden.shape[0], -1, -1)) for z in rope),
+                     strict=True) if rope is not None else [None] * len(documents.shapes))
+        for h, vf, r in zip(documents.split(hidden), documents.split(v_first), ropes,
+                            strict=True):
+            out, vf = self.run_rwkv_layer(layer, h, vf, None, None, False, None, r)
             outs.append(out)
             firsts.append(vf)
         return documents.merge(outs), None if firsts[0] is None else documents.merge(firsts)
@@ -254,7 +266,9 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         masks = self._attention_masks(inputs_embeds,
                                       None if documents is not None else attention_mask, cache,
                                       position_ids)
-        rope = self.rotary_emb(inputs_embeds, position_ids=position_ids) if masks else None
+        rad = self.config.rwkv7_variant == "rad"  # its RWKV layers take RoPE too
+        rope = (self.rotary_emb(inputs_embeds, position_ids=position_ids) if masks or rad
+                else None)
         base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_BASE_LAYERS}
 
         hidden, v_first, states = inputs_embeds, None, []
@@ -263,7 +277,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
                 states.append(hidden)
             if isinstance(layer, RWKVDecoderLayer):
                 hidden, v_first = self.run_rwkv_layer(layer, hidden, v_first, token_mask, cache,
-                                                      use_cache, documents)
+                                                      use_cache, documents, rope)
             else:
                 hidden = layer(hidden, attention_mask=masks[self.layer_types[idx]],
                                position_embeddings=rope, position_ids=position_ids,
@@ -275,7 +289,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
             hidden_states=tuple(states) if output_hidden_states else None)
 
 
-class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
+class RWKVHybridForCausalLM(DistillationHelpers, RWKVHybridPreTrainedModel, GenerationMixin):
     """Causal LM head on ``RWKVHybridModel``; the class the trainer and ``generate()`` use."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -316,87 +330,3 @@ class RWKVHybridForCausalLM(RWKVHybridPreTrainedModel, GenerationMixin):
                                         past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result.to_tuple() if return_dict is False else result
-
-    # ---- distillation helpers -------------------------------------------------------------
-    @property
-    def converted_layers(self) -> list[int]:
-        """Sorted indices of the RWKV (converted) decoder layers."""
-        return list(self.config.rwkv_layers)
-
-    def align_forward(self, layer_inputs: Mapping[int, torch.Tensor],
-                      attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs``
-        runs alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
-        ``{i: output}`` to compare with the teacher's hidden state ``i + 1``.
-
-        Keys that are not converted layers are ignored. With ``rwkv7`` the layers' value residual
-        needs ``v_first``; it comes from running the first converted layer on its own teacher input,
-        so ``layer_inputs`` must contain the first converted layer (gradients flow through it, as in
-        the full model). ``position_ids`` that restart inside a row mark packed documents, each run
-        from a zero state (see ``shared.student.packing``).
-        """
-        num_layers = self.config.num_hidden_layers
-        bad = [i for i in layer_inputs if not 0 <= int(i) < num_layers]
-        if bad:
-            raise ValueError(f"layer_inputs has layer indices {bad} outside 0..{num_layers - 1}")
-        todo = [i for i in self.converted_layers if i in layer_inputs]
-        if not todo:
-            raise ValueError("layer_inputs has none of the converted layers "
-                             f"{self.converted_layers}")
-        first = self.converted_layers[0]
-        if self.config.rwkv_mixer == "rwkv7" and first not in layer_inputs:
-            raise ValueError(f"rwkv7 needs the input of the first converted layer ({first}) "
-                             "for v_first")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be a 2D [batch, seq] padding mask")
-        dtype = self.model.embed_tokens.weight.dtype
-        outputs: dict[int, torch.Tensor] = {}
-        v_first = None
-        documents = self.model.packed_documents(position_ids, attention_mask,
-                                                layer_inputs[todo[0]])
-        for idx in todo:
-            hidden = layer_inputs[idx]
-            if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"layer_inputs[{idx}] must be [batch, seq, "
-                                 f"{self.config.hidden_size}], got {tuple(hidden.shape)}")
-            layer = self.model.layers[idx]
-            hidden = hidden.to(dtype)
-            mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
-            out, vf = self.model.run_rwkv_layer(layer, hidden, v_first, mask, None, False,
-                                                documents)
-            if idx == first:
-                v_first = vf
-            outputs[idx] = out
-        return outputs
-
-    def mixer_parameter_names(self) -> list[str]:
-        """Parameters that train in the align stage: the converted layers' RWKV time-mix, plus the
-        RWKV channel-mix when it replaced the MLP (``rwkv_ffn='rwkv_cmix'``)."""
-        names = []
-        for idx in self.converted_layers:
-            layer = self.model.layers[idx]
-            parts = {layer.names[1]}
-            if self.config.rwkv_ffn == "rwkv_cmix":
-                parts.add(layer.names[3])
-            names += [f"model.layers.{idx}.{n}" for n, _ in layer.named_parameters()
-                      if n.split(".")[0] in parts]
-        return names
-
-    def converted_layer_parameter_names(self) -> list[str]:
-        """Every parameter inside the converted layers (norms and a kept MLP included)."""
-        return [f"model.layers.{i}.{n}" for i in self.converted_layers
-                for n, _ in self.model.layers[i].named_parameters()]
-
-    def set_rwkv_kernel(self, kernel: str, chunk_size: int | None = None) -> None:
-        """Switch the WKV path of every RWKV layer (``student.kernel``: ``auto``, ``fla``,
-        ``chunk``; ``recurrent`` too)."""
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown RWKV kernel {kernel!r}; choose one of {KERNELS}")
-        self.config.rwkv_kernel = kernel
-        if chunk_size is not None:
-            self.config.rwkv_chunk_size = chunk_size
-        for module in self.modules():
-            if isinstance(module, (RWKV6TimeMix, RWKV7TimeMix)):
-                module.kernel = kernel
-                module.chunk_size = self.config.rwkv_chunk_size
