@@ -128,6 +128,9 @@ class StudentConfig:
     rwkv7_variant: Literal["x070", "rad"] = "x070"
     """RWKV-7 time mix: x070 (RWKV-LM's) or rad (RADLADS' RAD-RWKV7: no token shift, no bonus
     term, the teacher's RoPE on receptance and key; v_first, LoRA gate and GroupNorm kept)."""
+    untie_embeddings: bool = False
+    """A teacher with tied input/output embeddings gives the student an lm_head of its own, a
+    copy that trains apart from the input embedding (RADLADS); off: the tie is kept."""
     packed_layout: Literal["per_document", "segments"] = "per_document"
     """How RWKV layers run packed rows (shared/student/packing.py): per_document = rows re-laid
     out as batches of whole documents; segments = one pass, token shifts reset and a varlen WKV

@@ -105,3 +105,21 @@ def test_a_saved_rad_student_loads_as_itself(teacher, tmp_path) -> None:
 def test_rad_is_a_variant_of_rwkv7_only(teacher) -> None:
     with pytest.raises(ValueError, match="variant of the rwkv7 mixer.*set mixer: rwkv7"):
         convert_teacher(teacher, dict(layers=[1], mixer="rwkv6", rwkv7_variant="rad"))
+
+
+def test_untied_embeddings_start_as_the_teacher_s_and_train_apart(tmp_path) -> None:
+    """student.untie_embeddings (RADLADS): a tied teacher's student gets its own lm_head."""
+    tied = tiny_teacher("llama", layers=2, vocab=VOCAB, tie_word_embeddings=True)
+    student = convert_teacher(tied, dict(layers=[1], mixer="rwkv7", untie_embeddings=True))
+    head, embed = student.lm_head.weight, student.model.embed_tokens.weight
+    assert not student.config.tie_word_embeddings and head.data_ptr() != embed.data_ptr()
+    torch.testing.assert_close(head, tied.get_input_embeddings().weight, rtol=0, atol=0)
+    kept = convert_teacher(tied, dict(layers=[1], mixer="rwkv7"))
+    assert kept.lm_head.weight.data_ptr() == kept.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        head.add_(1.0)
+    assert not torch.equal(head, embed)
+    save_student(student, None, tmp_path / "untied")
+    loaded = load_student(tmp_path / "untied")
+    torch.testing.assert_close(loaded.lm_head.weight, head)
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, embed)

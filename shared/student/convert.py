@@ -106,10 +106,11 @@ def _has(module: nn.Module, path: str) -> bool:
 def _student_config(teacher: PreTrainedModel, spec: StudentConfig) -> RWKVHybridConfig:
     attn, mlp = _decoder_layers(teacher)[0].self_attn, _decoder_layers(teacher)[0].mlp
     up = getattr(mlp, "up_proj", None)
+    untie = {"tie_word_embeddings": False} if spec.untie_embeddings else {}
     return RWKVHybridConfig.from_base_config(
         teacher.config, spec,
         rwkv_qkv_bias=attn.q_proj.bias is not None, rwkv_o_bias=attn.o_proj.bias is not None,
-        rwkv_mlp_bias=up is not None and up.bias is not None)
+        rwkv_mlp_bias=up is not None and up.bias is not None, **untie)
 
 
 def _rename(name: str, mode: str, ffn: str) -> str | None:
@@ -217,6 +218,10 @@ def convert_teacher(teacher: PreTrainedModel, spec: StudentConfig | Mapping[str,
             _copy_mixer(layer, _decoder_layers(teacher)[idx], config.num_attention_heads, kv_heads)
     if config.tie_word_embeddings:
         student.tie_weights()
+        filled.add("lm_head.weight")
+    elif "lm_head.weight" not in filled:  # untie_embeddings: the head starts as the embedding
+        with torch.no_grad():
+            student.lm_head.weight.copy_(teacher.get_input_embeddings().weight)
         filled.add("lm_head.weight")
     missing = sorted(set(student_params) - filled)
     if missing:
