@@ -10,6 +10,9 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``hybrid``: layers 1, 3, ..., 29 as RWKV-7 blocks: align (mixers only, teacher-forced), then
   kd (all parameters, KL at T = 1);
 * ``rwkv7``: all 30 layers RWKV-7, the same two stages;
+* ``rad``: all 30 layers RAD-RWKV7 (``student.rwkv7_variant: rad``: no token shift, no bonus,
+  the teacher's RoPE on r/k) with an untied lm_head (``student.untie_embeddings``), RADLADS'
+  changes to the architecture, the same two stages and steps as ``rwkv7``;
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together.
 
@@ -36,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "hybrid": ("configs/smollm2_hybrid_align.yaml", "configs/smollm2_hybrid_kd.yaml"),
     "rwkv7": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
+    "rad": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
 }
+# what an arm changes in the conversion (its align stage; kd starts from that export)
+CONVERSION = {"rad": ["--student.rwkv7_variant", "rad", "--student.untie_embeddings", "true"]}
 PROMPTS = ROOT / "benchmarks" / "quality_prompts.txt"
 
 
@@ -119,7 +125,8 @@ def run_arm(arm: str, steps: tuple[int, int], teacher: Path, data: Path, work: P
                             ["--train.stage", "sft", "--train.ce_weight", "1.0",
                              "--train.lr_init", "1e-3", "--train.lr_final", "1e-5", *extra])]
     align, kd = CONFIGS[arm]
-    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None, extra)
+    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None,
+                        [*CONVERSION.get(arm, []), *extra])
     second = train_stage(f"{arm}-kd", kd, steps[1], teacher, data, work,
                          Path(first["student"]), extra)
     return [first, second]
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, required=True, help="quality_corpus's directory")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
-    parser.add_argument("--arms", default="hybrid,rwkv7,control")
+    parser.add_argument("--arms", default="hybrid,rwkv7,control",
+                        help="comma-separated: hybrid, rwkv7, rad, control")
     parser.add_argument("--hybrid-steps", default="120,480", help="align,kd optimizer steps")
     parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
     steps = {"hybrid": tuple(map(int, args.hybrid_steps.split(","))),
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
-    steps["control"] = steps["rwkv7"]
+    steps["control"] = steps["rad"] = steps["rwkv7"]
     arms = args.arms.split(",")
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
