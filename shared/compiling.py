@@ -39,6 +39,39 @@ def compile_decoder_layers(layers: nn.ModuleList, mode: str = "default") -> int:
     config.recompile_limit = max(config.recompile_limit, 2 * len(layers) + 8)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
                                              8 * len(layers) + 64)
+    avoid_view_meta_replay()
     for layer in layers:
         layer.forward = torch.compile(layer.forward, mode=None if mode == "default" else mode)
     return len(layers)
+
+
+def avoid_view_meta_replay() -> None:
+    """Never read AOTAutograd's recorded view chains (ViewMeta) of a compiled region's outputs.
+
+    The RWKV-7 mixer's compiled forward ends at a graph break (rwkv7_op: check_chunk_decay's
+    ``.item()``), so that graph returns views of its intermediates (``r.view(B, T, H, N)``
+    of a linear's output, itself an ``_unsafe_view`` of a matmul's). AOTAutograd records the
+    chain of view ops behind each such output and, by default
+    (``view_replay_for_aliased_outputs``), regenerates the output at run time by replaying it
+    on the base. In torch 2.13 (seen on CPU) the recorded ``_unsafe_view`` refers to a size list
+    that is freed after tracing, so every reader of that chain reads freed heap memory: the
+    replay failed (``invalid shape dimension -1719195172907867620 at index 1 of shape
+    [94321955173725, -1719195172907867620, 64]``: a freed allocator block's link pointer and
+    key where ``[2, 16, 64]`` stood) or crashed the interpreter (SIGSEGV), pickling it into the
+    AOTAutograd cache at the first backward (``_pickle_entry``) crashed it too, and a later
+    cache hit replayed the garbage an earlier process had stored. Which one happened varied
+    from run to run (tests/test_compiling.py). So both readers are switched off, process-wide:
+
+    * ``view_replay_for_aliased_outputs = False``: outputs are regenerated from the traced
+      view's own ``_view_func`` or ``as_strided`` of the base (the sizes, strides and offset
+      of the output itself, which are sound): the path torch takes where the flag defaults to off
+      (its fbcode builds);
+    * ``enable_autograd_cache = False``: no AOTAutograd cache entries (they pickle that
+      chain). Inductor's own FX graph cache stays on, so a later process still skips the
+      C++/Triton kernel builds; only AOTAutograd's tracing (seconds) runs again.
+    """
+    import torch._functorch.config as functorch_config
+
+    functorch_config.view_replay_for_aliased_outputs = False
+    functorch_config.enable_autograd_cache = False
+
