@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -78,14 +79,31 @@ def free_port() -> int:
     raise RuntimeError("no block of free ports outside the ephemeral range")
 
 
-def run_one_rank(script: str, marker: str) -> subprocess.CompletedProcess:
+def run_one_rank(script: str, marker: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``script`` in a fresh interpreter as rank 0 of a world of one on the CPU (DeepSpeed needs
-    the launch variables); fails the test unless it exits 0 and prints ``marker``."""
+    the launch variables); fails the test unless it exits 0 and prints ``marker``.
+
+    A script still running after ``timeout`` s is sent SIGABRT: its faulthandler (``-X
+    faulthandler``) prints every thread's Python stack, which the failure shows with the
+    output so far (where it hung, not just that it did)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    args = [sys.executable, "-X", "faulthandler", "-c", script]
+    with subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)
+            try:
+                out, err = child.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                out, err = child.communicate()
+            raise AssertionError(f"the rank did not finish within {timeout:.0f} s; its stacks "
+                                 f"and output:\n{out[-3000:]}{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(args, child.returncode, out, err)
     assert proc.returncode == 0 and marker in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
