@@ -1,6 +1,9 @@
-"""Prepare distillation data from local files (no hub access): ultrachat, c4 and text.
+"""Prepare distillation data from local files (no hub access): ultrachat, c4, text, chat.
 
     python -m services.data ultrachat --input DIR --tokenizer DIR --output_dir DIR \\
+        --max_len 2048
+    python -m services.data generate --teacher DIR --output chats.jsonl --conversations 20000
+    python -m services.data chat --paths chats.jsonl --tokenizer DIR --output_dir DIR \\
         --max_len 2048
     python -m services.data c4 --local_c4_dir DIR --languages en zh --tokenizer DIR \\
         --output_dir DIR --max_len 2048 --split train
@@ -25,9 +28,11 @@ from shared.data_card import CARD_FORMAT, DATA_COMMAND
 from shared.labels import LABEL_CONVENTION
 
 from .build import BuildOptions, build, prepare_output_dir, summary_line
+from .generate import add_arguments as add_generate_arguments  # imports no torch
 from .process import WorkerConfig
 from .render import PLAIN_TEMPLATE
 from .sources import (
+    TEXT_COLUMN_HINT,
     DataError,
     Interleaver,
     RawChunk,
@@ -145,18 +150,31 @@ def c4_chunks(args: argparse.Namespace) -> tuple[Iterator[RawChunk], None, list[
     return chunks, None, [str(p) for paths in files.values() for p in paths]
 
 
-def text_chunks(args: argparse.Namespace) -> tuple[Iterator[RawChunk], int | None, list[str]]:
-    files = text_files(args.paths)
-    for path in files:
+def column_chunks(paths: list[str], column: str, chunk_size: int,
+                  hint: str) -> tuple[Iterator[RawChunk], int | None, list[str]]:
+    """Records of one column from parquet / jsonl / jsonl.gz files, all bound for train."""
+    files = text_files(paths)
+    for path in files:  # a file with the wrong schema stops the run now, naming the file
         if path.name.endswith(".parquet"):
-            parquet_column(path, args.text_column)
+            parquet_column(path, column, hint)
         else:
-            check_json_field(path, args.text_column)
+            check_json_field(path, column, hint)
     parquet = [p for p in files if p.name.endswith(".parquet")]
     total = parquet_rows(parquet) if len(parquet) == len(files) else None
     chunks = itertools.chain.from_iterable(
-        file_chunks(p, args.text_column, "train", args.chunk_size) for p in files)
+        file_chunks(p, column, "train", chunk_size) for p in files)
     return chunks, total, [str(p) for p in files]
+
+
+def text_chunks(args: argparse.Namespace) -> tuple[Iterator[RawChunk], int | None, list[str]]:
+    return column_chunks(args.paths, args.text_column, args.chunk_size, TEXT_COLUMN_HINT)
+
+
+def chat_chunks(args: argparse.Namespace) -> tuple[Iterator[RawChunk], int | None, list[str]]:
+    """Conversations from any files with a "messages" column: generate's output, or
+    UltraChat-like data in other layouts."""
+    return column_chunks(args.paths, "messages", args.chunk_size,
+                         "chat reads a 'messages' list of {role, content} per record")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("chat", "plain"), default="chat",
                    help="chat: the tokenizer's chat template; plain: 'User : / Assistant : '")
     _common(p)
+    p = sub.add_parser("chat", help="parquet / jsonl / jsonl.gz files with a 'messages' column "
+                                    "(e.g. generate's output) -> chat SFT data")
+    p.add_argument("--paths", nargs="+", required=True, help="files or directories")
+    p.add_argument("--format", choices=("chat", "plain"), default="chat",
+                   help="chat: the tokenizer's chat template; plain: 'User : / Assistant : '")
+    _common(p)
+    p = sub.add_parser("generate", help="sample conversations from the teacher -> jsonl "
+                                        "(docs/data.md)")
+    add_generate_arguments(p)
     p = sub.add_parser("c4", help="allenai/c4 json.gz -> interleaved plain-text data")
     p.add_argument("--local_c4_dir", required=True)
     p.add_argument("--languages", nargs="+", default=["en"])
@@ -223,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> dict[str, Any]:
     """Run one sub-command; returns the card. Raises DataError on bad input."""
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        raise DataError("generate writes a jsonl file, not a dataset: call main() or "
+                        "services.data.generate.generate()")
     if args.max_len < 2:
         raise DataError("--max_len must be at least 2")
     if args.num_proc < 1 or args.chunk_size < 1:
@@ -231,6 +261,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     if args.command == "ultrachat":
         config = chat_config(tokenizer, args.format, args.max_len)
         chunks, total, inputs = ultrachat_chunks(args)
+    elif args.command == "chat":
+        config = chat_config(tokenizer, args.format, args.max_len)
+        chunks, total, inputs = chat_chunks(args)
     elif args.command == "c4":
         config = text_config(tokenizer, args)
         chunks, total, inputs = c4_chunks(args)
@@ -259,7 +292,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "bucket_width": args.buckets,
         "seed": args.seed,
     }
-    if args.command == "ultrachat":
+    if args.command in ("ultrachat", "chat"):
         card["chat_format"] = args.format
     else:
         card["eos_token_id"] = config.eos_id
@@ -274,12 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if argv[:1] == ["generate"]:
+            from .generate import generate
+
+            print(generate(build_parser().parse_args(argv)))
+            return 0
         card = run(argv)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the output directory is incomplete (no card.json)", file=sys.stderr)
+        print("interrupted; " + ("--output holds whole batches only: the same command goes on "
+                                 "from there" if argv[:1] == ["generate"] else
+                                 "the output directory is incomplete (no card.json)"),
+              file=sys.stderr)
         return 130
     for reason, example in card["stats"]["drop_examples"].items():
         print(f"dropped ({reason}), e.g.: {example[:200]}", file=sys.stderr)

@@ -143,7 +143,10 @@ def iter_json_lines(path: Path) -> Iterator[bytes]:
         raise DataError(f"{path}: cannot read ({exc}); is the file truncated or not gzip?") from exc
 
 
-def check_json_field(path: Path, field_name: str) -> None:
+TEXT_COLUMN_HINT = "pass --text_column with the right name"
+
+
+def check_json_field(path: Path, field_name: str, hint: str = TEXT_COLUMN_HINT) -> None:
     """Fail early, naming the file, when its first decodable record lacks ``field_name``.
 
     Later records without the field are counted drops: one bad line in a huge shard should not
@@ -157,11 +160,11 @@ def check_json_field(path: Path, field_name: str) -> None:
         if not isinstance(record, dict) or field_name not in record:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}: records have no {field_name!r} field (found: {keys}); "
-                            "pass --text_column with the right name")
+                            f"{hint}")
         return
 
 
-def parquet_column(path: Path, column: str) -> pq.ParquetFile:
+def parquet_column(path: Path, column: str, hint: str = TEXT_COLUMN_HINT) -> pq.ParquetFile:
     """Open a parquet file and check that ``column`` exists, naming the file if it does not."""
     try:
         handle = pq.ParquetFile(path)
@@ -169,8 +172,7 @@ def parquet_column(path: Path, column: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
     names = handle.schema_arrow.names
     if column not in names:
-        raise DataError(f"{path}: no {column!r} column (columns: {', '.join(names)}); "
-                        "pass --text_column with the right name")
+        raise DataError(f"{path}: no {column!r} column (columns: {', '.join(names)}); {hint}")
     return handle
 
 
