@@ -13,6 +13,11 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``rad``: all 30 layers RAD-RWKV7 (``student.rwkv7_variant: rad``: no token shift, no bonus,
   the teacher's RoPE on r/k) with an untied lm_head (``student.untie_embeddings``), RADLADS'
   changes to the architecture, the same two stages and steps as ``rwkv7``;
+* ``chat`` (needs ``rwkv7``): ``rwkv7``'s student after its kd stage, trained on for
+  ``--chat-steps`` more kd steps on chat conversations the teacher wrote itself
+  (``python -m services.data generate``, self-instruct, ``--chat-conversations`` of them,
+  generated while the other arms train, then ``chat``): does chat-formatted data end the
+  all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together.
 
@@ -32,7 +37,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +72,19 @@ def prepare_data(corpus: Path, teacher: Path, work: Path) -> Path:
          "--long_docs", "split",  # truncate kept 3.7M of the corpus's ~10M tokens (2026-12-01)
          "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
         work / "data.log")
+    return out
+
+
+def chat_data(teacher: Path, work: Path, conversations: int) -> Path:
+    """Conversations the teacher writes (self-instruct) as a kd dataset (services.data)."""
+    out, chats = work / "data" / "chat", work / "chats.jsonl"
+    if (out / "card.json").is_file():
+        return out
+    run([sys.executable, "-m", "services.data", "generate", "--teacher", str(teacher),
+         "--output", str(chats), "--conversations", str(conversations), "--device", "auto",
+         "--batch_size", "256", "--max_new_tokens", "256"], work / "chat-generate.log")
+    run([sys.executable, "-m", "services.data", "chat", "--paths", str(chats), "--tokenizer",
+         str(teacher), "--output_dir", str(out), "--max_len", "1024"], work / "chat-data.log")
     return out
 
 
@@ -116,7 +134,17 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
             "mfu": summary.get("mfu")}
 
 
-def run_arm(arm: str, steps: tuple[int, int], teacher: Path, data: Path, work: Path,
+def chat_arm(steps: int, teacher: Path, work: Path, conversations: int, extra: list[str],
+             rwkv7: Future) -> list:
+    """The chat arm: its data first (while the other arms train), then kd on it from the
+    rwkv7 arm's final student."""
+    chat = chat_data(teacher, work, conversations)
+    start = Path(rwkv7.result()[-1]["student"])
+    return [train_stage("chat-kd", CONFIGS["rwkv7"][1], steps, teacher, chat, work, start,
+                        extra)]
+
+
+def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: Path,
             extra: list[str]) -> list:
     if arm == "control":
         start = random_student(teacher, work / "control-init")
@@ -148,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
-                        help="comma-separated: hybrid, rwkv7, rad, control")
+                        help="comma-separated: hybrid, rwkv7, rad, chat, control")
+    parser.add_argument("--chat-conversations", type=int, default=4000,
+                        help="conversations the teacher writes for the chat arm")
+    parser.add_argument("--chat-steps", type=int, default=200,
+                        help="steps of the chat arm's third stage (kd on the conversations)")
     parser.add_argument("--hybrid-steps", default="120,480", help="align,kd optimizer steps")
     parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
@@ -166,10 +198,21 @@ def main(argv: list[str] | None = None) -> int:
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
     steps["control"] = steps["rad"] = steps["rwkv7"]
     arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(steps) - {"chat"})
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted(steps)} and chat")
+    if "chat" in arms:
+        if "rwkv7" not in arms:
+            parser.error("--arms: chat continues the rwkv7 arm's student: add rwkv7")
+        arms = [a for a in arms if a != "chat"] + ["chat"]  # after rwkv7 when run one by one
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
+        extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
-                                    args.trainer_args.split()) for arm in arms}
+                                    extra) for arm in arms if arm != "chat"}
+        if "chat" in arms:
+            futures["chat"] = pool.submit(chat_arm, args.chat_steps, args.teacher, args.work,
+                                          args.chat_conversations, extra, futures["rwkv7"])
         for arm, future in futures.items():
             try:
                 results[arm] = future.result()
