@@ -35,6 +35,11 @@ def test_compiled_student_layers_match_eager_forward_and_backward() -> None:
     eager.set_rwkv_kernel("chunk")
     compiled = copy.deepcopy(eager)
     assert compile_decoder_layers(compiled.model.layers, "default") == 3
+    # the RWKV-7 mixer's graph break returns views of intermediates: AOTAutograd must not replay
+    # (or cache) their recorded view chains, which torch 2.13 reads from freed memory (garbage
+    # shapes or SIGSEGV in about half the runs here, shared/compiling.py)
+    assert not torch._functorch.config.view_replay_for_aliased_outputs
+    assert not torch._functorch.config.enable_autograd_cache
     ids = torch.randint(3, 97, (2, 16))
     want_logits, want_grads = _step(eager, ids)
     from torch._dynamo.utils import counters
@@ -66,9 +71,13 @@ def test_compiled_teacher_answers_as_the_eager_one(tmp_path) -> None:
     eager = TeacherModel(model, tmp_path)
     compiled = TeacherModel(copy.deepcopy(model), tmp_path)
     assert compile_decoder_layers(compiled.model.get_decoder().layers, "default") == 2
+    torch.manual_seed(0)
     ids = torch.randint(3, 300, (2, 10))
     lengths = torch.tensor([10, 7])
-    spec = RequestSpec(logits="bf16", hidden_layers=[0, 1, 2])
+    # fp32 logits and hidden states: compiled and eager agree to ~1e-7, but rounded to bf16 (the
+    # default wire format) one logit in a few thousand lands on the other side of a rounding
+    # boundary, a bf16 step (3e-5) apart: the test failed on some random ids
+    spec = RequestSpec(logits="fp32", hidden_layers=[0, 1, 2])
     (want,) = eager.forward([TeacherRequest(spec, ids, lengths, None)])
     (got,) = compiled.forward([TeacherRequest(spec, ids, lengths, None)])
     assert set(got) == set(want)
