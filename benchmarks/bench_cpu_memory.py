@@ -26,9 +26,10 @@ temporary directory): the same run measures the tree before a change.
     python -m benchmarks.bench_cpu_memory [--shapes 1x128,2x256] [--stages align,kd]
         [--baseline 44b4a58^] [--steps 3] [--malloc fixed|adaptive|both]
 
-Malloc: each arm fixes glibc's mmap threshold as the trainer does on CPU
-(``shared.host_memory.fix_mmap_threshold``); ``--malloc adaptive`` leaves glibc's default, and
-``--malloc both`` runs every arm both ways (docs/student.md, "CPU memory").
+Malloc: ``--malloc fixed`` (the default) fixes glibc's mmap threshold in each arm as the trainer
+does with ``train.cpu_malloc: fixed`` (``shared.host_memory.fix_mmap_threshold``);
+``--malloc adaptive`` leaves glibc's default (the trainer's), and ``--malloc both`` runs every
+arm both ways (docs/student.md, "CPU memory").
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--baseline", default="", help="a commit to measure in the same run")
     parser.add_argument("--malloc", default="fixed", choices=["fixed", "adaptive", "both"],
-                        help="glibc's mmap threshold fixed (as the trainer on CPU) or adaptive")
+                        help="glibc's mmap threshold fixed (train.cpu_malloc: fixed) or adaptive")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)

@@ -222,6 +222,10 @@ class TrainConfig:
     (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""
     device_offset: Index = 0
     """GPU index of local rank 0; rank r uses GPU offset + LOCAL_RANK."""
+    cpu_malloc: Literal["adaptive", "fixed"] = "adaptive"
+    """CPU training: glibc's mmap threshold adaptive (its default) or fixed at 128 KiB
+    (shared/host_memory.py): peak memory 0.82x at 1 x 128 and 0.71x at 2 x 256 tokens for the
+    30-layer all-RWKV-7 align step, at 0.39x its speed (docs/student.md, CPU memory)."""
     peer_timeout_seconds: NonNegative = 300.0
     """A trainer rank whose heartbeat is silent this long counts as lost, and its peers exit
     (status 75) instead of waiting in a collective for the process group's 30 minutes; a rank

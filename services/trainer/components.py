@@ -54,8 +54,9 @@ def init_distributed(cfg: Config) -> Place:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        if fix_mmap_threshold():  # activations freed by a CPU step go back (shared/host_memory)
-            log.info("CPU training: glibc's mmap threshold fixed at 128 KiB")
+        # less memory, much slower: freed activations go back to the kernel (host_memory.py)
+        if cfg.train.cpu_malloc == "fixed" and fix_mmap_threshold():
+            log.info("train.cpu_malloc=fixed: glibc's mmap threshold fixed at 128 KiB")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
