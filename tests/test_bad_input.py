@@ -56,8 +56,7 @@ class World:
         self.data = prepare_dataset(tiny_llama, root / "good")
         self.teachers: list[subprocess.Popen] = []
         self.closers: list[Callable[[], None]] = []
-        # A finished run with two checkpoints (for the damaged-checkpoint case); it also
-        # builds DeepSpeed's JIT op once, so that no case's time includes that.
+        # A finished run with two checkpoints (for the damaged-checkpoint case).
         self.checkpointed = root / "checkpointed"
         cfg = self.config(self.checkpointed, train={"stage": "sft", "steps": 2,
                                                     "checkpoint_every": 1})

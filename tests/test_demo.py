@@ -9,8 +9,8 @@ expression of the Grafana dashboard and of the alert rules must return data, and
 deploy/render_dashboard.py must draw every panel from it.
 
 Needs Debian's prometheus on PATH (``bash .ci/install_tools.sh`` or ``apt-get install
-prometheus``) and the free ports 9400, 9500 and 9501 of compose.demo.yaml. About 3 minutes
-on 2 cores (first DeepSpeed run on a machine: +2.5 min to build its shm op).
+prometheus``) and the free ports 9400, 9500 and 9501 of compose.demo.yaml. About 1.5 minutes
+on an idle 2 cores (the trainer builds no DeepSpeed op: services/trainer/components.py).
 """
 from __future__ import annotations
 
