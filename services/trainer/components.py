@@ -105,6 +105,7 @@ def build_student(cfg: Config, device: torch.device):
 
     from shared.compiling import compile_decoder_layers
     from shared.student import convert_teacher, load_student
+    from shared.student.ops import fla_available
 
     if cfg.student.init_from:
         student = load_student(cfg.student.init_from, dtype=torch.float32)
@@ -125,6 +126,8 @@ def build_student(cfg: Config, device: torch.device):
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing
+    if cfg.train.compile != "off":
+        fla_available()  # loaded before tracing: compiled layers read it as a constant
     compile_decoder_layers(student.model.layers, cfg.train.compile)  # off: nothing
     return student
 

@@ -1,14 +1,16 @@
 """Helpers shared by the RWKV-6 and RWKV-7 operators: dtypes, chunking, fla import guard."""
 from __future__ import annotations
 
-import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 # "auto": fla on CUDA for bf16/fp16 when importable, else the chunked PyTorch path;
 # single-token steps always take the recurrent path (a chunk kernel would pad 1 token to 16+).
@@ -21,10 +23,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=1)
-def _fla_ops() -> dict[str, Callable[..., Any]] | None:
+_FLA_NOT_LOADED = object()
+_fla: Any = _FLA_NOT_LOADED  # fla's entry points once loaded, None where it cannot be imported
+
+
+@torch.compiler.disable
+def _load_fla() -> dict[str, Callable[..., Any]] | None:
     # Imported lazily and guarded: fla needs triton and a GPU, and is an optional extra. Our
     # tuned kernel configs are set up first (fla_kernels.py), so a fresh node does not autotune.
+    # Never traced (torch.compiler.disable): under train.compile on a GPU (2026-12-02,
+    # bench_steps' compile arm) the RWKV-7 layers graph-broke at resolve_kernel and then ran the
+    # chunked PyTorch path; Dynamo tracing this guard (triton patching, importlib, a try block)
+    # is the suspect, so it is loaded before compiling and never traced.
     from shared.student.ops.fla_kernels import cached_autotune, prepare_fla
 
     try:
@@ -35,6 +45,15 @@ def _fla_ops() -> dict[str, Callable[..., Any]] | None:
     except Exception:  # noqa: BLE001 - any import failure simply means "no fla"
         return None
     return {"chunk_rwkv6": chunk_rwkv6, "chunk_rwkv7": chunk_rwkv7}
+
+
+def _fla_ops() -> dict[str, Callable[..., Any]] | None:
+    # A module global, not functools.lru_cache: Dynamo ignores lru_cache and traces the body,
+    # while a global that is already set is read as a constant (no graph break once loaded).
+    global _fla
+    if _fla is _FLA_NOT_LOADED:
+        _fla = _load_fla()
+    return _fla
 
 
 def fla_available() -> bool:
@@ -71,7 +90,23 @@ def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
         return "recurrent"
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fla_available():
         return "fla"
+    if x.is_cuda:
+        _warn_slow_cuda_path(x.dtype)
     return "chunk"
+
+
+_warned_slow_path = False
+
+
+@torch.compiler.disable
+def _warn_slow_cuda_path(dtype: torch.dtype) -> None:
+    global _warned_slow_path
+    if not _warned_slow_path:
+        _warned_slow_path = True
+        why = ("flash-linear-attention is not importable" if not fla_available() else
+               f"the inputs are {dtype}, not bfloat16/float16")
+        log.warning("RWKV layers on CUDA run the chunked PyTorch WKV path, many times slower than "
+                    "fla's kernels: %s", why)
 
 
 def recompute_in_backward(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
