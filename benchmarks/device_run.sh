@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device measurements, as named steps that fit one device call together (issues 3, 10, 11).
-# Each step has its own time limit and log; the logs come back as $OUT/logs-HHMMSS.tgz (one per
+# Each step has its own time limit and log; the logs come back as $OUT/logs-HHMMSS-PID.tgz (one per
 # invocation, so two in one device call keep both) and each step's
 # last lines (its table) are printed. Wheels the device image lacks go in .whl (README).
 #   bash benchmarks/device_run.sh STEP[:SECONDS] ...
@@ -104,9 +104,12 @@ run_step() {
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py -m benchmarks.bench_kernels --batch 1 --reps 5 ;;
     memory) timeout "$limit" $py -m benchmarks.bench_generation_memory --profile-decode ;;
-    benchsteps) timeout "$limit" $py -m benchmarks.bench_steps ${BENCH_STEPS_ARGS:-} \
-                  --workdir "$logs/bench-steps" --json "$out/bench_steps.json" ;;
+    benchsteps) (eval "args=(${BENCH_STEPS_ARGS:-})"  # shell words: --variant NAME='--a b'
+                 timeout "$limit" $py -m benchmarks.bench_steps "${args[@]}" \
+                   --workdir "$logs/bench-steps" --json "$out/bench_steps.json") ;;
     quality) (set -e; work=${WORK:-/root/quality}; mkdir -p "$work/corpus"
+              end=$(( $(date +%s) + limit ))  # one limit for the import and the arms together
+              trap 'cp "$work"/*.log "$logs"/ 2>/dev/null || true' EXIT  # the stages' own logs
               for f in bench/quality/*.xz; do
                 [ -f "$work/corpus/$(basename "${f%.xz}")" ] || xz -dc "$f" >"$work/corpus/$(basename "${f%.xz}")"
               done
@@ -116,13 +119,14 @@ run_step() {
                   --output_dir "$work/data/train" --max_len 1024 --pack --long_docs split \
                   --num_proc "$(nproc)" --overwrite >"$logs/quality-data.log" 2>&1 & data=$!
               fi
-              [ -f "$work/teacher/config.json" ] || timeout "$limit" $py -m services.teacher.gguf \
+              [ -f "$work/teacher/config.json" ] || timeout $(( end - $(date +%s) )) \
+                $py -m services.teacher.gguf \
                 --gguf "${GGUF:-bench/smol.gguf}" --output "$work/teacher" --no-check
               if [ -n "${data:-}" ]; then
                 wait "$data" || true
                 cmp -s "$tok/tokenizer.json" "$work/teacher/tokenizer.json" || rm -rf "$work/data"
               fi
-              timeout "$limit" $py -m benchmarks.quality --teacher "$work/teacher" \
+              timeout $(( end - $(date +%s) )) $py -m benchmarks.quality --teacher "$work/teacher" \
                 --corpus "$work/corpus" --work "$work" --out "$out" ${QUALITY_ARGS:-}) ;;
     *) echo "unknown step $name"; false ;;
   esac >"$logs/$name.log" 2>&1
@@ -133,5 +137,5 @@ run_step() {
 }
 
 for step in "$@"; do run_step "$step"; done
-tar czf "$out/logs-$(date +%H%M%S).tgz" -C "$logs" .
+tar czf "$out/logs-$(date +%H%M%S)-$$.tgz" -C "$logs" .  # two invocations in one second: two files
 exit $status

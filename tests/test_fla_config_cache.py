@@ -253,3 +253,42 @@ def test_second_process_tunes_nothing(tmp_path):
     assert first["config_dir"] == second["config_dir"]
     kept = entries_of(Path(first["config_dir"]).parent / "tuned/add_one_kernel.json")
     assert [e["config"]["kwargs"]["BLOCK"] for e in kept.values()] == [second["block"]]
+
+
+def fla_key_build(arg_names, key_names, positional, runtime_kwargs):
+    """fla 0.6's AutotuneKey.build (fla/ops/utils/cache.py): the key arguments' values, then the
+    dtype of every tensor argument, in argument order."""
+    given = {**dict(zip(arg_names, positional, strict=False)), **runtime_kwargs}
+    tracked = {k: v for k, v in given.items() if k in arg_names}
+    key = [tracked[n] for n in key_names if n in tracked]
+    key += [str(v.dtype) for v in tracked.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def test_a_varlen_launch_finds_the_config_of_its_dense_twin():
+    """A packed-documents launch's key (int32 cu_seqlens and chunk_indices among the dtypes) maps
+    to the key the shipped configs hold; a dense launch has no twin."""
+    import torch
+
+    names = ["q", "k", "h", "cu_seqlens", "chunk_indices", "T", "H", "K", "BT", "IS_VARLEN"]
+    q = k = torch.zeros(1, dtype=torch.bfloat16)
+    h = torch.zeros(1, dtype=torch.float32)
+    cu = idx = torch.zeros(1, dtype=torch.int32)
+    dense = fla_key_build(names, ["H", "K", "BT"], (q, k, h, None, None, 2048, 9, 64),
+                          {"BT": 64, "IS_VARLEN": False})
+    dense_args = dict(zip(names[:8], (q, k, h, None, None, 2048, 9, 64), strict=True))
+    assert fla_kernels.dense_twin_key(fla_key_build, names, ["H", "K", "BT"], dense_args,
+                                      {"BT": 64, "IS_VARLEN": False}) is None
+    varlen_args = dict(zip(names[:8], (q, k, h, cu, idx, 8192, 9, 64), strict=True))
+    varlen = fla_key_build(names, ["H", "K", "BT"], tuple(varlen_args.values()),
+                           {"BT": 64, "IS_VARLEN": True})
+    assert varlen != dense and varlen.count("torch.int32") == 2
+    twin = fla_kernels.dense_twin_key(fla_key_build, names, ["H", "K", "BT"], varlen_args,
+                                      {"BT": 64, "IS_VARLEN": True})
+    assert twin == dense
+    # a cu_seqlens given as a keyword argument counts too
+    kw_twin = fla_kernels.dense_twin_key(fla_key_build, names, ["H", "K", "BT"],
+                                         dict(zip(names[:3], (q, k, h), strict=True)),
+                                         {"cu_seqlens": cu, "H": 9, "K": 64, "BT": 64})
+    assert kw_twin == fla_key_build(names, ["H", "K", "BT"], (q, k, h), {"H": 9, "K": 64,
+                                                                         "BT": 64})

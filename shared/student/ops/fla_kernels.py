@@ -25,7 +25,9 @@ Where the configs come from (:func:`prepare_fla`, before the first fla import):
 The user's own ``FLA_CONFIG_DIR`` / ``FLA_CACHE_MODE`` always win (then nothing is merged or
 kept). The default mode is ``strict``: a config is used only for the exact autotune key (block
 sizes, some head counts, dtypes) it was tuned for, anything else is tuned as before, so no file
-can force a config onto a shape it was not measured on.
+can force a config onto a shape it was not measured on. One exception: a varlen launch (packed
+documents) uses the config of the same launch without its ``cu_seqlens`` tensors
+(:func:`dense_twin_key`), as the two differ only in those tensors' dtypes in the key.
 """
 from __future__ import annotations
 
@@ -171,6 +173,30 @@ def _keep_new_configs(tuner: Any, cache: ModuleType) -> None:
         _keep_dir = None
 
 
+# Arguments that only varlen calls (packed documents, ``cu_seqlens``) pass as tensors.
+_VARLEN_ARGS = ("chunk_indices", "chunk_offsets", "split_indices", "split_offsets")
+
+
+def _is_varlen_arg(name: str) -> bool:
+    return name.startswith("cu_seqlens") or name in _VARLEN_ARGS
+
+
+def dense_twin_key(build: Callable[..., Any], arg_names: list[str], key_names: list[str],
+                   nargs: dict[str, Any], runtime_kwargs: dict[str, Any]) -> Any:
+    """The autotune key the same launch would have without its varlen tensors, or None when it
+    passes none. fla's key holds the dtype of every tensor argument, so a varlen launch
+    (``student.packed_layout: segments``) has two or three int32 entries more than the launch
+    the shipped configs were tuned on, and in strict mode it would tune every kernel again
+    (> 120 s on an H200, 2026-12-02). Its tile configs are the dense ones' (same kernel, same
+    block sizes; varlen only maps program ids to documents), so that key's config is used."""
+    if not any(_is_varlen_arg(n) and v is not None
+               for n, v in (*nargs.items(), *runtime_kwargs.items())):
+        return None
+    positional = tuple(None if _is_varlen_arg(n) else v for n, v in nargs.items())
+    kwargs = {n: None if _is_varlen_arg(n) else v for n, v in runtime_kwargs.items()}
+    return build(arg_names, key_names, positional, kwargs)
+
+
 def _keeping_autotune(cache: ModuleType, fla_autotune: Callable[..., Any]) -> Callable[..., Any]:
     """``fla_autotune`` (fla's ``fla_cache_autotune``, or tune_fla's shard of it) building a
     ``CachedAutotuner`` that keeps what it tunes."""
@@ -179,8 +205,19 @@ def _keeping_autotune(cache: ModuleType, fla_autotune: Callable[..., Any]) -> Ca
         def maybe_load_cached_config(self, key: Any, nargs: dict[str, Any],
                                      runtime_kwargs: dict[str, Any]) -> None:
             super().maybe_load_cached_config(key=key, nargs=nargs, runtime_kwargs=runtime_kwargs)
+            seen = self.__dict__.setdefault("_llama2rwkv_seen", set())
+            twin = None
+            if key.autotune_key not in self.cache:
+                twin = dense_twin_key(cache.AutotuneKey.build, self.arg_names, self.keys, nargs,
+                                      runtime_kwargs)
+            if twin is not None:
+                super().maybe_load_cached_config(key=twin, nargs=nargs,
+                                                 runtime_kwargs=runtime_kwargs)
+                if twin.autotune_key in self.cache:
+                    self.cache[key.autotune_key] = self.cache[twin.autotune_key]
+                    seen.add(twin.autotune_key)
             if key.autotune_key in self.cache:  # loaded from a file: nothing to keep
-                self.__dict__.setdefault("_llama2rwkv_seen", set()).add(key.autotune_key)
+                seen.add(key.autotune_key)
 
         def run(self, *args: Any, **kwargs: Any) -> Any:
             known = len(self.cache)
