@@ -21,6 +21,10 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together.
 
+A stage that finished in an earlier run with the same command is reused (its
+``quality_stage.json``), so an experiment longer than one 10-minute device call runs over
+several on a machine kept warm (e.g. ``--arms rwkv7`` first, then ``--arms rwkv7,chat``).
+
 The corpus is what ``python -m benchmarks.quality_corpus`` writes (train.jsonl of the kernel's
 and Python's documentation; held-out files of that domain; the Debian handbook, a domain the
 training never sees). ``--parallel`` runs the arms at once: on one H200 a 135M-parameter
@@ -127,11 +131,17 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
            "--train.metrics_port", "0", "--train.checkpoint_every", str(10 ** 6), *extra]
     if init_from is not None:
         cmd += ["--student.init_from", str(init_from)]
+    record = out / "quality_stage.json"  # a stage done in an earlier device call is reused
+    if record.is_file() and (done := json.loads(record.read_text())).get("command") == cmd:
+        print(f"{name}: reused from an earlier run ({record})", flush=True)
+        return done["result"]
     seconds = run(cmd, work / f"{name}.log")
     summary = json.loads((out / "summary.json").read_text())
-    return {"stage": name, "steps": steps, "tokens": summary["tokens"], "seconds": seconds,
-            "tokens_per_second": summary["tokens_per_second"], "student": summary["student"],
-            "mfu": summary.get("mfu")}
+    result = {"stage": name, "steps": steps, "tokens": summary["tokens"], "seconds": seconds,
+              "tokens_per_second": summary["tokens_per_second"], "student": summary["student"],
+              "mfu": summary.get("mfu")}
+    record.write_text(json.dumps({"command": cmd, "result": result}))
+    return result
 
 
 def chat_arm(steps: int, teacher: Path, work: Path, conversations: int, extra: list[str],
