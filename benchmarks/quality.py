@@ -216,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--arms: chat continues the rwkv7 arm's student: add rwkv7")
         arms = [a for a in arms if a != "chat"] + ["chat"]  # after rwkv7 when run one by one
     if args.parallel:
-        # each arm's CPU threads on its share of the cores: with three trainers of 16 OpenMP
-        # threads each on 16 cores, building the student (teacher load + conversion) took 35 s
-        # per align stage on 2026-12-02 (2.7 s alone on a 2-core CPU): oversubscription suspected
+        # each arm's CPU threads on its share of the cores: three trainers of 16 OpenMP threads
+        # on 16 cores took 35 s each to build the student (teacher load + conversion) on
+        # 2026-12-02. Three conversions at once on 2 cores: 16.7 s each with 2 threads, 4.6-6.8 s
+        # with 1 (2.7 s for one alone): oversubscription costs more than the cores it shares.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(arms))))
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
