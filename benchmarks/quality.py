@@ -1,4 +1,4 @@
-"""The quality experiment (issue 18): SmolLM2-135M-Instruct distilled on one GPU, three arms.
+"""The quality experiment (issue 18): SmolLM2-135M-Instruct distilled on one GPU, its arms.
 
     python -m benchmarks.quality --teacher DIR --corpus bench/quality --work /root/quality \
         --out $OUT [--hybrid-steps 120,480] [--rwkv7-steps 240,1200] [--parallel]
@@ -19,7 +19,11 @@ Arms, each through the product's own commands (``python -m services.data``,
   generated while the other arms train, then ``chat``): does chat-formatted data end the
   all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
-  as many tokens as ``rwkv7``'s two stages together.
+  as many tokens as ``rwkv7``'s two stages together;
+* ``flat`` and ``mix`` (need ``rwkv7``): other kd stages from ``rwkv7``'s align export, as many
+  steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
+  the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
+  only).
 
 A stage that finished in an earlier run with the same command is reused (its
 ``quality_stage.json``), so an experiment longer than one 10-minute device call runs over
@@ -144,14 +148,25 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
     return result
 
 
-def chat_arm(steps: int, teacher: Path, work: Path, conversations: int, extra: list[str],
-             rwkv7: Future) -> list:
-    """The chat arm: its data first (while the other arms train), then kd on it from the
-    rwkv7 arm's final student."""
-    chat = chat_data(teacher, work, conversations)
-    start = Path(rwkv7.result()[-1]["student"])
-    return [train_stage("chat-kd", CONFIGS["rwkv7"][1], steps, teacher, chat, work, start,
-                        extra)]
+# arms that continue another arm's student: (that arm, which of its stages' export, what this
+# arm's one stage changes in the kd recipe)
+CONTINUES = {
+    "chat": ("rwkv7", -1, []),
+    "flat": ("rwkv7", 0, ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
+    "mix": ("rwkv7", 0, ["--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
+}
+
+
+def continue_arm(arm: str, steps: int, teacher: Path, data: Path, work: Path, extra: list[str],
+                 parent: Future, conversations: int) -> list:
+    """One kd stage from another arm's student (CONTINUES). The chat arm makes its data first
+    (while the other arms train) and trains on it."""
+    if arm == "chat":
+        data = chat_data(teacher, work, conversations)
+    _, stage, changes = CONTINUES[arm]
+    start = Path(parent.result()[stage]["student"])
+    return [train_stage(f"{arm}-kd", CONFIGS["rwkv7"][1], steps, teacher, data, work, start,
+                        [*changes, *extra])]
 
 
 def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: Path,
@@ -186,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
-                        help="comma-separated: hybrid, rwkv7, rad, chat, control")
+                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, flat, mix "
+                             "(each continues rwkv7's student)")
     parser.add_argument("--chat-conversations", type=int, default=4000,
                         help="conversations the teacher writes for the chat arm")
     parser.add_argument("--chat-steps", type=int, default=200,
@@ -208,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
     steps["control"] = steps["rad"] = steps["rwkv7"]
     arms = args.arms.split(",")
-    unknown = sorted(set(arms) - set(steps) - {"chat"})
+    unknown = sorted(set(arms) - set(steps) - set(CONTINUES))
     if unknown:
-        parser.error(f"--arms: unknown {unknown}; choose from {sorted(steps)} and chat")
-    if "chat" in arms:
-        if "rwkv7" not in arms:
-            parser.error("--arms: chat continues the rwkv7 arm's student: add rwkv7")
-        arms = [a for a in arms if a != "chat"] + ["chat"]  # after rwkv7 when run one by one
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted([*steps, *CONTINUES])}")
+    for arm in set(arms) & set(CONTINUES):
+        if CONTINUES[arm][0] not in arms:
+            parser.error(f"--arms: {arm} continues the {CONTINUES[arm][0]} arm's student: add "
+                         f"{CONTINUES[arm][0]}")
+    # after the arms they continue when run one by one
+    arms = [a for a in arms if a not in CONTINUES] + [a for a in arms if a in CONTINUES]
     if args.parallel:
         # each arm's CPU threads on its share of the cores: three trainers of 16 OpenMP threads
         # on 16 cores took 35 s each to build the student (teacher load + conversion) on
@@ -225,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
         extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
-                                    extra) for arm in arms if arm != "chat"}
-        if "chat" in arms:
-            futures["chat"] = pool.submit(chat_arm, args.chat_steps, args.teacher, args.work,
-                                          args.chat_conversations, extra, futures["rwkv7"])
+                                    extra) for arm in arms if arm not in CONTINUES}
+        for arm in (a for a in arms if a in CONTINUES):
+            parent = CONTINUES[arm][0]
+            futures[arm] = pool.submit(
+                continue_arm, arm, args.chat_steps if arm == "chat" else steps[parent][1],
+                args.teacher, data, args.work, extra, futures[parent], args.chat_conversations)
         for arm, future in futures.items():
             try:
                 results[arm] = future.result()

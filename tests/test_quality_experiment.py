@@ -1,0 +1,50 @@
+"""The quality experiment's script (benchmarks/quality.py) end to end on CPU, tiny: the arms run
+through the product's commands, a continuing arm starts from the right export with its own
+recipe, the evaluation scores every student, and a second run reuses the finished stages (the
+experiment spans device calls, where an error costs GPU time we do not get back)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import quality
+
+STAGE_ARGS = "--data.micro_batch_size 1 --data.max_len 64"
+
+
+def corpus(root: Path) -> Path:
+    """Real English text (Debian's licence texts, on every Debian system) as quality_corpus's
+    three files."""
+    texts = [p.read_text(errors="ignore")[:4000]
+             for p in sorted(Path("/usr/share/common-licenses").iterdir()) if p.is_file()][:8]
+    assert len(texts) >= 6, "needs /usr/share/common-licenses (Debian base-files)"
+    root.mkdir(parents=True)
+    for name, part in (("train", texts[:4]), ("heldout_docs", texts[4:6]),
+                       ("heldout_handbook", texts[6:] or texts[4:6])):
+        with (root / f"{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in part)
+    return root
+
+
+def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
+    args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--arms", "rwkv7,flat", "--rwkv7-steps", "2,2", "--eval-tokens", "200",
+            "--trainer-args", STAGE_ARGS]
+    assert quality.main(args) == 0
+    stages = {s["stage"]: s for s in
+              json.loads((tmp_path / "out/quality_stages.json").read_text())}
+    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd"]
+    assert all(s["tokens"] > 0 and Path(s["student"], "config.json").is_file()
+               for s in stages.values())
+    flat = json.loads((tmp_path / "work/flat-kd/quality_stage.json").read_text())["command"]
+    assert flat[flat.index("--student.init_from") + 1] == stages["rwkv7-align"]["student"]
+    assert flat[flat.index("--train.lr_init") + 1] == "1e-5"
+    assert flat[flat.index("--train.steps") + 1] == "2"  # as many steps as rwkv7's kd
+    scored = json.loads((tmp_path / "out/quality_eval.json").read_text())
+    assert {"teacher", "rwkv7", "flat"} <= {r["model"] for r in scored["scores"]}
+    capsys.readouterr()
+
+    assert quality.main(args) == 0  # every stage done: reused, not trained again
+    out = capsys.readouterr().out
+    assert all(f"{name}: reused" in out for name in stages)
