@@ -19,7 +19,8 @@ Arms, each through the product's own commands (``python -m services.data``,
   generated while the other arms train, then ``chat``): does chat-formatted data end the
   all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
-  as many tokens as ``rwkv7``'s two stages together;
+  as many tokens as ``rwkv7``'s two stages together (in one stage, so with twice the per-stage
+  ``--train.time_limit_seconds``);
 * ``flat`` and ``mix`` (need ``rwkv7``): other kd stages from ``rwkv7``'s align export, as many
   steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
   the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
@@ -169,6 +170,17 @@ def continue_arm(arm: str, steps: int, teacher: Path, data: Path, work: Path, ex
                         [*changes, *extra])]
 
 
+def stage_time_limit(extra: list[str], stages: int) -> list[str]:
+    """``extra`` with its ``--train.time_limit_seconds`` (a per-stage limit) times ``stages``: the
+    control's one stage stands for the distilled arms' two, and stopped at 181 of its 350 steps
+    on 2026-12-02 under the per-stage limit, with 57 % of their tokens."""
+    out = list(extra)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--train.time_limit_seconds":
+            out[i + 1] = str(float(out[i + 1]) * stages)
+    return out
+
+
 def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: Path,
             extra: list[str]) -> list:
     if arm == "control":
@@ -176,7 +188,8 @@ def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: P
         total = steps[0] + steps[1]
         return [train_stage("control-sft", CONFIGS["rwkv7"][1], total, teacher, data, work, start,
                             ["--train.stage", "sft", "--train.ce_weight", "1.0",
-                             "--train.lr_init", "1e-3", "--train.lr_final", "1e-5", *extra])]
+                             "--train.lr_init", "1e-3", "--train.lr_final", "1e-5",
+                             *stage_time_limit(extra, 2)])]
     align, kd = CONFIGS[arm]
     first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None,
                         [*CONVERSION.get(arm, []), *extra])

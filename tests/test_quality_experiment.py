@@ -48,3 +48,13 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     assert quality.main(args) == 0  # every stage done: reused, not trained again
     out = capsys.readouterr().out
     assert all(f"{name}: reused" in out for name in stages)
+
+
+def test_the_control_stage_gets_the_time_of_two():
+    """The control trains in one stage what the distilled arms train in two: a per-stage time
+    limit doubles for it, and nothing else changes."""
+    extra = ["--data.max_len", "64", "--train.time_limit_seconds", "185"]
+    assert quality.stage_time_limit(extra, 2) == ["--data.max_len", "64",
+                                                  "--train.time_limit_seconds", "370.0"]
+    assert quality.stage_time_limit(["--data.max_len", "64"], 2) == ["--data.max_len", "64"]
+    assert extra[-1] == "185"
