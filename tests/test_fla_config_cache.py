@@ -286,6 +286,11 @@ def test_a_varlen_launch_finds_the_config_of_its_dense_twin():
     twin = fla_kernels.dense_twin_key(fla_key_build, names, ["H", "K", "BT"], varlen_args,
                                       {"BT": 64, "IS_VARLEN": True})
     assert twin == dense
+    # a kernel whose key holds fla's IS_VARLEN heuristic finds the dense launch's key too
+    with_flag = ["H", "BT", "IS_VARLEN"]
+    assert fla_kernels.dense_twin_key(fla_key_build, names, with_flag, varlen_args,
+                                      {"BT": 64, "IS_VARLEN": True}) == fla_key_build(
+        names, with_flag, tuple(dense_args.values()), {"BT": 64, "IS_VARLEN": False})
     # a cu_seqlens given as a keyword argument counts too
     kw_twin = fla_kernels.dense_twin_key(fla_key_build, names, ["H", "K", "BT"],
                                          dict(zip(names[:3], (q, k, h), strict=True)),

@@ -188,12 +188,18 @@ def dense_twin_key(build: Callable[..., Any], arg_names: list[str], key_names: l
     (``student.packed_layout: segments``) has two or three int32 entries more than the launch
     the shipped configs were tuned on, and in strict mode it would tune every kernel again
     (> 120 s on an H200, 2026-12-02). Its tile configs are the dense ones' (same kernel, same
-    block sizes; varlen only maps program ids to documents), so that key's config is used."""
+    block sizes; varlen only maps program ids to documents), so that key's config is used. A
+    key that holds the batch size (a few cumsum kernels) still misses: varlen rows are one."""
     if not any(_is_varlen_arg(n) and v is not None
                for n, v in (*nargs.items(), *runtime_kwargs.items())):
         return None
-    positional = tuple(None if _is_varlen_arg(n) else v for n, v in nargs.items())
-    kwargs = {n: None if _is_varlen_arg(n) else v for n, v in runtime_kwargs.items()}
+    def dense(name: str, value: Any) -> Any:
+        if name == "IS_VARLEN":  # fla's heuristic, part of some kernels' keys
+            return False
+        return None if _is_varlen_arg(name) else value
+
+    positional = tuple(dense(n, v) for n, v in nargs.items())
+    kwargs = {n: dense(n, v) for n, v in runtime_kwargs.items()}
     return build(arg_names, key_names, positional, kwargs)
 
 
