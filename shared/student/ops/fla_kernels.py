@@ -193,6 +193,7 @@ def dense_twin_key(build: Callable[..., Any], arg_names: list[str], key_names: l
     if not any(_is_varlen_arg(n) and v is not None
                for n, v in (*nargs.items(), *runtime_kwargs.items())):
         return None
+
     def dense(name: str, value: Any) -> Any:
         if name == "IS_VARLEN":  # fla's heuristic, part of some kernels' keys
             return False
