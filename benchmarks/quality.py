@@ -24,7 +24,10 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``flat`` and ``mix`` (need ``rwkv7``): other kd stages from ``rwkv7``'s align export, as many
   steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
   the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
-  only).
+  only);
+* ``long`` (needs ``rwkv7``): RADLADS' step 3 after ``rwkv7``'s kd, as many steps again: rows
+  of ``--long-context`` tokens (4,096; the corpus packed again), as many per micro batch as keep
+  the recipe's 16 x 1024 tokens per step, lr 7e-6, KL 0.5 + CE 0.5.
 
 A stage that finished in an earlier run with the same command is reused (its
 ``quality_stage.json``), so an experiment longer than one 10-minute device call runs over
@@ -46,6 +49,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,15 +76,18 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def prepare_data(corpus: Path, teacher: Path, work: Path) -> Path:
-    out = work / "data" / "train"
+def prepare_data(corpus: Path, teacher: Path, work: Path, max_len: int = 1024) -> Path:
+    """The training corpus packed into rows of ``max_len`` (work/data/train, or train<max_len>
+    for another length)."""
+    out = work / "data" / ("train" if max_len == 1024 else f"train{max_len}")
     if (out / "card.json").is_file():
         return out
     run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus / "train.jsonl"),
-         "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", "1024", "--pack",
+         "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", str(max_len),
+         "--pack",
          "--long_docs", "split",  # truncate kept 3.7M of the corpus's ~10M tokens (2026-12-01)
          "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
-        work / "data.log")
+        work / f"{out.name}-data.log")
     return out
 
 
@@ -149,25 +156,36 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
     return result
 
 
-# arms that continue another arm's student: (that arm, which of its stages' export, what this
-# arm's one stage changes in the kd recipe)
+RECIPE_TOKENS_PER_STEP = 16 * 1024  # configs/smollm2_rwkv7_kd.yaml: 16 rows of 1024
+# arms that continue another arm's student: (that arm, which of its stages' export, the data
+# this arm's one kd stage trains on, what it changes in the kd recipe)
 CONTINUES = {
-    "chat": ("rwkv7", -1, []),
-    "flat": ("rwkv7", 0, ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
-    "mix": ("rwkv7", 0, ["--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
+    "chat": ("rwkv7", -1, "chat", []),
+    "flat": ("rwkv7", 0, "train", ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
+    "mix": ("rwkv7", 0, "train", ["--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
+    # RADLADS' step 3: a longer context, lr 7e-6, KL 0.5 + CE 0.5 (rows: long_context_args)
+    "long": ("rwkv7", -1, "long", ["--train.lr_init", "7e-6", "--train.lr_final", "7e-6",
+                                   "--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
 }
 
 
-def continue_arm(arm: str, steps: int, teacher: Path, data: Path, work: Path, extra: list[str],
-                 parent: Future, conversations: int) -> list:
-    """One kd stage from another arm's student (CONTINUES). The chat arm makes its data first
-    (while the other arms train) and trains on it."""
-    if arm == "chat":
-        data = chat_data(teacher, work, conversations)
-    _, stage, changes = CONTINUES[arm]
+def long_context_args(context: int) -> list[str]:
+    """Rows of ``context`` tokens, as many per micro batch as keep the recipe's tokens per step
+    (after the other stage arguments, so a smoke run's small rows do not undo them)."""
+    rows = max(1, RECIPE_TOKENS_PER_STEP // context)
+    return ["--data.max_len", str(context), "--data.micro_batch_size", str(rows)]
+
+
+def continue_arm(arm: str, steps: int, teacher: Path, work: Path, extra: list[str],
+                 parent: Future, data_for: Callable[[str], Path], long_context: int) -> list:
+    """One kd stage from another arm's student (CONTINUES), its data made first (the teacher's
+    conversations, or the corpus at the long context) while the other arms train."""
+    _, stage, data, changes = CONTINUES[arm]
+    data_dir = data_for(data)
     start = Path(parent.result()[stage]["student"])
-    return [train_stage(f"{arm}-kd", CONFIGS["rwkv7"][1], steps, teacher, data, work, start,
-                        [*changes, *extra])]
+    rows = long_context_args(long_context) if data == "long" else []
+    return [train_stage(f"{arm}-kd", CONFIGS["rwkv7"][1], steps, teacher, data_dir, work, start,
+                        [*changes, *extra, *rows])]
 
 
 def stage_time_limit(extra: list[str], stages: int) -> list[str]:
@@ -214,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
-                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, flat, mix "
-                             "(each continues rwkv7's student)")
+                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, flat, "
+                             "mix, long (each continues rwkv7's student)")
+    parser.add_argument("--long-context", type=int, default=4096,
+                        help="row length of the long arm (RADLADS' step 3: 4096)")
     parser.add_argument("--chat-conversations", type=int, default=4000,
                         help="conversations the teacher writes for the chat arm")
     parser.add_argument("--chat-steps", type=int, default=200,
@@ -257,11 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
                                     extra) for arm in arms if arm not in CONTINUES}
+        def data_for(kind: str) -> Path:
+            if kind == "chat":
+                return chat_data(args.teacher, args.work, args.chat_conversations)
+            if kind == "long":
+                return prepare_data(args.corpus, args.teacher, args.work, args.long_context)
+            return data
+
         for arm in (a for a in arms if a in CONTINUES):
             parent = CONTINUES[arm][0]
             futures[arm] = pool.submit(
                 continue_arm, arm, args.chat_steps if arm == "chat" else steps[parent][1],
-                args.teacher, data, args.work, extra, futures[parent], args.chat_conversations)
+                args.teacher, args.work, extra, futures[parent], data_for, args.long_context)
         for arm, future in futures.items():
             try:
                 results[arm] = future.result()

@@ -29,20 +29,26 @@ def corpus(root: Path) -> Path:
 def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-            "--arms", "rwkv7,flat", "--rwkv7-steps", "2,2", "--eval-tokens", "200",
-            "--trainer-args", STAGE_ARGS]
+            "--arms", "rwkv7,flat,long", "--rwkv7-steps", "2,2", "--eval-tokens", "200",
+            "--long-context", "128", "--trainer-args", STAGE_ARGS]
     assert quality.main(args) == 0
     stages = {s["stage"]: s for s in
               json.loads((tmp_path / "out/quality_stages.json").read_text())}
-    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd"]
+    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd", "long-kd"]
     assert all(s["tokens"] > 0 and Path(s["student"], "config.json").is_file()
                for s in stages.values())
     flat = json.loads((tmp_path / "work/flat-kd/quality_stage.json").read_text())["command"]
     assert flat[flat.index("--student.init_from") + 1] == stages["rwkv7-align"]["student"]
     assert flat[flat.index("--train.lr_init") + 1] == "1e-5"
     assert flat[flat.index("--train.steps") + 1] == "2"  # as many steps as rwkv7's kd
+    long = json.loads((tmp_path / "work/long-kd/quality_stage.json").read_text())["command"]
+    assert long[long.index("--student.init_from") + 1] == stages["rwkv7-kd"]["student"]
+    assert long[long.index("--data.train_dir") + 1] == str(tmp_path / "work/data/train128")
+    last = {flag: long[len(long) - 1 - long[::-1].index(flag) + 1]  # the last one wins
+            for flag in ("--data.max_len", "--data.micro_batch_size")}
+    assert last == {"--data.max_len": "128", "--data.micro_batch_size": str(16 * 1024 // 128)}
     scored = json.loads((tmp_path / "out/quality_eval.json").read_text())
-    assert {"teacher", "rwkv7", "flat"} <= {r["model"] for r in scored["scores"]}
+    assert {"teacher", "rwkv7", "flat", "long"} <= {r["model"] for r in scored["scores"]}
     capsys.readouterr()
 
     assert quality.main(args) == 0  # every stage done: reused, not trained again
