@@ -84,8 +84,7 @@ def prepare_data(corpus: Path, teacher: Path, work: Path, max_len: int = 1024) -
         return out
     run([sys.executable, "-m", "services.data", "text", "--paths", str(corpus / "train.jsonl"),
          "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", str(max_len),
-         "--pack",
-         "--long_docs", "split",  # truncate kept 3.7M of the corpus's ~10M tokens (2026-12-01)
+         "--pack", "--long_docs", "split",  # truncate kept 3.7M of ~10M tokens (2026-12-01)
          "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
         work / f"{out.name}-data.log")
     return out
@@ -277,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
                                     extra) for arm in arms if arm not in CONTINUES}
+
         def data_for(kind: str) -> Path:
             if kind == "chat":
                 return chat_data(args.teacher, args.work, args.chat_conversations)
