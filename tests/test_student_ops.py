@@ -129,3 +129,25 @@ def test_dispatch() -> None:
     if not fla_available():
         with pytest.raises(RuntimeError, match="flash-linear-attention"):
             rwkv7_op(*args, kernel="fla")
+
+
+def test_the_kernel_choice_compiles_without_a_graph_break() -> None:
+    """resolve_kernel, and the fla import guard it reads, trace in one graph (``fullgraph=True``
+    fails on any graph break): a compiled RWKV layer reads the choice as a constant and does not
+    run the import guard inside its trace (train.compile on a GPU took the chunked path after a
+    graph break there, 2026-12-02). The guard is a module global since, not an lru_cache that
+    Dynamo would trace through."""
+    import torch._dynamo
+
+    from shared.student.ops.common import resolve_kernel
+
+    eager = fla_available()
+    x = torch.randn(2, 5, 3)
+
+    def by_path(t: torch.Tensor) -> torch.Tensor:
+        return t * 2 if resolve_kernel("auto", t) == "fla" else t + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(by_path, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), by_path(x))
+    assert fla_available() is eager
