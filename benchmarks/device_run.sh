@@ -115,9 +115,9 @@ run_step() {
               done
               tok=${QUALITY_TOKENIZER:-}  # a copy of the teacher's tokenizer: data while it imports
               if [ -n "$tok" ] && [ ! -f "$work/data/train/card.json" ]; then
-                $py -m services.data text --paths "$work/corpus/train.jsonl" --tokenizer "$tok" \
-                  --output_dir "$work/data/train" --max_len 1024 --pack --long_docs split \
-                  --num_proc "$(nproc)" --overwrite >"$logs/quality-data.log" 2>&1 & data=$!
+                $py -c "import sys; from pathlib import Path; from benchmarks.quality import \
+prepare_data; prepare_data(*map(Path, sys.argv[1:]))" "$work/corpus" "$tok" "$work" \
+                  >"$logs/quality-data.log" 2>&1 & data=$!  # quality.py's data, its tokenizer
               fi
               [ -f "$work/teacher/config.json" ] || timeout $(( end - $(date +%s) )) \
                 $py -m services.teacher.gguf \
