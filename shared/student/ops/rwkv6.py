@@ -132,6 +132,10 @@ def rwkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
     return from_chunks(out, t).to(r.dtype), state
 
 
+# Never traced (torch.compiler.disable): under train.compile the layer's elementwise work is
+# compiled around this call, which runs eagerly. fla's Python (its autotuner, which ours
+# replaces, input guards, cached chunk indices, inspect.signature) is not Dynamo's to trace.
+@torch.compiler.disable
 def rwkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
               initial_state: State = None,
               segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -113,6 +113,10 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     return from_chunks(out, t).to(r.dtype), state
 
 
+# Never traced (torch.compiler.disable): under train.compile the layer's elementwise work is
+# compiled around this call, which runs eagerly. fla's Python (its autotuner, which ours
+# replaces, input guards, cached chunk indices, inspect.signature) is not Dynamo's to trace.
+@torch.compiler.disable
 def rwkv7_fla(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
               b: torch.Tensor, initial_state: State = None,
               segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
