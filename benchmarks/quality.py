@@ -148,7 +148,9 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
         return done["result"]
     seconds = run(cmd, work / f"{name}.log")
     summary = json.loads((out / "summary.json").read_text())
-    result = {"stage": name, "steps": steps, "tokens": summary["tokens"], "seconds": seconds,
+    # the steps it ran: train.time_limit_seconds may stop a stage before the steps it was given
+    result = {"stage": name, "steps": summary["steps"], "steps_planned": steps,
+              "tokens": summary["tokens"], "seconds": seconds,
               "tokens_per_second": summary["tokens_per_second"], "student": summary["student"],
               "mfu": summary.get("mfu")}
     record.write_text(json.dumps({"command": cmd, "result": result}))
@@ -219,7 +221,9 @@ def stage_table(stages: list[dict]) -> str:
     rows = ["| stage | steps | tokens | seconds | tokens/s | MFU |", "|---|---|---|---|---|---|"]
     for s in stages:
         mfu = f"{s['mfu']:.3f}" if s.get("mfu") else "–"
-        rows.append(f"| {s['stage']} | {s['steps']} | {s['tokens'] / 1e6:.2f}M | "
+        planned = s.get("steps_planned", s["steps"])
+        steps = f"{s['steps']} of {planned}" if s["steps"] != planned else str(s["steps"])
+        rows.append(f"| {s['stage']} | {steps} | {s['tokens'] / 1e6:.2f}M | "
                     f"{s['seconds']:.0f} | {s['tokens_per_second']:,.0f} | {mfu} |")
     return "\n".join(rows)
 

@@ -151,3 +151,20 @@ def test_packed_rows_refuse_a_cache(teacher) -> None:
     _, batch = packed_batch()
     with pytest.raises(ValueError, match="use_cache=False"):
         student(**batch, use_cache=True)
+
+
+def test_auto_layout_takes_segments_only_where_the_wkv_runs_on_fla(teacher) -> None:
+    """``packed_layout: auto`` (the default): segments where fla's varlen kernels take the rows
+    in one pass, per_document on the chunked path, where it batches documents of like length."""
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer="rwkv7"))
+    assert student.model.packed_layout == "auto"
+    _, batch = packed_batch()
+    hidden = torch.zeros(2, WIDTH, 64)  # float32 on the CPU: the chunked path
+    layout = student.model.packed_documents(batch["position_ids"], batch["attention_mask"],
+                                            hidden)
+    assert isinstance(layout, DocumentBatch)
+    student.config.rwkv_kernel = "fla"  # what auto resolves to on CUDA with fla installed
+    layout = student.model.packed_documents(batch["position_ids"], batch["attention_mask"],
+                                            hidden)
+    assert isinstance(layout, PackedSegments)
+    assert layout.cu_seqlens_cpu.tolist() == [0, 5, 14, 18, 36]

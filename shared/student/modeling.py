@@ -38,6 +38,7 @@ from shared.student.layers import (
     RWKV7ChannelMix,
     RWKV7TimeMix,
 )
+from shared.student.ops import resolve_kernel
 from shared.student.packing import DocumentBatch, PackedSegments, packed_documents
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
@@ -139,9 +140,9 @@ class RWKVHybridPreTrainedModel(PreTrainedModel):
 class RWKVHybridModel(RWKVHybridPreTrainedModel):
     """Embeddings, decoder layers (teacher layers and RWKV layers), final norm."""
 
-    packed_layout = "per_document"
-    """How RWKV layers run packed rows: ``per_document`` or ``segments``
-    (``shared.student.packing``); the same numbers either way."""
+    packed_layout = "auto"
+    """How RWKV layers run packed rows: ``per_document``, ``segments``
+    (``shared.student.packing``) or ``auto``; the same numbers either way."""
 
     def __init__(self, config: RWKVHybridConfig) -> None:
         super().__init__(config)
@@ -188,9 +189,17 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
     def packed_documents(self, position_ids: torch.Tensor | None,
                          attention_mask: torch.Tensor | None, hidden: torch.Tensor,
                          ) -> DocumentBatch | PackedSegments | None:
-        """The batch's packed documents in the layout ``packed_layout`` names, or None."""
-        return packed_documents(position_ids, attention_mask, hidden.shape[0],
-                                self.packed_layout)
+        """The batch's packed documents in the layout ``packed_layout`` names, or None.
+
+        ``auto``: ``segments`` where the WKV runs on fla, whose varlen kernels take the packed
+        rows in one pass (7x ``per_document`` for the all-RWKV-7 SmolLM2 student on an H200,
+        BENCHMARKS.md 2026-12-02); ``per_document`` on the other paths, where it batches
+        documents of like length and ``segments`` would loop over them one by one."""
+        layout = self.packed_layout
+        if layout == "auto":
+            on_fla = resolve_kernel(self.config.rwkv_kernel, hidden) == "fla"
+            layout = "segments" if on_fla else "per_document"
+        return packed_documents(position_ids, attention_mask, hidden.shape[0], layout)
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,

@@ -14,15 +14,16 @@ The RWKV side has two layouts:
   flash-linear-attention's varlen kernels take it; the other paths loop over the documents).
   The row layout stays as it is: no gather, no padding, one kernel per op whatever the number
   of documents.
-* ``per_document`` (``DocumentBatch``, the default): the row
+* ``per_document`` (``DocumentBatch``): the row
   is re-laid out: ``split`` turns ``[B, T, *]`` into batches of whole documents ``[n, L, *]``
   (each from a zero state, right-padded), the layer runs on those, and ``merge`` puts the
   outputs back. Documents are grouped by length (powers of two), so a group is padded to at
   most twice its shortest member and short documents do not pay for a long one. On a GPU this
   cost the all-RWKV-7 SmolLM2 student two thirds of its step (docs/quality.md): every group is
-  one more launch of every op of the layer, at a new shape. ``segments`` is meant to become the
-  default on fla once a GPU run has compared the two (tests/test_student_gpu.py,
-  ``bench_steps --docs-per-row``); it has only run on CPU so far.
+  one more launch of every op of the layer, at a new shape: ``segments`` ran 7.07x as fast
+  there (bench_steps --docs-per-row 4, BENCHMARKS.md 2026-12-02), so ``auto``, the default,
+  takes ``segments`` where the WKV runs on fla and ``per_document`` on the chunked path, where
+  it is the faster one (documents of like length share one scan).
 
 The rule for a document start is transformers' (``find_packed_sequence_indices``): a position
 that does not follow its left neighbour by exactly 1. The data loader continues counting into

@@ -8,7 +8,7 @@ Each operator has three paths with identical conventions (those of flash-linear-
 
 ``rwkv6_op`` / ``rwkv7_op`` pick one of them from a kernel name (``student.kernel``).
 """
-from shared.student.ops.common import KERNELS, fla_available
+from shared.student.ops.common import KERNELS, fla_available, resolve_kernel
 from shared.student.ops.rwkv6 import rwkv6_chunked, rwkv6_fla, rwkv6_op, rwkv6_recurrent
 from shared.student.ops.rwkv7 import (
     RWKV7_LOG_DECAY_MIN,
@@ -22,6 +22,7 @@ __all__ = [
     "KERNELS",
     "RWKV7_LOG_DECAY_MIN",
     "fla_available",
+    "resolve_kernel",
     "rwkv6_chunked",
     "rwkv6_fla",
     "rwkv6_op",
