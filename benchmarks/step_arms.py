@@ -154,7 +154,9 @@ def profile(fn, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=acts,
+    # acc_events: without it the profiler clears its events at the end of the (one) cycle, so
+    # events() came back empty and 2026-12-02's GPU tables had zeros in every profile column
+    with torch.profiler.profile(activities=acts, acc_events=True,
                                 schedule=schedule(wait=0, warmup=1, active=1)) as prof:
         for _ in range(2):
             sync(device)
