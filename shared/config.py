@@ -173,9 +173,10 @@ class TrainConfig:
     kernel's reference)."""
     compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     """torch.compile each of the student's decoder layers (shared/compiling.py), forward and
-    backward: the RWKV-7 elementwise chains become a few fused kernels (issue 19: the eager
-    step was host-bound at the 135M shape). off until measured on the device
-    (benchmarks/bench_steps.py); reduce-overhead adds CUDA graphs (static shapes)."""
+    backward: the RWKV-7 elementwise chains become a few fused kernels. kd on an H200 at the
+    135M shape: 1.29x (hybrid) and 1.12x (all-RWKV-7) the eager step, ~30 s more start-up
+    (BENCHMARKS.md 2026-12-02); off by default until align and a GPU equality test have run
+    compiled. reduce-overhead adds CUDA graphs (static shapes)."""
     steps: Count = 100
     """Optimizer steps to train."""
     time_limit_seconds: NonNegative = 0.0
