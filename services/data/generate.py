@@ -368,9 +368,11 @@ def generate(args: argparse.Namespace) -> str:
             if now - last_report >= PROGRESS_SECONDS or kept >= args.conversations:
                 rate = (kept - resumed) / max(now - started, 1e-9)
                 eta = (args.conversations - kept) / rate if rate > 0 else float("inf")
+                # the reasons too: a run cut short never prints its summary line
+                why = ", ".join(f"{k} {v}" for k, v in teacher.dropped.most_common())
                 print(f"generate: {kept}/{args.conversations} conversations, "
-                      f"{sum(teacher.dropped.values())} dropped, {rate:.3f}/s, eta {eta:.0f} s",
-                      file=sys.stderr, flush=True)
+                      f"{sum(teacher.dropped.values())} dropped{f' ({why})' if why else ''}, "
+                      f"{rate:.3f}/s, eta {eta:.0f} s", file=sys.stderr, flush=True)
                 last_report = now
     seconds = time.time() - started
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(teacher.dropped.items()))
