@@ -18,6 +18,10 @@ Arms, each through the product's own commands (``python -m services.data``,
   (``python -m services.data generate``, self-instruct, ``--chat-conversations`` of them,
   generated while the other arms train, then ``chat``): does chat-formatted data end the
   all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
+* ``wrap`` (needs ``rwkv7``): as ``chat``, on the training corpus itself as conversations (a
+  user asks for a page by its title, the assistant's reply is the page:
+  ``quality_corpus.as_conversations``), ready in seconds where the teacher's own take minutes:
+  is it the template around the text or the teacher's own replies that the student lacks?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together (in one stage, so with twice the per-stage
   ``--train.time_limit_seconds``);
@@ -95,15 +99,39 @@ def chat_data(teacher: Path, work: Path, conversations: int) -> Path:
     out, chats = work / "data" / "chat", work / "chats.jsonl"
     if (out / "card.json").is_file():
         return out
-    # 1024 rows a batch: at 256 the H200 kept 2.5 conversations/s beside a training stage
-    # (2026-12-02; one row in three kept). A 135M teacher's forward is host-bound at small
-    # widths (issue 19), so a wider batch should cost little more per step: not yet measured
+    # 2026-12-02 on the H200, 256 rows a batch and 256 tokens a turn: 2.5 conversations/s
+    # beside a training stage, one row in three kept; on CPU the dropped replies were all
+    # "unfinished" (21 of 32 ran past 256 tokens). So: replies up to 768 tokens (a conversation
+    # still fits a 1024-token row), questions up to 128, 1024 rows a batch (a 135M teacher's
+    # step is host-bound at small widths, issue 19). Not yet measured on the GPU.
     run([sys.executable, "-m", "services.data", "generate", "--teacher", str(teacher),
          "--output", str(chats), "--conversations", str(conversations), "--device", "auto",
-         "--batch_size", "1024", "--max_new_tokens", "256"], work / "chat-generate.log")
-    run([sys.executable, "-m", "services.data", "chat", "--paths", str(chats), "--tokenizer",
-         str(teacher), "--output_dir", str(out), "--max_len", "1024"], work / "chat-data.log")
+         "--batch_size", "1024", "--max_new_tokens", "768", "--max_user_tokens", "128"],
+        work / "chat-generate.log")
+    return chat_rows(chats, teacher, out)
+
+
+def chat_rows(conversations: Path, teacher: Path, out: Path) -> Path:
+    """Conversations (``{"messages": ...}`` lines) in the teacher's chat template, packed into
+    1024-token rows, not padded (packed rows train in one pass on fla: student.packed_layout)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "services.data", "chat", "--paths", str(conversations),
+         "--tokenizer", str(teacher), "--output_dir", str(out), "--max_len", "1024", "--pack",
+         "--num_proc", str(min(16, os.cpu_count() or 1)), "--overwrite"],
+        out.parent / f"{out.name}-data.log")
     return out
+
+
+def wrapped_data(corpus: Path, teacher: Path, work: Path) -> Path:
+    """The training corpus as conversations (quality_corpus.as_conversations: a user asks for a
+    page, the assistant writes it), a kd dataset in the chat template (the ``wrap`` arm)."""
+    from benchmarks.quality_corpus import write_conversations
+
+    out, conversations = work / "data" / "wrap", work / "wrapped.jsonl"
+    if (out / "card.json").is_file():
+        return out
+    write_conversations(corpus / "train.jsonl", conversations)
+    return chat_rows(conversations, teacher, out)
 
 
 def random_student(teacher: Path, out: Path) -> Path:
@@ -165,6 +193,7 @@ RECIPE_TOKENS_PER_STEP = 16 * 1024  # configs/smollm2_rwkv7_kd.yaml: 16 rows of 
 # this arm's one kd stage trains on, what it changes in the kd recipe)
 CONTINUES = {
     "chat": ("rwkv7", -1, "chat", []),
+    "wrap": ("rwkv7", -1, "wrap", []),
     "flat": ("rwkv7", 0, "train", ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
     "mix": ("rwkv7", 0, "train", ["--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
     # RADLADS' step 3: a longer context, lr 7e-6, KL 0.5 + CE 0.5 (rows: long_context_args)
@@ -238,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
-                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, flat, "
-                             "mix, long (each continues rwkv7's student)")
+                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, wrap, "
+                             "flat, mix, long (each continues rwkv7's student)")
     parser.add_argument("--long-context", type=int, default=4096,
                         help="row length of the long arm (RADLADS' step 3: 4096)")
     parser.add_argument("--chat-conversations", type=int, default=4000,
                         help="conversations the teacher writes for the chat arm")
     parser.add_argument("--chat-steps", type=int, default=200,
-                        help="steps of the chat arm's third stage (kd on the conversations)")
+                        help="steps of the chat and wrap arms' third stage (kd on the "
+                             "conversations)")
     parser.add_argument("--hybrid-steps", default="120,480", help="align,kd optimizer steps")
     parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
@@ -287,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         def data_for(kind: str) -> Path:
             if kind == "chat":
                 return chat_data(args.teacher, args.work, args.chat_conversations)
+            if kind == "wrap":
+                return wrapped_data(args.corpus, args.teacher, args.work)
             if kind == "long":
                 return prepare_data(args.corpus, args.teacher, args.work, args.long_context)
             return data
@@ -294,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm in (a for a in arms if a in CONTINUES):
             parent = CONTINUES[arm][0]
             futures[arm] = pool.submit(
-                continue_arm, arm, args.chat_steps if arm == "chat" else steps[parent][1],
+                continue_arm, arm,
+                args.chat_steps if arm in ("chat", "wrap") else steps[parent][1],
                 args.teacher, args.work, extra, futures[parent], data_for, args.long_context)
         for arm, future in futures.items():
             try:

@@ -137,6 +137,9 @@ def test_left_padded_batches_answer_as_single_rows(chat_tokenizer):
     assert together == alone
     assert all(len(ids) == 12 and not ended for ids, ended in together)
     assert len({tuple(ids) for ids, _ in together}) == 3  # the rows did read their prompts
+    # a turn's own limit (--max_user_tokens for the questions) overrides --max_new_tokens
+    short = sample(model, rows, args, turns, tok.pad_token_id, 5)
+    assert [ids for ids, _ in short] == [ids[:5] for ids, _ in together]
 
 
 def test_self_instruct_is_seeded_and_resumes(teacher, tmp_path):
@@ -202,6 +205,8 @@ def test_bad_input_is_one_clear_line(teacher, tmp_path, capsys):
         (base + ["--conversations", "0"], "--conversations must be a positive number"),
         (base + ["--conversations", "-3"], "--conversations must be a positive number"),
         (base + ["--conversations", "2", "--top_p", "0"], "--top_p in (0, 1]"),
+        (base + ["--conversations", "2", "--max_user_tokens", "0"],
+         "--max_new_tokens, --max_user_tokens and --batch_size must be at least 1"),
         (["generate", "--teacher", str(tmp_path / "none"), "--output", str(out),
           "--conversations", "2"], "is not a directory"),
         (["chat", "--paths", str(tmp_path / "junk.jsonl"), "--tokenizer", str(teacher),

@@ -29,12 +29,13 @@ def corpus(root: Path) -> Path:
 def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-            "--arms", "rwkv7,flat,long", "--rwkv7-steps", "2,2", "--eval-tokens", "200",
+            "--arms", "rwkv7,flat,long,wrap", "--rwkv7-steps", "2,2", "--chat-steps", "1",
+            "--eval-tokens", "200",
             "--long-context", "128", "--trainer-args", STAGE_ARGS]
     assert quality.main(args) == 0
     stages = {s["stage"]: s for s in
               json.loads((tmp_path / "out/quality_stages.json").read_text())}
-    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd", "long-kd"]
+    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd", "long-kd", "wrap-kd"]
     assert all(s["tokens"] > 0 and Path(s["student"], "config.json").is_file()
                for s in stages.values())
     flat = json.loads((tmp_path / "work/flat-kd/quality_stage.json").read_text())["command"]
@@ -47,8 +48,14 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     last = {flag: long[len(long) - 1 - long[::-1].index(flag) + 1]  # the last one wins
             for flag in ("--data.max_len", "--data.micro_batch_size")}
     assert last == {"--data.max_len": "128", "--data.micro_batch_size": str(16 * 1024 // 128)}
+    wrap = json.loads((tmp_path / "work/wrap-kd/quality_stage.json").read_text())["command"]
+    assert wrap[wrap.index("--student.init_from") + 1] == stages["rwkv7-kd"]["student"]
+    assert wrap[wrap.index("--data.train_dir") + 1] == str(tmp_path / "work/data/wrap")
+    assert wrap[wrap.index("--train.steps") + 1] == "1"  # --chat-steps
+    card = json.loads((tmp_path / "work/data/wrap/card.json").read_text())
+    assert (card["subcommand"], card["chat_format"]) == ("chat", "chat")
     scored = json.loads((tmp_path / "out/quality_eval.json").read_text())
-    assert {"teacher", "rwkv7", "flat", "long"} <= {r["model"] for r in scored["scores"]}
+    assert {"teacher", "rwkv7", "flat", "long", "wrap"} <= {r["model"] for r in scored["scores"]}
     capsys.readouterr()
 
     assert quality.main(args) == 0  # every stage done: reused, not trained again
@@ -64,3 +71,21 @@ def test_the_control_stage_gets_the_time_of_two():
                                                   "--train.time_limit_seconds", "370.0"]
     assert quality.stage_time_limit(["--data.max_len", "64"], 2) == ["--data.max_len", "64"]
     assert extra[-1] == "185"
+
+
+def test_a_document_becomes_conversations_that_hold_all_of_it():
+    from benchmarks.quality_corpus import as_conversations, document_title
+
+    paragraphs = [" ".join(f"w{i}_{j}" for j in range(120)) for i in range(9)]  # ~700 chars each
+    text = "Kernel modules\n==============\n\n" + "\n\n".join(paragraphs)
+    assert document_title(text) == "Kernel modules"
+    turns = list(as_conversations(text, max_chars=1600))
+    assert len(turns) > 3
+    asks = [t["messages"][0]["content"] for t in turns]
+    replies = [t["messages"][1]["content"] for t in turns]
+    assert asks[0] == 'Write the documentation page "Kernel modules".'
+    assert asks[1] == 'Continue the documentation page "Kernel modules" (part 2).'
+    assert all(len(r) <= 1600 for r in replies)
+    assert " ".join(" ".join(replies).split()) == " ".join(text.split())  # nothing lost
+    long_word = list(as_conversations("x" * 3500, max_chars=1600))  # cut hard where no space is
+    assert [len(t["messages"][1]["content"]) for t in long_word] == [1600, 1600, 300]

@@ -1,8 +1,8 @@
 """Chat conversations sampled from the teacher itself, for distillation on chat-shaped text.
 
     python -m services.data generate --teacher DIR --output chats.jsonl --conversations 20000 \\
-        [--prompts FILE] [--max_new_tokens 256] [--batch_size 16] [--temperature 0.7] \\
-        [--top_p 0.95] [--seed 0] [--device auto|cpu|cuda]
+        [--prompts FILE] [--max_new_tokens 256] [--max_user_tokens 128] [--batch_size 16] \\
+        [--temperature 0.7] [--top_p 0.95] [--seed 0] [--device auto|cpu|cuda]
 
 Why: a student distilled from an instruct teacher on plain documents never sees a chat turn,
 so after ``<|im_start|>assistant\\n`` it ends the turn at once or loops (issue 18). Text the
@@ -48,7 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=None,
                    help="user turns: text (one per line) or .jsonl with 'prompt'/'text'; "
                         "default: the teacher writes them (self-instruct)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="per turn, at most")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="per reply, at most")
+    p.add_argument("--max_user_tokens", type=int, default=128,
+                   help="per self-instructed question, at most (a batch samples until its "
+                        "longest row ends: one rambling question must not hold it up)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=0.95)
@@ -70,8 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything checkable before the (slow) model load."""
     if args.conversations <= 0:
         raise DataError("--conversations must be a positive number of conversations")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise DataError("--max_new_tokens and --batch_size must be at least 1")
+    if min(args.max_new_tokens, args.max_user_tokens, args.batch_size) < 1:
+        raise DataError("--max_new_tokens, --max_user_tokens and --batch_size must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise DataError("--temperature must be >= 0 and --top_p in (0, 1]")
     if not Path(args.teacher).is_dir():
@@ -169,8 +172,9 @@ def load_model(teacher: str, device: str) -> Any:
 
 
 def sample(model: Any, rows: list[list[int]], args: argparse.Namespace, turns: Turns,
-           pad_id: int) -> list[tuple[list[int], bool]]:
-    """One turn per row, sampled in a single left-padded batch: (token ids, ended)."""
+           pad_id: int, max_new_tokens: int | None = None) -> list[tuple[list[int], bool]]:
+    """One turn per row of at most ``max_new_tokens`` (default ``args.max_new_tokens``),
+    sampled in a single left-padded batch: (token ids, ended)."""
     import torch
     from transformers import GenerationConfig
 
@@ -183,7 +187,8 @@ def sample(model: Any, rows: list[list[int]], args: argparse.Namespace, turns: T
     # generate() fills every None from the teacher's generation_config.json, then from
     # transformers' defaults (top_k=50): set the neutral values explicitly, so that only our
     # options shape the data.
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_length=0, num_beams=1,
+    config = GenerationConfig(max_new_tokens=max_new_tokens or args.max_new_tokens,
+                              min_length=0, num_beams=1,
                               do_sample=not greedy, temperature=1.0 if greedy else args.temperature,
                               top_p=1.0 if greedy else args.top_p, top_k=0, typical_p=1.0,
                               epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
@@ -228,7 +233,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What the output depends on; a resumed run must match it exactly."""
     return {"teacher": str(Path(args.teacher).resolve()),
             "prompts": str(args.prompts.resolve()) if args.prompts else None,
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "max_user_tokens": args.max_user_tokens,
+            "batch_size": args.batch_size,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
@@ -279,7 +285,8 @@ class Sampler:
     def _turns(self, rows: list[list[int]], role: str) -> list[str | None]:
         """Sample one turn per row; None (and a count) for an unusable one."""
         out: list[str | None] = []
-        for tok, ended in sample(self.model, rows, self.args, self.turns, self.pad_id):
+        limit = self.args.max_user_tokens if role == "user" else self.args.max_new_tokens
+        for tok, ended in sample(self.model, rows, self.args, self.turns, self.pad_id, limit):
             text = self.tokenizer.decode(tok)
             why = verdict(tok, ended, text, self.turns)
             self.dropped.update([f"{role}_{why}"] if why else [])
