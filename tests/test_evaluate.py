@@ -210,6 +210,7 @@ def test_cli_writes_one_row_per_model_and_set(tiny_llama, student_dir, noisy_dir
         if r["model"] == "teacher":
             assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["ppl_ratio"] == 1.0
     assert [list(g["outputs"]) for g in written["generations"]] == [names, names]
+    assert [list(g["first_token"]) for g in written["generations"]] == [names, names]
     assert [(d["context"], d["model"]) for d in written["decode"]] == [
         (c, m) for c in (8, 16) for m in names]
     markdown = out_md.read_text()
@@ -271,3 +272,22 @@ def test_gpu_run_in_bf16_agrees_with_the_cpu(text_file, tmp_path) -> None:
         assert g["kl"] == pytest.approx(c["kl"], abs=0.02)
     assert gpu["scores"][0]["kl"] == 0.0 and gpu["scores"][0]["top1_agreement"] == 1.0
     assert all(d["peak_memory_mib"] > 0 for d in gpu["decode"])
+
+
+def test_first_token_is_the_chance_of_an_empty_reply(tiny_llama, teacher) -> None:
+    """What the report shows beside each greedy output: P(the reply's first token ends the
+    turn), and the top tokens, as a plain forward over the prompt computes them."""
+    from services.evaluate.generation import end_ids, first_token, prompt_ids
+
+    model, tokenizer = teacher
+    ids = prompt_ids("Name a dog", tokenizer)
+    got = first_token(model, ids, tokenizer, top=3)
+    module = model.module
+    with torch.no_grad():
+        probs = module(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+    ends = end_ids(module, tokenizer)
+    assert ends and got["p_end"] == pytest.approx(float(probs[ends].sum()), rel=1e-5)
+    assert 0.0 < got["p_end"] < 1.0  # a random model: some chance of ending, not certainty
+    values, indices = probs.topk(3)
+    assert [t for t, _ in got["top"]] == [tokenizer.decode([i]) for i in indices.tolist()]
+    assert [p for _, p in got["top"]] == pytest.approx(values.tolist(), rel=1e-5)

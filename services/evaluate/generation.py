@@ -46,6 +46,29 @@ def prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+def end_ids(module: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a generation: the model's generation config's, else the tokenizer's."""
+    eos = getattr(module.generation_config, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+
+
+@torch.inference_mode()
+def first_token(model: Model, ids: list[int], tokenizer: Any, top: int = 3) -> dict[str, Any]:
+    """The model's distribution over the reply's first token: the probability that it ends the
+    turn at once (``p_end``: an all-RWKV student's answers were empty, docs/quality.md) and the
+    ``top`` most likely tokens with their probabilities."""
+    module = model.module
+    device = next(module.parameters()).device
+    logits = module(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
+    probs = logits[0, -1].float().softmax(-1)
+    ends = [i for i in end_ids(module, tokenizer) if i < probs.numel()]
+    best = probs.topk(top)
+    return {"p_end": float(probs[ends].sum()) if ends else 0.0,
+            "top": [[tokenizer.decode([i]), float(p)]
+                    for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]}
+
+
 @torch.inference_mode()
 def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) -> str:
     """The model's greedy continuation of ``ids``, decoded without special tokens."""
@@ -54,7 +77,7 @@ def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) ->
     module = model.module
     device = next(module.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    eos = getattr(module.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    eos = end_ids(module, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                               eos_token_id=eos, pad_token_id=pad)
@@ -66,7 +89,8 @@ def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) ->
 
 def side_by_side(models: Sequence[Model], tokenizer: Any, prompts: Sequence[str],
                  max_new_tokens: int) -> list[dict[str, Any]]:
-    """``[{"prompt": p, "outputs": {model name: text}}]`` for every prompt."""
+    """``[{"prompt": p, "outputs": {model name: text}, "first_token": {model name:
+    first_token(...)}}]`` for every prompt."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -74,5 +98,6 @@ def side_by_side(models: Sequence[Model], tokenizer: Any, prompts: Sequence[str]
         ids = prompt_ids(prompt, tokenizer)
         rows.append({"prompt": prompt, "prompt_tokens": len(ids),
                      "outputs": {m.name: greedy(m, ids, tokenizer, max_new_tokens)
-                                 for m in models}})
+                                 for m in models},
+                     "first_token": {m.name: first_token(m, ids, tokenizer) for m in models}})
     return rows

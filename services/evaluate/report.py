@@ -45,9 +45,15 @@ def decode_lines(rows: list[dict[str, Any]], device: str) -> list[str]:
 def generation_lines(generations: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for number, item in enumerate(generations, 1):
-        lines += [f"**Prompt {number}:** {_cell(item['prompt'])}", "", "| model | greedy output |",
-                  "|---|---|"]
-        lines += [f"| {name} | {_cell(text)} |" for name, text in item["outputs"].items()]
+        lines += [f"**Prompt {number}:** {_cell(item['prompt'])}", "",
+                  "| model | P(ends at once) | first token: top 3 | greedy output |",
+                  "|---|---:|---|---|"]
+        for name, text in item["outputs"].items():
+            first = item.get("first_token", {}).get(name)
+            p_end, top = ("–", "–") if first is None else (
+                f"{first['p_end']:.3f}",
+                ", ".join(f"`{_cell(repr(tok))}` {p:.2f}" for tok, p in first["top"]))
+            lines.append(f"| {name} | {p_end} | {top} | {_cell(text)} |")
         lines.append("")
     return lines
 
