@@ -197,9 +197,16 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         documents of like length and ``segments`` would loop over them one by one."""
         layout = self.packed_layout
         if layout == "auto":
-            on_fla = resolve_kernel(self.config.rwkv_kernel, hidden) == "fla"
-            layout = "segments" if on_fla else "per_document"
+            layout = "segments" if self._wkv_path(hidden) == "fla" else "per_document"
         return packed_documents(position_ids, attention_mask, hidden.shape[0], layout)
+
+    def _wkv_path(self, hidden: torch.Tensor) -> str:
+        """The WKV path the RWKV layers take for this batch: what ``student.kernel`` resolves to
+        for their inputs' device and dtype (the model's, or autocast's where it is on)."""
+        probe = hidden[:1, :2].to(self.embed_tokens.weight.dtype)
+        if torch.is_autocast_enabled(hidden.device.type):
+            probe = probe.to(torch.get_autocast_dtype(hidden.device.type))
+        return resolve_kernel(self.config.rwkv_kernel, probe)
 
     def run_rwkv_layer_per_document(self, layer: RWKVDecoderLayer, hidden: torch.Tensor,
                                     v_first: torch.Tensor | None, documents: DocumentBatch,
