@@ -182,7 +182,12 @@ class TrainConfig:
     time_limit_seconds: NonNegative = 0.0
     """End the stage after the first step that finishes past this many seconds of training
     (as if it were the last: checkpoint, export, summary); the ranks agree on it. The learning
-    rate still follows the schedule of train.steps. 0 = no limit."""
+    rate follows the schedule of train.steps unless train.lr_schedule is time. 0 = no limit."""
+    lr_schedule: Literal["steps", "time"] = "steps"
+    """What the cosine decay runs over: steps = train.steps; time = train.time_limit_seconds
+    too, whichever is further along (the ranks' mean share of the time spent), so a stage that
+    its time limit ends has decayed to lr_final instead of stopping mid-schedule. Needs
+    time_limit_seconds > 0; a resumed run goes on from the share spent before."""
     grad_accum: Count = 1
     """Micro batches per optimizer step."""
     lr_init: Positive = 1e-4

@@ -118,3 +118,36 @@ def test_a_time_limit_ends_the_stage_with_an_export(tmp_path, tiny_llama, datase
     assert summary["steps"] == 1, summary   # the first step already ends past 10 ms
     assert Path(summary["student"], "config.json").is_file()
     assert "train.time_limit_seconds=0.01 reached: step 1 is the last" in out
+
+
+def test_a_time_schedule_decays_by_the_time_limit_and_a_resume_keeps_its_budget(
+        tmp_path, tiny_llama, dataset):  # noqa: F811
+    """train.lr_schedule: time: a stage its time limit ends has decayed to lr_final (with the
+    step schedule of 100,000 steps it would barely have left lr_init), and a resumed stage
+    goes on with the time its checkpoint had left, not a fresh budget."""
+    cfg = in_process_config(tmp_path, tiny_llama, dataset)
+    args = ["--train.steps", "100000", "--train.time_limit_seconds", "4",
+            "--train.lr_schedule", "time", "--train.warmup_steps", "0",
+            "--train.lr_init", "1e-3", "--train.lr_final", "1e-5"]
+    done = trainer(cfg, *args)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "steps-rank0.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records]
+    assert len(lrs) >= 3, lrs  # a tiny step takes well under a second on CPU
+    assert lrs[0] == 1e-3 and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)), lrs
+    # the last step's lr comes from the share spent after the one before it: near the end
+    assert lrs[-1] < 1e-5 + 0.5 * (1e-3 - 1e-5), lrs  # steps schedule: ~1e-3 still
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["trained_seconds"] >= 4.0, state
+    steps = len(records)
+    again = trainer(cfg, *args)  # resumes from the last checkpoint: no time left but one step
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "resumed from" in out and f"step {steps + 1} is the last" in out, out[-3000:]
+    bad = trainer(cfg, "--train.lr_schedule", "time")  # no time limit to decay over
+    assert bad.returncode != 0
+    assert "train.lr_schedule: time decays the learning rate over train.time_limit_seconds" \
+        in bad.stdout + bad.stderr

@@ -55,6 +55,10 @@ def check_inputs(cfg: Config) -> Inputs:
     """Every input the trainer can check alone, before anything is built."""
     from shared.data_card import check_tokenizer_fingerprint
 
+    if cfg.train.lr_schedule == "time" and not cfg.train.time_limit_seconds:
+        raise ValueError("train.lr_schedule: time decays the learning rate over "
+                         "train.time_limit_seconds, which is 0 (no limit): set "
+                         "train.time_limit_seconds, or train.lr_schedule: steps")
     uses_teacher = cfg.train.stage != "sft"
     teacher = None
     if cfg.student.init_from:

@@ -63,12 +63,16 @@ from shared.profiling import StepProfiler
 log = logging.getLogger("trainer")
 
 
-def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warm-up to lr_init, then cosine decay to lr_final at the last step."""
+def learning_rate(cfg: Config, step: int, time_spent: float = 0.0) -> float:
+    """Linear warm-up to lr_init, then cosine decay to lr_final at the last step or, with
+    ``train.lr_schedule: time``, by the end of the time limit if that comes first
+    (``time_spent``: the share of it spent so far, 0..1)."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr_init * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if t.lr_schedule == "time":
+        progress = max(progress, time_spent)
     cosine = 1 + math.cos(math.pi * min(1.0, progress))
     return t.lr_final + 0.5 * (t.lr_init - t.lr_final) * cosine
 
@@ -167,6 +171,9 @@ class TrainingRun:
     http: MetricsServer | None = None
     peers: PeerWatch | None = None
     deadline: float | None = None   # time.monotonic() past which the stage ends (time limit)
+    trained_seconds: float = 0.0    # seconds of training before this process (a resumed run's)
+    train_started: float | None = None   # time.monotonic() when this process began to train
+    time_spent: float = 0.0         # share of train.time_limit_seconds spent (ranks' mean)
     startup: StartupClock = field(default_factory=StartupClock)   # phases to the first step
 
     def close(self, linger: float = 0.0) -> None:
@@ -238,11 +245,12 @@ def start(cfg: Config) -> TrainingRun:
     batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
                            place.rank, seed=cfg.data.seed, remainder="wrap")
     frozen = checkpoint.frozen_parameters(engine)
-    step, history = 0, {}
+    step, history, trained_seconds = 0, {}, 0.0
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, frozen)
         batches.load_state_dict(state["data"])
         step, history = state["step"], state.get("history", {})
+        trained_seconds = float(state.get("trained_seconds", 0.0))
         log.info("resumed from %s at step %d", resume_from, step)
     prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch, inputs.vocab_size)
     clock.mark("data and resume")
@@ -259,7 +267,7 @@ def start(cfg: Config) -> TrainingRun:
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
                        out_dir, frozen, flops, in_process_teacher_flops(teacher, request),
                        peak_flops(place.device), step, history, http=http, peers=peers,
-                       startup=clock)
+                       trained_seconds=trained_seconds, startup=clock)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -277,7 +285,7 @@ def train_step(run: TrainingRun) -> StepStats:
     after it, the all-reduce of the step's numbers (StepStats.reduce).
     tests/test_trainer_gpu.py lists every site on a GPU."""
     cfg, engine, place = run.cfg, run.engine, run.place
-    lr = learning_rate(cfg, run.step)
+    lr = learning_rate(cfg, run.step, run.time_spent)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     t_step, t_wall = time.perf_counter(), time.time()
@@ -326,8 +334,12 @@ def train_step(run: TrainingRun) -> StepStats:
                               for i, k in enumerate(names)},
                       grad_norm=grad_norm, teacher_forward=forwards, flops=flops,
                       teacher_flops=teacher_flops, peak_flops=run.peak_flops)
-    time_up = run.deadline is not None and time.monotonic() >= run.deadline
-    stats.reduce(run.stop.requested, place.device, time_up)
+    time_up, spent = False, 0.0
+    if run.deadline is not None:
+        left = run.deadline - time.monotonic()
+        time_up, spent = left <= 0, 1.0 - left / cfg.train.time_limit_seconds
+    stats.reduce(run.stop.requested, place.device, time_up, spent)
+    run.time_spent = stats.time_spent  # the same on every rank: the next step's lr agrees
     stats.end = time.time()
     return stats
 
@@ -341,8 +353,10 @@ def run_validation(run: TrainingRun) -> None:
 
 def save_checkpoint(run: TrainingRun) -> Path:
     """A complete checkpoint of this step (collective): weights, optimizer, data position."""
+    trained = run.trained_seconds + time.monotonic() - (run.train_started or time.monotonic())
     return checkpoint.save(run.engine, run.out_dir, run.step,
-                           {"data": run.prefetcher.data_state(), "history": run.history},
+                           {"data": run.prefetcher.data_state(), "history": run.history,
+                            "trained_seconds": trained},
                            run.cfg.train.keep_checkpoints, run.frozen)
 
 
@@ -368,8 +382,10 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     profiler = StepProfiler(t.profile_steps, run.out_dir, f"trainer-rank{run.place.rank}")
     finished, stats = False, None
-    if t.time_limit_seconds:
-        run.deadline = time.monotonic() + t.time_limit_seconds
+    run.train_started = time.monotonic()
+    if t.time_limit_seconds:  # a resumed run's budget is what its checkpoint had left
+        run.deadline = run.train_started + t.time_limit_seconds - run.trained_seconds
+        run.time_spent = min(1.0, run.trained_seconds / t.time_limit_seconds)
     try:
         while run.step < t.steps:
             profiler.begin(run.step + 1)
