@@ -41,6 +41,7 @@ from services.trainer.inputs import check_inputs, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
 from services.trainer.peers import PeerWatch, start_peer_watch
 from services.trainer.prefetch import Prefetcher, to_device
+from services.trainer.schedule import learning_rate
 from services.trainer.startup import StartupClock
 from services.trainer.stats import (
     ProgressLogger,
@@ -61,20 +62,6 @@ from shared.metrics import MetricsServer, TrainerMetrics
 from shared.profiling import StepProfiler
 
 log = logging.getLogger("trainer")
-
-
-def learning_rate(cfg: Config, step: int, time_spent: float = 0.0) -> float:
-    """Linear warm-up to lr_init, then cosine decay to lr_final at the last step or, with
-    ``train.lr_schedule: time``, by the end of the time limit if that comes first
-    (``time_spent``: the share of it spent so far, 0..1)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr_init * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    if t.lr_schedule == "time":
-        progress = max(progress, time_spent)
-    cosine = 1 + math.cos(math.pi * min(1.0, progress))
-    return t.lr_final + 0.5 * (t.lr_init - t.lr_final) * cosine
 
 
 class StopFlag:
