@@ -33,6 +33,10 @@
 #   losstests     tests/test_losses_gpu.py: the Triton KL + CE kernel == its PyTorch reference
 #   benchloss     benchmarks/bench_loss.py: that kernel vs the chunked PyTorch path
 #   studenttests  tests/test_student_gpu.py (GPU_TESTS="expr" selects with pytest -k)
+#   imports       what a trainer stage imports before its first phase mark (start-up's
+#                 "process start and imports", 10-13 s on the H200 on 2026-12-02), twice (cold,
+#                 then with the page cache warm), and the 15 slowest modules of the second
+#                 (python -X importtime); the whole list comes back as $OUT/importtime.txt
 #   kernels       benchmarks/bench_kernels.py --batch 1 (parity and speed, 8B layer shapes)
 #   memory        benchmarks/bench_generation_memory.py (memory per generated token, 4k-32k)
 #   benchsteps    benchmarks/bench_steps.py (training-step speed at real shapes, issue 19) with
@@ -100,6 +104,17 @@ run_step() {
                done" ;;
     losstests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_losses_gpu.py ;;
     benchloss) timeout "$limit" $py -m benchmarks.bench_loss ;;
+    imports) (code="import services.trainer.__main__, services.trainer.loop, deepspeed
+from transformers import AutoTokenizer
+from shared.data_loader import TrainBatches"
+              for pass in cold warm; do
+                start_ns=$(date +%s%N)
+                timeout "$limit" $py -X importtime -c "$code" 2>"$out/importtime.txt" || exit $?
+                echo "-- $pass: $(( ($(date +%s%N) - start_ns) / 1000000 )) ms"
+              done
+              # cumulative microseconds, the top-level modules' and their children's
+              sort -t'|' -k2 -n -r "$out/importtime.txt" >"$logs/importtime-sorted.txt"
+              head -15 "$logs/importtime-sorted.txt") ;;
     studenttests) timeout "$limit" $py -m pytest -q -p no:cacheprovider tests/test_student_gpu.py \
                     ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
     kernels) timeout "$limit" $py -m benchmarks.bench_kernels --batch 1 --reps 5 ;;
