@@ -326,7 +326,7 @@ def train_step(run: TrainingRun) -> StepStats:
         left = run.deadline - time.monotonic()
         time_up, spent = left <= 0, 1.0 - left / cfg.train.time_limit_seconds
     stats.reduce(run.stop.requested, place.device, time_up, spent)
-    run.time_spent = stats.time_spent  # the same on every rank: the next step's lr agrees
+    run.time_spent = stats.job_time_spent / place.world_size  # every rank: the same next lr
     stats.end = time.time()
     return stats
 
@@ -372,7 +372,7 @@ def train(cfg: Config) -> dict:
     run.train_started = time.monotonic()
     if t.time_limit_seconds:  # a resumed run's budget is what its checkpoint had left
         run.deadline = run.train_started + t.time_limit_seconds - run.trained_seconds
-        run.time_spent = min(1.0, run.trained_seconds / t.time_limit_seconds)
+        run.time_spent = run.trained_seconds / t.time_limit_seconds  # lr clamps it at 1
     try:
         while run.step < t.steps:
             profiler.begin(run.step + 1)

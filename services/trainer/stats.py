@@ -64,18 +64,18 @@ class StepStats:
     job_flops: float = 0.0            # student and in-process teacher FLOPs
     stop_requested: bool = False      # some rank was asked to stop (SIGTERM/SIGINT)
     time_up: bool = False             # some rank is past train.time_limit_seconds
-    time_spent: float = 0.0           # the ranks' mean share of that limit spent (lr_schedule)
+    job_time_spent: float = 0.0       # the ranks' shares of that limit spent, summed
 
     def reduce(self, stop_requested: bool, device: torch.device, time_up: bool = False,
                time_spent: float = 0.0) -> None:
         """Fill the job-wide fields; every rank learns whether any rank must stop, whether any
         rank's train.time_limit_seconds has run out (then all end the stage together), and the
-        ranks' mean share of it spent (so all of them set the same learning rate from it)."""
+        ranks' shares of it spent (so all of them set the same learning rate from their mean)."""
         total = sum_over_ranks({"tokens": self.tokens, "teacher_wait": self.teacher_wait,
                                 "seconds": self.seconds, "flops": self.flops + self.teacher_flops,
                                 "stop": float(stop_requested), "time_up": float(time_up),
-                                "time_spent": time_spent, "ranks": 1.0}, device)
-        self.time_spent = min(1.0, total["time_spent"] / total["ranks"])
+                                "time_spent": time_spent}, device)
+        self.job_time_spent = total["time_spent"]
         self.job_tokens, self.job_teacher_wait = total["tokens"], total["teacher_wait"]
         self.job_seconds, self.stop_requested = total["seconds"], total["stop"] > 0
         self.time_up = total["time_up"] > 0
