@@ -20,7 +20,7 @@ Arms, each through the product's own commands (``python -m services.data``,
   all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
 * ``wrap`` (needs ``rwkv7``): as ``chat``, on the training corpus itself as conversations (a
   user asks for a page by its title, the assistant's reply is the page:
-  ``quality_corpus.as_conversations``), ready in seconds where the teacher's own take minutes:
+  ``python -m services.data wrap``), ready in seconds where the teacher's own take minutes:
   is it the template around the text or the teacher's own replies that the student lacks?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together (in one stage, so with twice the per-stage
@@ -123,14 +123,16 @@ def chat_rows(conversations: Path, teacher: Path, out: Path) -> Path:
 
 
 def wrapped_data(corpus: Path, teacher: Path, work: Path) -> Path:
-    """The training corpus as conversations (quality_corpus.as_conversations: a user asks for a
-    page, the assistant writes it), a kd dataset in the chat template (the ``wrap`` arm)."""
-    from benchmarks.quality_corpus import write_conversations
+    """The training corpus as conversations (``services.data wrap``: a user asks for a page,
+    the assistant writes it), a kd dataset in the chat template (the ``wrap`` arm)."""
+    from benchmarks.quality_corpus import WRAP_ASK, WRAP_ASK_MORE
 
     out, conversations = work / "data" / "wrap", work / "wrapped.jsonl"
     if (out / "card.json").is_file():
         return out
-    write_conversations(corpus / "train.jsonl", conversations)
+    run([sys.executable, "-m", "services.data", "wrap", "--paths", str(corpus / "train.jsonl"),
+         "--output", str(conversations), "--ask", WRAP_ASK, "--ask_more", WRAP_ASK_MORE],
+        work / "wrap-conversations.log")
     return chat_rows(conversations, teacher, out)
 
 

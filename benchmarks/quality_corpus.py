@@ -97,64 +97,9 @@ def write_jsonl(path: Path, records: Iterator[dict]) -> tuple[int, int]:
     return count, chars
 
 
-# One conversation's reply at most: ~800 tokens of technical English with SmolLM2's tokenizer,
-# so a conversation and its template fit a 1024-token row.
-WRAP_MAX_CHARS = 3000
-
-
-def document_title(text: str) -> str:
-    """The first line with a letter in it, reST/markdown marks stripped, at most 80 characters."""
-    for line in text.splitlines():
-        line = line.strip().strip("=-*#~^`:.'\"").strip()
-        if re.search(r"[A-Za-z]", line):
-            return line[:80]
-    return "untitled"
-
-
-def text_pieces(text: str, max_chars: int = WRAP_MAX_CHARS) -> list[str]:
-    """``text`` cut at paragraph breaks into pieces of at most ``max_chars`` (a longer paragraph
-    is cut at whitespace, or hard where it has none)."""
-    paragraphs: list[str] = []
-    for para in re.split(r"\n\s*\n", text.strip()):
-        while len(para) > max_chars:
-            cut = para.rfind(" ", 0, max_chars)
-            cut = cut if cut > 0 else max_chars
-            paragraphs.append(para[:cut])
-            para = para[cut:].lstrip()
-        if para.strip():
-            paragraphs.append(para)
-    pieces: list[str] = []
-    for para in paragraphs:
-        if pieces and len(pieces[-1]) + 2 + len(para) <= max_chars:
-            pieces[-1] += "\n\n" + para
-        else:
-            pieces.append(para)
-    return pieces
-
-
-def as_conversations(text: str, max_chars: int = WRAP_MAX_CHARS) -> Iterator[dict]:
-    """A document as chat turns (the quality experiment's ``wrap`` arm): a user asks for the page
-    by its title, the assistant's reply is the page, piece by piece. Distilled on this, the
-    student sees the template's tokens and the teacher's logits after the assistant header,
-    which plain documents never show it (issue 18: empty answers), without the teacher having
-    to write anything."""
-    title = document_title(text)
-    for k, piece in enumerate(text_pieces(text, max_chars)):
-        ask = (f'Write the documentation page "{title}".' if k == 0 else
-               f'Continue the documentation page "{title}" (part {k + 1}).')
-        yield {"messages": [{"role": "user", "content": ask},
-                            {"role": "assistant", "content": piece}]}
-
-
-def write_conversations(documents: Path, out: Path, max_chars: int = WRAP_MAX_CHARS) -> int:
-    """``documents`` (``{"text": ...}`` lines) as conversations in ``out``; returns how many."""
-    count = 0
-    with documents.open() as src, out.open("w") as sink:
-        for line in src:
-            for conversation in as_conversations(json.loads(line)["text"], max_chars):
-                sink.write(json.dumps(conversation, ensure_ascii=False) + "\n")
-                count += 1
-    return count
+# The wrap arm's user turns as run on the GPU on 2026-12-02 (services/data/wrap.py does the rest).
+WRAP_ASK = 'Write the documentation page "{title}".'
+WRAP_ASK_MORE = 'Continue the documentation page "{title}" (part {part}).'
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Teacher-generated chat data (issue 18): `generate` samples conversations from a tiny ChatML
-teacher, `chat` tokenises them with labels on the assistant tokens only."""
+"""Chat data (issue 18): `generate` samples conversations from a tiny ChatML teacher, `wrap`
+turns plain documents into conversations, `chat` tokenises either with labels on the assistant
+tokens only."""
 from __future__ import annotations
 
 import json
@@ -231,3 +232,55 @@ def test_bad_input_is_one_clear_line(teacher, tmp_path, capsys):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {cases[2][1]} of conversations"]
+
+
+def test_a_document_becomes_conversations_that_hold_all_of_it():
+    from services.data.wrap import as_conversations, document_title
+
+    paragraphs = [" ".join(f"w{i}_{j}" for j in range(120)) for i in range(9)]  # ~700 chars each
+    text = "Kernel modules\n==============\n\n" + "\n\n".join(paragraphs)
+    assert document_title(text) == "Kernel modules"
+    turns = list(as_conversations(text, max_chars=1600))
+    assert len(turns) > 3
+    asks = [t["messages"][0]["content"] for t in turns]
+    replies = [t["messages"][1]["content"] for t in turns]
+    assert asks[0] == 'Write the text titled "Kernel modules".'
+    assert asks[1] == 'Continue the text titled "Kernel modules" (part 2).'
+    assert all(len(r) <= 1600 for r in replies)
+    assert " ".join(" ".join(replies).split()) == " ".join(text.split())  # nothing lost
+    long_word = list(as_conversations("x" * 3500, max_chars=1600))  # cut hard where no space is
+    assert [len(t["messages"][1]["content"]) for t in long_word] == [1600, 1600, 300]
+
+
+def test_wrapped_documents_train_as_assistant_turns(teacher, chat_tokenizer, tmp_path, capsys):
+    """services.data wrap -> chat: each document is the assistant's reply (labels on it and its
+    end of turn), the user's turn asks for it by title; bad input is one clear line."""
+    import datasets
+
+    docs = [f"Title {i}\n\n" + " ".join(f"word{i}x{j}" for j in range(12)) for i in range(5)]
+    write_jsonl(tmp_path / "docs.jsonl", [{"body": d} for d in docs])
+    out = tmp_path / "wrapped.jsonl"
+    argv = ["wrap", "--paths", str(tmp_path / "docs.jsonl"), "--output", str(out),
+            "--text_column", "body", "--ask", "Show me {title}."]
+    assert main(argv) == 0
+    assert "5 documents as 5 conversations" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in records] == [f"Show me Title {i}." for i in
+                                                              range(5)]
+    assert [r["messages"][1]["content"] for r in records] == docs
+    prep("chat", "--paths", out, "--tokenizer", teacher, "--output_dir", tmp_path / "data",
+         "--max_len", 256)
+    rows = datasets.load_from_disk(str(tmp_path / "data"))["train"]
+    im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, doc in zip(rows, docs, strict=True):
+        trained = [t for t in row["labels"] if t != -100]
+        assert trained == chat_tokenizer(doc, add_special_tokens=False)["input_ids"] + [im_end]
+    cases = [(["--text_column", "text"], "docs.jsonl: records have no 'text' field (found: body)"),
+             (["--text_column", "body", "--ask", "{name}"], "only {title} and {part} may be"),
+             (["--text_column", "body", "--max_chars", "10"], "--max_chars 10: at least 100")]
+    for extra, message in cases:
+        assert main(["wrap", "--paths", str(tmp_path / "docs.jsonl"),
+                     "--output", str(tmp_path / "bad.jsonl"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "bad.jsonl").exists()

@@ -71,21 +71,3 @@ def test_the_control_stage_gets_the_time_of_two():
                                                   "--train.time_limit_seconds", "370.0"]
     assert quality.stage_time_limit(["--data.max_len", "64"], 2) == ["--data.max_len", "64"]
     assert extra[-1] == "185"
-
-
-def test_a_document_becomes_conversations_that_hold_all_of_it():
-    from benchmarks.quality_corpus import as_conversations, document_title
-
-    paragraphs = [" ".join(f"w{i}_{j}" for j in range(120)) for i in range(9)]  # ~700 chars each
-    text = "Kernel modules\n==============\n\n" + "\n\n".join(paragraphs)
-    assert document_title(text) == "Kernel modules"
-    turns = list(as_conversations(text, max_chars=1600))
-    assert len(turns) > 3
-    asks = [t["messages"][0]["content"] for t in turns]
-    replies = [t["messages"][1]["content"] for t in turns]
-    assert asks[0] == 'Write the documentation page "Kernel modules".'
-    assert asks[1] == 'Continue the documentation page "Kernel modules" (part 2).'
-    assert all(len(r) <= 1600 for r in replies)
-    assert " ".join(" ".join(replies).split()) == " ".join(text.split())  # nothing lost
-    long_word = list(as_conversations("x" * 3500, max_chars=1600))  # cut hard where no space is
-    assert [len(t["messages"][1]["content"]) for t in long_word] == [1600, 1600, 300]

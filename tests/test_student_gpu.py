@@ -181,7 +181,8 @@ def test_packed_documents_on_cuda(mixer: str, layout: str) -> None:
 
 def test_compiled_layers_equal_eager_ones_on_fla() -> None:
     """train.compile's layers (shared/compiling.py) on the GPU: fla's kernels run eagerly between
-    the compiled parts, and logits and gradients equal the eager student's, packed rows too."""
+    the compiled parts, and the compiled bf16 student is as close to the float32 truth as the
+    eager bf16 one is, packed rows too, forward and gradients."""
     _require_fla()
     import copy
 
@@ -194,7 +195,8 @@ def test_compiled_layers_equal_eager_ones_on_fla() -> None:
     torch._dynamo.reset()
     teacher = tiny_teacher("llama", layers=4, hidden=576, heads=9, kv_heads=3, vocab=512).to(DEV)
     torch.manual_seed(0)
-    eager = convert_teacher(teacher, dict(layers=[1, 2], mixer="rwkv7")).to(torch.bfloat16)
+    truth = convert_teacher(teacher, dict(layers=[1, 2], mixer="rwkv7"))  # float32: chunked WKV
+    eager = copy.deepcopy(truth).to(torch.bfloat16)  # bf16: fla
     compiled = copy.deepcopy(eager)
     assert compile_decoder_layers(compiled.model.layers, "default") == 4
     ids = torch.randint(3, 512, (2, 256), device=DEV)
@@ -202,19 +204,22 @@ def test_compiled_layers_equal_eager_ones_on_fla() -> None:
     positions = torch.stack([torch.cat([torch.arange(n, device=DEV) for n in row])
                              for row in rows])
     results = []
-    counters.clear()
-    for student in (eager, compiled):
+    for student in (truth, eager, compiled):
+        counters.clear()
         student.train().zero_grad(set_to_none=True)
         logits = student(ids, position_ids=positions, use_cache=False).logits
         logits.float().pow(2).mean().backward()
-        results.append((logits.detach(), {n: p.grad.float() for n, p in
-                                          student.named_parameters() if p.grad is not None}))
-    assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled
-    (want, want_grads), (got, got_grads) = results
-    assert rel(got, want) < TOL
-    assert got_grads.keys() == want_grads.keys()
-    # bf16 gradients summed in another order (fused kernels) differ by more than the logits do;
-    # a wrong path (no reset at a document start, the chunked WKV) is off by far more than this
+        grads = {n: p.grad.float() for n, p in student.named_parameters() if p.grad is not None}
+        results.append((logits.detach().float(), grads))
+    assert counters["stats"]["unique_graphs"] > 0  # the last student's layers did run compiled
+    (want, want_grads), (eager_out, eager_grads), (got, got_grads) = results
+    assert rel(got, want) < max(2 * rel(eager_out, want), TOL)
+    assert got_grads.keys() == eager_grads.keys() == want_grads.keys()
+    # Against float32, not against eager bf16: a token-shift vector's gradient (x_r) is a sum of
+    # cancelling terms, and the two bf16 paths' summation orders put it 0.062 apart on the H200
+    # (2026-12-02) where a fixed bound of 0.06 failed; in float32 the compiled and eager chunked
+    # students agree to 3.3e-6 on every gradient. A wrong path (no reset at a document start, the
+    # chunked WKV in bf16) moves far more than twice eager's own bf16 error.
     for n, g in got_grads.items():
-        assert rel(g, want_grads[n]) < 3 * TOL, n
+        assert rel(g, want_grads[n]) < max(2 * rel(eager_grads[n], want_grads[n]), TOL), n
     torch._dynamo.reset()

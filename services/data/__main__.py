@@ -3,6 +3,7 @@
     python -m services.data ultrachat --input DIR --tokenizer DIR --output_dir DIR \\
         --max_len 2048
     python -m services.data generate --teacher DIR --output chats.jsonl --conversations 20000
+    python -m services.data wrap --paths docs.jsonl --output wrapped.jsonl   # documents as chats
     python -m services.data chat --paths chats.jsonl --tokenizer DIR --output_dir DIR \\
         --max_len 2048
     python -m services.data c4 --local_c4_dir DIR --languages en zh --tokenizer DIR \\
@@ -47,6 +48,7 @@ from .sources import (
     text_files,
     ultrachat_files,
 )
+from .wrap import add_arguments as add_wrap_arguments
 
 
 def load_tokenizer(path: str) -> tuple[Any, dict[str, Any]]:
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample conversations from the teacher -> jsonl "
                                         "(docs/data.md)")
     add_generate_arguments(p)
+    p = sub.add_parser("wrap", help="plain documents -> conversations jsonl (a user asks for the "
+                                    "document, the assistant's reply is it) for chat")
+    add_wrap_arguments(p)
     p = sub.add_parser("c4", help="allenai/c4 json.gz -> interleaved plain-text data")
     p.add_argument("--local_c4_dir", required=True)
     p.add_argument("--languages", nargs="+", default=["en"])
@@ -250,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> dict[str, Any]:
     """Run one sub-command; returns the card. Raises DataError on bad input."""
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        raise DataError("generate writes a jsonl file, not a dataset: call main() or "
-                        "services.data.generate.generate()")
+    if args.command in ("generate", "wrap"):
+        raise DataError(f"{args.command} writes a jsonl file, not a dataset: call main() or "
+                        f"services.data.{args.command}.{args.command}()")
     if args.max_len < 2:
         raise DataError("--max_len must be at least 2")
     if args.num_proc < 1 or args.chunk_size < 1:
@@ -311,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             from .generate import generate
 
             print(generate(build_parser().parse_args(argv)))
+            return 0
+        if argv[:1] == ["wrap"]:
+            from .wrap import wrap
+
+            print(wrap(build_parser().parse_args(argv)))
             return 0
         card = run(argv)
     except DataError as exc:
