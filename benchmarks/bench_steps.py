@@ -219,6 +219,10 @@ def main() -> None:
             top = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in r["top_aten"].items())
             print(f"- {r['tree']} {r['shape']} {r['layers']} {r['stage']} {r['arm']} "
                   f"{r['micro_batch']}: top aten ops per step: {top}")
+        if r.get("top_kernels"):
+            top = "; ".join(f"{k} x{n} {ms:.1f} ms" for k, (n, ms) in
+                            list(r["top_kernels"].items())[:10])
+            print(f"  kernels of most time: {top}")
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
           "GPU busy = the union of its kernels' intervals / its wall time\n")

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -176,7 +177,21 @@ def profile(fn, device: torch.device) -> dict:
             "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
             "busy_s": busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]),
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
-            "top_aten": dict(aten.most_common(15))}
+            "top_aten": dict(aten.most_common(15)),
+            "top_kernels": top_kernels((e.name, e.time_range.elapsed_us()) for e in kernels)}
+
+
+def top_kernels(timed: Iterable[tuple[str, float]], n: int = 15) -> dict[str, list]:
+    """The ``n`` kernels of most summed time: name (cut at 100 characters) -> [launches, ms].
+    In the result JSON itself, because the logs' op tables did not come back from the device on
+    2026-12-02 (their archive was over the transfer limit) and the busy GPU's time went unread."""
+    total: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for name, us in timed:
+        entry = total[name[:100]]
+        entry[0] += 1
+        entry[1] += us / 1e3
+    top = sorted(total.items(), key=lambda kv: -kv[1][1])[:n]
+    return {name: [count, round(ms, 3)] for name, (count, ms) in top}
 
 
 def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: dict | None,
