@@ -142,6 +142,14 @@ class StudentConfig:
 class DataConfig:
     train_dir: str = ""
     """Dataset prepared by `python -m services.data` (train split)."""
+    mix_dirs: list[str] = field(default_factory=list)
+    """More prepared datasets (the same tokenizer) mixed into train_dir's micro batches, e.g.
+    plain text and chat-formatted rows (`--data.mix_dirs a,b`): each micro batch comes whole
+    from one dataset, drawn by data.mix_weights (seeded: the same on every rank, resumed
+    exactly); each dataset keeps its own epochs."""
+    mix_weights: list[float] = field(default_factory=list)
+    """Share of the micro batches per dataset, train_dir first, then data.mix_dirs in order
+    (positive numbers, normalised; `--data.mix_weights 3,1`); empty = equal shares."""
     val_dir: str = ""
     """Held-out dataset directory (its validation split, else its train split); empty = the
     validation split inside train_dir."""
@@ -284,12 +292,15 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is list:
         (item,) = get_args(hint)
-        if isinstance(value, str) and item is int:
+        if isinstance(value, str) and item in (int, float):
             try:
-                value = [int(v) for v in value.split(",") if v.strip()]
+                value = [item(v) for v in value.split(",") if v.strip()]
             except ValueError:
-                raise ConfigError(f"{key}: expected a list of integers, got {value!r}") from None
-        if item is int and isinstance(value, int) and not isinstance(value, bool):
+                kind = "integers" if item is int else "numbers"
+                raise ConfigError(f"{key}: expected a list of {kind}, got {value!r}") from None
+        if isinstance(value, str) and item is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if item in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # `--student.layers 3`: YAML reads a one-item list as a number
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -6,6 +6,7 @@
     check_tokenizer_fingerprint(data_dir, teacher_manifest_fingerprint)   # refuse a mismatch
     batches = TrainBatches(data_dir, micro_batch_size=8, world_size=ws, rank=rank, seed=1234)
     batches.load_state_dict(saved)            # optional: continue with exactly the next batch
+    mixed = MixedBatches([batches, other], weights=[3, 1], seed=1234)   # several datasets
     while batches.epoch < epochs:
         for batch in batches:                  # one (rest of an) epoch of this rank's batches
             ...                                # batch: input_ids, labels, attention_mask, lengths
@@ -137,6 +138,9 @@ class BucketBatchSampler:
                 "remainder": self.remainder}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "mixed" in state:
+            raise ValueError("cannot resume exactly: the checkpoint was trained on a mix of "
+                             f"{len(state['sources'])} datasets (data.mix_dirs), now on one")
         for key in ("seed", "micro_batch_size", "world_size", "bucket_sizes", "shuffle",
                     "remainder"):
             if key in state and state[key] != self.state_dict()[key]:
@@ -221,6 +225,75 @@ class TrainBatches:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+class MixedBatches:
+    """Micro batches of several prepared datasets, each batch whole from one of them.
+
+    Batch k comes from dataset i with probability ``weights[i] / sum(weights)``, drawn from
+    ``default_rng([seed, MIX_STREAM, k])``: the same choice on every rank (so ranks stay in
+    step), and a resumed run draws exactly what one run would. Each dataset keeps its own
+    sampler (its epochs and order), so its batches keep one length bucket. The interface is
+    TrainBatches' (``data`` is the dataset the last batch came from, for error messages).
+    """
+
+    MIX_STREAM = 0x6D6978  # "mix": keeps these draws apart from the samplers' own
+
+    def __init__(self, sources: Sequence[TrainBatches], weights: Sequence[float] | None = None,
+                 seed: int = 0) -> None:
+        if not sources:
+            raise ValueError("MixedBatches needs at least one dataset")
+        weights = [1.0] * len(sources) if not weights else [float(w) for w in weights]
+        if len(weights) != len(sources) or not all(w > 0 for w in weights):
+            raise ValueError(f"need one positive weight per dataset: {len(sources)} datasets, "
+                             f"weights {list(weights)}")
+        self.sources, self.seed = list(sources), seed
+        self.weights = weights
+        self.cumulative = np.cumsum(weights) / sum(weights)
+        self.position = 0  # batches handed out
+        self.data = self.sources[0].data
+        self._iterators: list[Iterator[dict[str, torch.Tensor]]] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sources[0].epoch
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def source_of(self, k: int) -> int:
+        """Which dataset batch ``k`` comes from."""
+        draw = np.random.default_rng([self.seed, self.MIX_STREAM, k]).random()
+        return min(int(np.searchsorted(self.cumulative, draw, side="right")),
+                   len(self.sources) - 1)
+
+    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._iterators is None:  # after load_state_dict: each source goes on from its state
+            self._iterators = [s.forever() for s in self.sources]
+        while True:
+            i = self.source_of(self.position)
+            batch = next(self._iterators[i])
+            self.position += 1
+            self.data = self.sources[i].data
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixed": self.position, "weights": list(self.weights),
+                "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "mixed" not in state:
+            raise ValueError("cannot resume exactly: the checkpoint was trained on one dataset, "
+                             "now data.mix_dirs adds more (the batch order would change)")
+        if len(state["sources"]) != len(self.sources) or state["weights"] != self.weights:
+            raise ValueError(f"cannot resume exactly: the checkpoint mixed "
+                             f"{len(state['sources'])} datasets with weights {state['weights']}, "
+                             f"now {len(self.sources)} with {self.weights} (data.mix_dirs, "
+                             "data.mix_weights; the batch order would change)")
+        for source, saved in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(saved)
+        self.position = int(state["mixed"])
+        self._iterators = None
 
 
 def validation_batches(dataset_dir: str | Path, micro_batch_size: int, world_size: int = 1,

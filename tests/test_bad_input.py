@@ -301,6 +301,13 @@ def empty_dataset(w: World, case: Path) -> Run:
                untouched=[case / "ds"], absent=[case / "run"])
 
 
+def mix_weights(w: World, case: Path) -> Run:
+    """Three shares for two datasets (data.train_dir + one of data.mix_dirs)."""
+    cfg = w.config(case, data={"mix_dirs": [str(w.data)], "mix_weights": [1.0, 2.0, 3.0]})
+    return Run("trainer", cfg, problem="data.mix_weights has 3 entries for 2 datasets",
+               fix="give one per dataset", absent=[case / "run"])
+
+
 def deepspeed_json(w: World, case: Path) -> Run:
     case.mkdir(parents=True, exist_ok=True)
     ds = case / "ds.json"
@@ -313,7 +320,7 @@ def deepspeed_json(w: World, case: Path) -> Run:
 
 CASES = [vocabulary, tokenizer, dataset_tokenizer, too_long, token_id, model_missing,
          not_a_model, unknown_key, ill_typed_key, stale_rendezvous, two_teachers, group_size,
-         metrics_port, truncated_checkpoint, empty_dataset, deepspeed_json]
+         metrics_port, truncated_checkpoint, empty_dataset, mix_weights, deepspeed_json]
 
 
 @pytest.mark.parametrize("make", CASES, ids=[c.__name__ for c in CASES])

@@ -15,6 +15,15 @@ def test_overrides_are_typed():
     assert cfg.student.layers == [1, 3] and cfg.train.lr_init == 3e-4 and cfg.link.prefetch is False
 
 
+def test_lists_of_paths_and_numbers_from_the_command_line():
+    cfg = load_config(None, ["--data.mix_dirs", "runs/chat, runs/wrap",
+                             "--data.mix_weights", "3,1.5"])
+    assert cfg.data.mix_dirs == ["runs/chat", "runs/wrap"] and cfg.data.mix_weights == [3.0, 1.5]
+    assert load_config(None, ["--data.mix_weights", "2"]).data.mix_weights == [2.0]
+    with pytest.raises(ConfigError, match="data.mix_weights: expected a list of numbers"):
+        load_config(None, ["--data.mix_weights", "3,x"])
+
+
 def test_a_one_item_list_may_be_a_number():
     assert load_config(None, ["--student.layers", "5"]).student.layers == [5]
     with pytest.raises(ConfigError, match="student.layers"):

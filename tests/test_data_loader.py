@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from shared.data_card import FingerprintMismatch, check_tokenizer_fingerprint
-from shared.data_loader import BucketBatchSampler, TrainBatches, collate, validation_batches
+from shared.data_loader import (
+    BucketBatchSampler,
+    MixedBatches,
+    TrainBatches,
+    collate,
+    validation_batches,
+)
 from shared.fingerprint import tokenizer_fingerprint
+from test_data_fixtures import prep, write_jsonl
 
 
 def test_collate_pads_from_lengths_never_from_token_values(tokenizer):
@@ -98,3 +105,48 @@ def test_validation_batches_cover_every_sample_once(packed_dir):
                 if real:
                     seen[tuple(ids.tolist())] += 1
     assert counts[0] == counts[1] and sum(seen.values()) == 3 and set(seen.values()) == {1}
+
+
+@pytest.fixture(scope="module")
+def other_dir(tok_dir, tmp_path_factory):
+    """A second dataset, unpacked rows of other text: its batches have no position_ids."""
+    tmp = tmp_path_factory.mktemp("other")
+    write_jsonl(tmp / "b.jsonl", [{"text": f"Another text number {i}."} for i in range(30)])
+    prep("text", "--paths", tmp / "b.jsonl", "--tokenizer", tok_dir, "--output_dir", tmp / "out",
+         "--max_len", 32)
+    return tmp / "out"
+
+
+def test_mixed_batches_draw_by_weight_alike_on_every_rank_and_resume_exactly(packed_dir,
+                                                                             other_dir):
+    def mixed(rank: int = 0, weights=(3, 1)) -> MixedBatches:
+        return MixedBatches([TrainBatches(d, micro_batch_size=1, world_size=2, rank=rank, seed=3,
+                                          remainder="wrap") for d in (packed_dir, other_dir)],
+                            weights, seed=3)
+
+    def source(batch) -> str:  # packed rows carry position_ids, the other dataset's do not
+        return "packed" if "position_ids" in batch else "other"
+
+    one, two = mixed(0).forever(), mixed(1).forever()
+    drawn = [(source(next(one)), source(next(two))) for _ in range(400)]
+    assert all(a == b for a, b in drawn)  # every rank takes the same dataset at every step
+    share = sum(a == "packed" for a, _ in drawn) / len(drawn)
+    assert 0.68 < share < 0.82  # 3 : 1 (the datasets' own epochs wrap many times over)
+    # resume: the state before batch 7 gives exactly batches 7, 8, ... again
+    run = mixed()
+    stream = run.forever()
+    for _ in range(7):
+        next(stream)
+    state = run.state_dict()
+    expected = [next(stream)["input_ids"] for _ in range(25)]
+    resumed = mixed()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    again = resumed.forever()
+    assert all(torch.equal(next(again)["input_ids"], x) for x in expected)
+    with pytest.raises(ValueError, match="now 2 with"):
+        mixed(weights=(1, 1)).load_state_dict(state)
+    with pytest.raises(ValueError, match="trained on a mix of 2 datasets"):
+        TrainBatches(packed_dir, micro_batch_size=1, world_size=2, seed=3,
+                     remainder="wrap").load_state_dict(state)
+    with pytest.raises(ValueError, match="one positive weight per dataset"):
+        mixed(weights=(1, 0))

@@ -191,16 +191,20 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
         assert overlapped >= 20, overlapped
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, teacher):
+def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, packed_dataset, teacher):
+    """Killed mid-run and resumed, a job trains exactly the steps one run would, on two datasets
+    mixed 3 : 1 (data.mix_dirs: each dataset's sampler and the mix's draws resume)."""
     base = dict(stage="kd", steps=40, checkpoint_every=5, ce_weight=0.5,
                 deepspeed_config="configs/deepspeed/zero1.json")
+    mix = ("--data.mix_dirs", str(packed_dataset), "--data.mix_weights", "3,1")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
     ref_cfg = stack_config(ref_dir, tiny_llama, dataset, tmp_path / "rdv", **base)
     teacher(ref_cfg)
-    run_to_end(torchrun(ref_cfg))
+    out = run_to_end(torchrun(ref_cfg, *mix))
+    assert "data: 2 datasets mixed, shares 0.75, 0.25" in out, out[-3000:]
     cut_cfg = stack_config(cut_dir, tiny_llama, dataset, tmp_path / "rdv", **base)
-    proc = torchrun(cut_cfg, log=tmp_path / "cut.log")
+    proc = torchrun(cut_cfg, *mix, log=tmp_path / "cut.log")
     latest = cut_dir / "run" / "checkpoints" / "latest"
     wait_for(latest.is_file, 300, "the first checkpoint")
     kill_job(cut_cfg)                       # the whole job dies, no clean shutdown
@@ -212,7 +216,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, teacher):
     partial = cut_dir / "run" / "checkpoints" / f".partial-step-{resume_step + 5}"
     partial.mkdir(exist_ok=True)
     (partial / "garbage").write_text("half written")
-    out = run_to_end(torchrun(cut_cfg))
+    out = run_to_end(torchrun(cut_cfg, *mix))
     assert f"at step {resume_step}" in out, out[-3000:]
     ref, cut = steps(ref_dir / "run"), steps(cut_dir / "run")
     assert sorted(cut) == list(range(1, 41))

@@ -71,25 +71,40 @@ def check_inputs(cfg: Config) -> Inputs:
         teacher = student = model_config(cfg.teacher.model_path, "teacher.model_path",
                                          "the student is converted from the teacher's model")
     fingerprint = tokenizer_fingerprint(tokenizer_dir(cfg))
-    card = check_tokenizer_fingerprint(cfg.data.train_dir, fingerprint, "the student")
-    samples = card["splits"].get("train", {}).get("samples", 0)
-    if not samples:
-        raise ValueError(f"dataset {cfg.data.train_dir} holds no training samples (splits: "
-                         f"{ {k: v.get('samples') for k, v in card['splits'].items()} }): the "
-                         "data command found nothing to keep; check its inputs "
-                         f"({card.get('command')}) and its 'samples out' line")
-    if teacher is not None and uses_teacher:
-        check_teacher_limits(cfg, card, teacher, student)
+    check_mix(cfg)
+    for data_dir in (cfg.data.train_dir, *cfg.data.mix_dirs):
+        card = check_tokenizer_fingerprint(data_dir, fingerprint, "the student")
+        samples = card["splits"].get("train", {}).get("samples", 0)
+        if not samples:
+            raise ValueError(f"dataset {data_dir} holds no training samples (splits: "
+                             f"{ {k: v.get('samples') for k, v in card['splits'].items()} }): "
+                             "the data command found nothing to keep; check its inputs "
+                             f"({card.get('command')}) and its 'samples out' line")
+        if teacher is not None and uses_teacher:
+            check_teacher_limits(cfg, card, teacher, student, data_dir)
     check_deepspeed_json(cfg)
     return Inputs(fingerprint, int(student["vocab_size"]))
 
 
-def check_teacher_limits(cfg: Config, card: dict, teacher: dict, student: dict) -> None:
+def check_mix(cfg: Config) -> None:
+    """data.mix_weights: one positive share per dataset (train_dir, then data.mix_dirs)."""
+    weights, datasets = cfg.data.mix_weights, 1 + len(cfg.data.mix_dirs)
+    if weights and len(weights) != datasets:
+        raise ValueError(f"data.mix_weights has {len(weights)} entries for {datasets} datasets "
+                         "(data.train_dir, then each of data.mix_dirs): give one per dataset, "
+                         "or none for equal shares")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"data.mix_weights {weights}: every share must be positive (leave a "
+                         "dataset out of data.mix_dirs instead of weighting it 0)")
+
+
+def check_teacher_limits(cfg: Config, card: dict, teacher: dict, student: dict,
+                         data_dir: str) -> None:
     """The data and the student must fit the teacher: positions, request size, vocabulary."""
     longest = int(card.get("max_len") or 0)
     positions = int(teacher.get("max_position_embeddings") or 0)
     if positions and longest > positions:
-        raise ValueError(f"dataset {cfg.data.train_dir} holds sequences of up to {longest} "
+        raise ValueError(f"dataset {data_dir} holds sequences of up to {longest} "
                          f"tokens, longer than the teacher's limit of {positions} positions "
                          f"(max_position_embeddings of {cfg.teacher.model_path}): prepare the "
                          f"data again with --max_len {positions} or less")

@@ -191,7 +191,7 @@ def start(cfg: Config) -> TrainingRun:
     """Build the components, resume from the latest complete checkpoint, join the teacher."""
     from transformers import AutoTokenizer
 
-    from shared.data_loader import TrainBatches
+    from shared.data_loader import MixedBatches, TrainBatches
 
     clock = StartupClock()
     clock.mark("process start and imports")
@@ -229,8 +229,15 @@ def start(cfg: Config) -> TrainingRun:
     objective = DistillObjective(student, cfg.train, request)
     engine = init_engine(objective, cfg, place)
     clock.mark("DeepSpeed engine")
-    batches = TrainBatches(cfg.data.train_dir, cfg.data.micro_batch_size, place.world_size,
-                           place.rank, seed=cfg.data.seed, remainder="wrap")
+    batches = [TrainBatches(d, cfg.data.micro_batch_size, place.world_size, place.rank,
+                            seed=cfg.data.seed, remainder="wrap")
+               for d in (cfg.data.train_dir, *cfg.data.mix_dirs)]
+    if len(batches) > 1:
+        batches = MixedBatches(batches, cfg.data.mix_weights, cfg.data.seed)
+        log.info("data: %d datasets mixed, shares %s", len(batches.sources),
+                 ", ".join(f"{w / sum(batches.weights):.2f}" for w in batches.weights))
+    else:
+        batches = batches[0]
     frozen = checkpoint.frozen_parameters(engine)
     step, history, trained_seconds = 0, {}, 0.0
     if resume_from is not None:
