@@ -25,6 +25,10 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
   as many tokens as ``rwkv7``'s two stages together (in one stage, so with twice the per-stage
   ``--train.time_limit_seconds``);
+* ``mixwrap`` (needs ``rwkv7``): rwkv7's kd stage again from its align export, as many steps,
+  on the training documents half as plain text, half as conversations (``wrap``'s rows, mixed
+  per micro batch by ``data.mix_dirs``): the chat format at equal tokens, which ``wrap`` (a
+  third stage, more tokens) cannot separate;
 * ``flat`` and ``mix`` (need ``rwkv7``): other kd stages from ``rwkv7``'s align export, as many
   steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
   the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
@@ -198,6 +202,9 @@ CONTINUES = {
     "wrap": ("rwkv7", -1, "wrap", []),
     "flat": ("rwkv7", 0, "train", ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
     "mix": ("rwkv7", 0, "train", ["--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
+    # rwkv7's kd stage again from its align export, on the documents half plain, half wrapped
+    # as conversations (data.mix_dirs): the chat format at equal tokens with rwkv7's kd
+    "mixwrap": ("rwkv7", 0, "train+wrap", ["--data.mix_weights", "1,1"]),
     # RADLADS' step 3: a longer context, lr 7e-6, KL 0.5 + CE 0.5 (rows: long_context_args)
     "long": ("rwkv7", -1, "long", ["--train.lr_init", "7e-6", "--train.lr_final", "7e-6",
                                    "--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
@@ -216,11 +223,13 @@ def continue_arm(arm: str, steps: int, teacher: Path, work: Path, extra: list[st
     """One kd stage from another arm's student (CONTINUES), its data made first (the teacher's
     conversations, or the corpus at the long context) while the other arms train."""
     _, stage, data, changes = CONTINUES[arm]
+    data, *mixed = data.split("+")  # "train+wrap": train_dir, then data.mix_dirs
     data_dir = data_for(data)
+    mix = ["--data.mix_dirs", ",".join(str(data_for(m)) for m in mixed)] if mixed else []
     start = Path(parent.result()[stage]["student"])
     rows = long_context_args(long_context) if data == "long" else []
     return [train_stage(f"{arm}-kd", CONFIGS["rwkv7"][1], steps, teacher, data_dir, work, start,
-                        [*changes, *extra, *rows])]
+                        [*mix, *changes, *extra, *rows])]
 
 
 def stage_time_limit(extra: list[str], stages: int) -> list[str]:
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
                         help="comma-separated: hybrid, rwkv7, rad, control, and chat, wrap, "
-                             "flat, mix, long (each continues rwkv7's student)")
+                             "mixwrap, flat, mix, long (each continues rwkv7's student)")
     parser.add_argument("--long-context", type=int, default=4096,
                         help="row length of the long arm (RADLADS' step 3: 4096)")
     parser.add_argument("--chat-conversations", type=int, default=4000,

@@ -29,13 +29,14 @@ def corpus(root: Path) -> Path:
 def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-            "--arms", "rwkv7,flat,long,wrap", "--rwkv7-steps", "2,2", "--chat-steps", "1",
+            "--arms", "rwkv7,flat,long,wrap,mixwrap", "--rwkv7-steps", "2,2", "--chat-steps", "1",
             "--eval-tokens", "200",
             "--long-context", "128", "--trainer-args", STAGE_ARGS]
     assert quality.main(args) == 0
     stages = {s["stage"]: s for s in
               json.loads((tmp_path / "out/quality_stages.json").read_text())}
-    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd", "long-kd", "wrap-kd"]
+    assert list(stages) == ["rwkv7-align", "rwkv7-kd", "flat-kd", "long-kd", "wrap-kd",
+                            "mixwrap-kd"]
     assert all(s["tokens"] > 0 and Path(s["student"], "config.json").is_file()
                for s in stages.values())
     flat = json.loads((tmp_path / "work/flat-kd/quality_stage.json").read_text())["command"]
@@ -52,10 +53,18 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     assert wrap[wrap.index("--student.init_from") + 1] == stages["rwkv7-kd"]["student"]
     assert wrap[wrap.index("--data.train_dir") + 1] == str(tmp_path / "work/data/wrap")
     assert wrap[wrap.index("--train.steps") + 1] == "1"  # --chat-steps
+    mixed = json.loads((tmp_path / "work/mixwrap-kd/quality_stage.json").read_text())["command"]
+    assert mixed[mixed.index("--student.init_from") + 1] == stages["rwkv7-align"]["student"]
+    assert mixed[mixed.index("--data.train_dir") + 1] == str(tmp_path / "work/data/train")
+    assert mixed[mixed.index("--data.mix_dirs") + 1] == str(tmp_path / "work/data/wrap")
+    assert mixed[mixed.index("--train.steps") + 1] == "2"  # as many steps as rwkv7's kd
+    assert "data: 2 datasets mixed, shares 0.50, 0.50" in \
+        (tmp_path / "work/mixwrap-kd.log").read_text()
     card = json.loads((tmp_path / "work/data/wrap/card.json").read_text())
     assert (card["subcommand"], card["chat_format"]) == ("chat", "chat")
     scored = json.loads((tmp_path / "out/quality_eval.json").read_text())
-    assert {"teacher", "rwkv7", "flat", "long", "wrap"} <= {r["model"] for r in scored["scores"]}
+    assert {"teacher", "rwkv7", "flat", "long", "wrap", "mixwrap"} <= \
+        {r["model"] for r in scored["scores"]}
     capsys.readouterr()
 
     assert quality.main(args) == 0  # every stage done: reused, not trained again
