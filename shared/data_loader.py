@@ -268,9 +268,9 @@ class MixedBatches:
                    len(self.sources) - 1)
 
     def forever(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._iterators is None:  # after load_state_dict: each source goes on from its state
-            self._iterators = [s.forever() for s in self.sources]
         while True:
+            if self._iterators is None:  # (after load_state_dict) each source from its state
+                self._iterators = [s.forever() for s in self.sources]
             i = self.source_of(self.position)
             batch = next(self._iterators[i])
             self.position += 1

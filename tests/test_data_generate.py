@@ -283,4 +283,8 @@ def test_wrapped_documents_train_as_assistant_turns(teacher, chat_tokenizer, tmp
                      "--output", str(tmp_path / "bad.jsonl"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
-    assert not (tmp_path / "bad.jsonl").exists()
+    (tmp_path / "broken.jsonl").write_text('{"body": "fine"}\n[1, 2]\n')
+    assert main(["wrap", "--paths", str(tmp_path / "broken.jsonl"), "--output",
+                 str(tmp_path / "bad.jsonl"), "--text_column", "body"]) == 2
+    assert "broken.jsonl:2: not a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists() and not list(tmp_path.glob("*.partial"))

@@ -108,12 +108,16 @@ def write_conversations(paths: list[str | Path], out: Path, column: str = "text"
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     docs = count = 0
-    with partial.open("w", encoding="utf-8") as sink:
-        for text in documents(paths, column):
-            docs += 1
-            for conversation in as_conversations(text, max_chars, ask, ask_more):
-                sink.write(json.dumps(conversation, ensure_ascii=False) + "\n")
-                count += 1
+    try:
+        with partial.open("w", encoding="utf-8") as sink:
+            for text in documents(paths, column):
+                docs += 1
+                for conversation in as_conversations(text, max_chars, ask, ask_more):
+                    sink.write(json.dumps(conversation, ensure_ascii=False) + "\n")
+                    count += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)  # bad input or an interrupt: no half file left behind
+        raise
     if count == 0:
         partial.unlink()
         raise DataError(f"no text in {', '.join(map(str, paths))} (column {column!r}): nothing "
