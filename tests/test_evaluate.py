@@ -211,12 +211,31 @@ def test_cli_writes_one_row_per_model_and_set(tiny_llama, student_dir, noisy_dir
             assert r["kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["ppl_ratio"] == 1.0
     assert [list(g["outputs"]) for g in written["generations"]] == [names, names]
     assert [list(g["first_token"]) for g in written["generations"]] == [names, names]
+    for g in written["generations"]:  # what the summary counts, answer by answer
+        for name, facts in g["answers"].items():
+            assert facts["empty"] == (not g["outputs"][name].strip()) and facts["tokens"] <= 4
+    assert [r["model"] for r in written["answers"]] == names
+    assert all(r["answers"] == 2 and r["loops"] == 0 for r in written["answers"])  # 4 tokens
+    assert [r["empty"] for r in written["answers"]] == [
+        sum(g["answers"][n]["empty"] for g in written["generations"]) for n in names]
     assert [(d["context"], d["model"]) for d in written["decode"]] == [
         (c, m) for c in (8, 16) for m in names]
     markdown = out_md.read_text()
     assert markdown in capsys.readouterr().out
     table = [line for line in markdown.splitlines() if line.startswith(("| fox |", "| chat |"))]
     assert len(table) == 6 + 2  # six score rows, plus the two sets in the table of sets
+    assert "| model | answers | empty | loops | distinct 4-grams | tokens |" in markdown
+
+
+def test_a_loop_is_a_turn_that_repeats_its_4_grams() -> None:
+    from shared.repetition import distinct_ngrams, loops
+
+    varied = list(range(40))
+    looping = [5, 6, 7] * 10  # 27 4-grams, 3 distinct
+    assert distinct_ngrams(varied) == 1.0 and not loops(varied)
+    assert distinct_ngrams(looping) == pytest.approx(3 / 27) and loops(looping)
+    assert not loops(looping[:20])  # too short to call
+    assert distinct_ngrams([1, 2]) == 1.0  # no 4-gram at all
 
 
 def test_refusals_are_one_line_errors(tiny_llama, student_dir, text_file, tmp_path,

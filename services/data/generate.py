@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.repetition import loops
+
 from .sources import DataError
 
 # Stands in for the user's text while we render the template to find the user header and the
@@ -35,8 +37,6 @@ from .sources import DataError
 SENTINEL = "QzxSentinelUserTextQzx"
 # A self-instruct run that keeps nothing for this many batches in a row is going nowhere.
 MAX_BARREN_BATCHES = 20
-# Looping replies: at least this many tokens and fewer distinct 4-grams than this share.
-LOOP_MIN_TOKENS, LOOP_MIN_DISTINCT = 24, 0.5
 PROGRESS_SECONDS = 10.0
 
 
@@ -218,10 +218,8 @@ def verdict(ids: list[int], ended: bool, text: str, turns: Turns) -> str | None:
         return "unfinished"
     if any(tok in turns.special_ids for tok in ids):
         return "special_token"  # e.g. the teacher opened another turn inside this one
-    if len(ids) >= LOOP_MIN_TOKENS:
-        grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-        if len(set(grams)) < LOOP_MIN_DISTINCT * len(grams):
-            return "repetitive"
+    if loops(ids):
+        return "repetitive"
     return None
 
 

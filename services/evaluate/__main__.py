@@ -122,9 +122,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["scores"] = score_sets(models, sets, args.batch_size)
     if prompts:
-        from services.evaluate.generation import side_by_side
+        from services.evaluate.generation import answer_summary, side_by_side
 
         report["generations"] = side_by_side(models, tokenizer, prompts, args.max_new_tokens)
+        report["answers"] = answer_summary(report["generations"])
     if contexts:
         from services.evaluate.decode import decode_table
 

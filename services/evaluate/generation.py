@@ -16,6 +16,7 @@ import torch
 
 from services.evaluate.heldout import EvaluateError, render_chat
 from services.evaluate.models import Model
+from shared.repetition import distinct_ngrams, loops
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -70,8 +71,10 @@ def first_token(model: Model, ids: list[int], tokenizer: Any, top: int = 3) -> d
 
 
 @torch.inference_mode()
-def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) -> str:
-    """The model's greedy continuation of ``ids``, decoded without special tokens."""
+def greedy(model: Model, ids: list[int], tokenizer: Any,
+           max_new_tokens: int) -> tuple[str, list[int]]:
+    """The model's greedy continuation of ``ids``: its text, decoded without special tokens, and
+    its token ids up to the end of the turn."""
     from transformers import GenerationConfig
 
     module = model.module
@@ -83,21 +86,47 @@ def greedy(model: Model, ids: list[int], tokenizer: Any, max_new_tokens: int) ->
                               eos_token_id=eos, pad_token_id=pad)
     out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                           generation_config=config)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True,
-                            clean_up_tokenization_spaces=False)
+    new = out[0, len(ids):].tolist()
+    turn = next((new[:i] for i, tok in enumerate(new) if tok in eos), new)
+    return tokenizer.decode(new, skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False), turn
+
+
+def answer_facts(text: str, ids: list[int]) -> dict[str, Any]:
+    """What an answer is made of: its tokens, whether it is empty or loops
+    (shared/repetition.py, the rule the data job drops teacher replies by), its distinct 4-grams."""
+    return {"tokens": len(ids), "empty": not text.strip(), "loops": loops(ids),
+            "distinct_4grams": distinct_ngrams(ids)}
+
+
+def answer_summary(generations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model over all prompts: answers, how many are empty or loop, their mean distinct
+    4-gram share and length; so "coherent, no collapse" is a count, not a reading."""
+    names = list(generations[0]["answers"]) if generations else []
+    rows = []
+    for name in names:
+        facts = [g["answers"][name] for g in generations]
+        rows.append({"model": name, "answers": len(facts),
+                     "empty": sum(f["empty"] for f in facts),
+                     "loops": sum(f["loops"] for f in facts),
+                     "distinct_4grams": sum(f["distinct_4grams"] for f in facts) / len(facts),
+                     "tokens": sum(f["tokens"] for f in facts) / len(facts)})
+    return rows
 
 
 def side_by_side(models: Sequence[Model], tokenizer: Any, prompts: Sequence[str],
                  max_new_tokens: int) -> list[dict[str, Any]]:
-    """``[{"prompt": p, "outputs": {model name: text}, "first_token": {model name:
-    first_token(...)}}]`` for every prompt."""
+    """``[{"prompt": p, "outputs": {model name: text}, "answers": {model name:
+    answer_facts(...)}, "first_token": {model name: first_token(...)}}]`` for every prompt."""
     from tqdm.auto import tqdm
 
     rows = []
     for prompt in tqdm(prompts, desc="generate", unit=" prompts", dynamic_ncols=True):
         ids = prompt_ids(prompt, tokenizer)
+        answers = {m.name: greedy(m, ids, tokenizer, max_new_tokens) for m in models}
         rows.append({"prompt": prompt, "prompt_tokens": len(ids),
-                     "outputs": {m.name: greedy(m, ids, tokenizer, max_new_tokens)
-                                 for m in models},
+                     "outputs": {name: text for name, (text, _) in answers.items()},
+                     "answers": {name: answer_facts(text, turn)
+                                 for name, (text, turn) in answers.items()},
                      "first_token": {m.name: first_token(m, ids, tokenizer) for m in models}})
     return rows

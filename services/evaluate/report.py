@@ -42,6 +42,20 @@ def decode_lines(rows: list[dict[str, Any]], device: str) -> list[str]:
     return lines
 
 
+def answer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The answers summed up per model: empty ones, loops, distinct 4-grams, length."""
+    if not rows:
+        return []
+    lines = ["An answer loops when it has 24 tokens or more and fewer than half of its 4-grams "
+             "are distinct (shared/repetition.py); distinct 4-grams and tokens are means over "
+             "the prompts.", "",
+             "| model | answers | empty | loops | distinct 4-grams | tokens |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['answers']} | {r['empty']} | {r['loops']} | "
+              f"{r['distinct_4grams']:.3f} | {r['tokens']:.1f} |" for r in rows]
+    return lines + [""]
+
+
 def generation_lines(generations: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for number, item in enumerate(generations, 1):
@@ -84,5 +98,6 @@ def markdown(report: dict[str, Any]) -> str:
         lines += decode_lines(report["decode"], run["device"])
     if report.get("generations"):
         lines += ["", "## Greedy generations", ""]
+        lines += answer_lines(report.get("answers", []))
         lines += generation_lines(report["generations"])
     return "\n".join(lines).rstrip() + "\n"
