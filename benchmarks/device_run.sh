@@ -120,8 +120,12 @@ from shared.data_loader import TrainBatches"
     kernels) timeout "$limit" $py -m benchmarks.bench_kernels --batch 1 --reps 5 ;;
     memory) timeout "$limit" $py -m benchmarks.bench_generation_memory --profile-decode ;;
     benchsteps) (eval "args=(${BENCH_STEPS_ARGS:-})"  # shell words: --variant NAME='--a b'
+                 # the work dir holds the random teachers' weights (0.5 GB at 135m): outside the
+                 # logs archive, which came back over the transfer limit with them on 2026-12-02
+                 work=${BENCH_STEPS_WORK:-/root/bench-steps}; rm -rf "$work/logs"
                  timeout "$limit" $py -m benchmarks.bench_steps "${args[@]}" \
-                   --workdir "$logs/bench-steps" --json "$out/bench_steps.json") ;;
+                   --workdir "$work" --json "$out/bench_steps.json"; rc=$?
+                 cp -r "$work/logs" "$logs/bench-steps-logs"; exit $rc) ;;
     quality) (set -e; work=${WORK:-/root/quality}; mkdir -p "$work/corpus"
               end=$(( $(date +%s) + limit ))  # one limit for the import and the arms together
               trap 'cp "$work"/*.log "$logs"/ 2>/dev/null || true' EXIT  # the stages' own logs
