@@ -249,7 +249,8 @@ class MixedBatches:
                              f"weights {list(weights)}")
         self.sources, self.seed = list(sources), seed
         self.weights = weights
-        self.cumulative = np.cumsum(weights) / sum(weights)
+        self.shares = [w / sum(weights) for w in weights]
+        self.cumulative = np.cumsum(self.shares)
         self.position = 0  # batches handed out
         self.data = self.sources[0].data
         self._iterators: list[Iterator[dict[str, torch.Tensor]]] | None = None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.repetition import LOOP_MIN_DISTINCT, LOOP_MIN_TOKENS, LOOP_N
+
 
 def _num(value: float | None, digits: int = 4) -> str:
     if value is None:
@@ -46,9 +48,9 @@ def answer_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The answers summed up per model: empty ones, loops, distinct 4-grams, length."""
     if not rows:
         return []
-    lines = ["An answer loops when it has 24 tokens or more and fewer than half of its 4-grams "
-             "are distinct (shared/repetition.py); distinct 4-grams and tokens are means over "
-             "the prompts.", "",
+    lines = [f"An answer loops when it has {LOOP_MIN_TOKENS} tokens or more and fewer than "
+             f"{LOOP_MIN_DISTINCT:.0%} of its {LOOP_N}-grams are distinct (shared/repetition.py); "
+             "distinct 4-grams and tokens are means over the prompts.", "",
              "| model | answers | empty | loops | distinct 4-grams | tokens |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['answers']} | {r['empty']} | {r['loops']} | "

@@ -235,7 +235,7 @@ def start(cfg: Config) -> TrainingRun:
     if len(batches) > 1:
         batches = MixedBatches(batches, cfg.data.mix_weights, cfg.data.seed)
         log.info("data: %d datasets mixed, shares %s", len(batches.sources),
-                 ", ".join(f"{w / sum(batches.weights):.2f}" for w in batches.weights))
+                 ", ".join(f"{share:.2f}" for share in batches.shares))
     else:
         batches = batches[0]
     frozen = checkpoint.frozen_parameters(engine)
