@@ -168,7 +168,7 @@ def profile(fn, device: torch.device) -> dict:
             prof.step()
     events = prof.events()
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not annotation(e)]
     aten = collections.Counter(e.name for e in cpu if e.name.startswith("aten::"))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return {"profiled_wall_s": wall, "ops_table": prof.key_averages().table(sort_by=sort,
@@ -179,6 +179,14 @@ def profile(fn, device: torch.device) -> dict:
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
             "top_aten": dict(aten.most_common(15)),
             "top_kernels": top_kernels((e.name, e.time_range.elapsed_us()) for e in kernels)}
+
+
+def annotation(event) -> bool:
+    """A range on the device's timeline that is no kernel: the profiler's own ``ProfilerStep#N``
+    (and any ``record_function``) spans the whole step there. Counted as a kernel, it made every
+    profile of 2026-12-02 read "GPU busy 99-100 %" and added the step's wall to "kernel s"."""
+    return bool(getattr(event, "is_user_annotation", False)) or \
+        event.name.startswith("ProfilerStep")
 
 
 def top_kernels(timed: Iterable[tuple[str, float]], n: int = 15) -> dict[str, list]:

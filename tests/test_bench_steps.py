@@ -1,9 +1,11 @@
 """benchmarks/step_arms.py's profiled step: the figures bench_steps prints come from its events."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from benchmarks.step_arms import busy_seconds, profile, top_kernels
+from benchmarks.step_arms import annotation, busy_seconds, profile, top_kernels
 
 
 def test_the_profiled_step_records_the_ops_of_that_step_only() -> None:
@@ -31,3 +33,16 @@ def test_kernels_of_most_time_sum_their_launches() -> None:
     timed = [("gemm", 300.0), ("elementwise", 10.0), ("gemm", 200.0), ("reduce", 40.0)]
     assert top_kernels(timed, n=2) == {"gemm": [2, 0.5], "reduce": [1, 0.04]}
     assert list(top_kernels([("k" * 300, 1.0)])) == ["k" * 100]
+
+
+def test_the_profilers_own_step_range_is_no_kernel() -> None:
+    # on the GPU's timeline ProfilerStep#N spans the whole step: counted as a kernel it made
+    # every profile of 2026-12-02 read "busy 99-100 %"
+    assert annotation(SimpleNamespace(name="ProfilerStep*", is_user_annotation=False))
+    assert annotation(SimpleNamespace(name="mine", is_user_annotation=True))
+    assert not annotation(SimpleNamespace(name="nvjet_sm90_tst_256x128", is_user_annotation=False))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("a range"):
+            torch.ones(4).sum()
+    flags = {e.name: annotation(e) for e in prof.events()}
+    assert flags["a range"] and not flags["aten::sum"]   # torch marks its user ranges
