@@ -223,6 +223,12 @@ def test_kill_and_resume_is_bit_exact(tmp_path, tiny_llama, dataset, packed_data
     for s in range(resume_step + 1, 41):   # the steps after the resume point, bit for bit
         for key in ("total", "kl", "ce", "lr", "grad_norm"):
             assert cut[s][key] == ref[s][key], (s, key, cut[s][key], ref[s][key])
+    # the summary counts every step once, those before the resume too
+    ref_sum, cut_sum = (json.loads((d / "run" / "summary.json").read_text())
+                        for d in (ref_dir, cut_dir))
+    ranks = len(list((ref_dir / "run").glob("steps-rank*.jsonl")))
+    every = sum(r["tokens"] for rank in range(ranks) for r in steps(ref_dir / "run", rank).values())
+    assert cut_sum["tokens"] == ref_sum["tokens"] == every > 0, (cut_sum, ref_sum, every)
 
 
 def test_two_simulated_nodes_train_one_model(tmp_path, tiny_llama, dataset, teacher):

@@ -239,12 +239,13 @@ def start(cfg: Config) -> TrainingRun:
     else:
         batches = batches[0]
     frozen = checkpoint.frozen_parameters(engine)
-    step, history, trained_seconds = 0, {}, 0.0
+    step, history, trained_seconds, totals = 0, {}, 0.0, RunTotals()
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, frozen)
         batches.load_state_dict(state["data"])
         step, history = state["step"], state.get("history", {})
         trained_seconds = float(state.get("trained_seconds", 0.0))
+        totals = RunTotals.from_state(state.get("totals"))
         log.info("resumed from %s at step %d", resume_from, step)
     prefetcher = Prefetcher(batches, teacher, request, cfg.link.prefetch, inputs.vocab_size)
     clock.mark("data and resume")
@@ -260,8 +261,8 @@ def start(cfg: Config) -> TrainingRun:
                  cfg.train.stage, place.world_size, prefetcher.prefetch)
     return TrainingRun(cfg, place, engine, tokenizer, prefetcher, teacher, loggers, StopFlag(),
                        out_dir, frozen, flops, in_process_teacher_flops(teacher, request),
-                       peak_flops(place.device), step, history, http=http, peers=peers,
-                       trained_seconds=trained_seconds, startup=clock)
+                       peak_flops(place.device), step, history, totals, http=http,
+                       peers=peers, trained_seconds=trained_seconds, startup=clock)
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -350,7 +351,7 @@ def save_checkpoint(run: TrainingRun) -> Path:
     trained = run.trained_seconds + time.monotonic() - (run.train_started or time.monotonic())
     return checkpoint.save(run.engine, run.out_dir, run.step,
                            {"data": run.prefetcher.data_state(), "history": run.history,
-                            "trained_seconds": trained},
+                            "trained_seconds": trained, "totals": run.totals.state_dict()},
                            run.cfg.train.keep_checkpoints, run.frozen)
 
 

@@ -119,7 +119,9 @@ def utilisation(flops: float, seconds: float, peak: float | None) -> float | Non
 
 @dataclass
 class RunTotals:
-    """Sums over the steps this process trained (the summary's throughput figures)."""
+    """Sums over the steps the run trained (the summary's throughput figures). A resumed run
+    starts from the sums its checkpoint kept, so summary.json counts every step once, those of
+    earlier processes too (on 2026-12-02 a resumed stage reported 0.4M of its 5M tokens)."""
 
     tokens: float = 0.0
     teacher_wait: float = 0.0
@@ -133,6 +135,16 @@ class RunTotals:
         self.seconds += stats.job_seconds
         self.flops += stats.job_flops
         self.peak_flops = stats.peak_flops
+
+    def state_dict(self) -> dict[str, float]:
+        """The sums a checkpoint keeps (the device's peak is this process's to know)."""
+        return {"tokens": self.tokens, "teacher_wait": self.teacher_wait,
+                "seconds": self.seconds, "flops": self.flops}
+
+    @classmethod
+    def from_state(cls, state: dict[str, float] | None) -> RunTotals:
+        """The sums of a checkpoint's steps (none: a checkpoint written before they were kept)."""
+        return cls(**{k: float(v) for k, v in (state or {}).items()})
 
     def mfu(self) -> float | None:
         """The run's mean MFU: all its FLOPs over all its seconds (None without a peak)."""
