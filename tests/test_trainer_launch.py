@@ -151,3 +151,26 @@ def test_a_time_schedule_decays_by_the_time_limit_and_a_resume_keeps_its_budget(
     assert bad.returncode != 0
     assert "train.lr_schedule: time decays the learning rate over train.time_limit_seconds" \
         in bad.stdout + bad.stderr
+
+
+def test_an_exports_tokenizer_loads_without_transformers_fallback(tmp_path) -> None:
+    """A stage started from an export (student.init_from) reads the export's tokenizer in a fresh
+    process: before shared.student registered rwkv_hybrid there, transformers fell back to a bare
+    config and logged its "model of type" warning on every such stage."""
+    from transformers import AutoTokenizer
+
+    from shared.student import convert_teacher, save_student
+    from shared.tiny import tiny_teacher, train_tokenizer
+
+    train_tokenizer(tmp_path / "tok", vocab_size=300, max_bytes=50_000)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    student = convert_teacher(tiny_teacher("llama", vocab=len(tokenizer)),
+                              dict(layers=[0], mixer="rwkv7", mode="block"))
+    export = save_student(student, tokenizer, tmp_path / "export")
+    code = ("import sys; from services.trainer.inputs import load_tokenizer; "
+            "print(len(load_tokenizer(sys.argv[1])))")
+    proc = subprocess.run([sys.executable, "-c", code, str(export)], cwd=ROOT, env=bare_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == str(len(tokenizer))
+    assert "to instantiate a model of type" not in proc.stdout + proc.stderr, proc.stderr[-3000:]

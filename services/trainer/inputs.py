@@ -31,6 +31,20 @@ def tokenizer_dir(cfg: Config) -> Path:
     return Path(cfg.student.init_from or cfg.teacher.model_path)
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model directory, a student export's too, without running its code.
+
+    shared.student is imported first: an export's config.json names ``model_type: rwkv_hybrid``,
+    which AutoConfig knows only once that package has registered it; before, AutoTokenizer fell
+    back to a bare config and every stage that loads an export logged transformers' "You are
+    using a model of type `rwkv_hybrid` to instantiate a model of type ``" (2026-12-02)."""
+    from transformers import AutoTokenizer
+
+    import shared.student  # noqa: F401 - registers rwkv_hybrid with AutoConfig
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
 def model_config(path: str, key: str, why: str) -> dict[str, Any]:
     """config.json of the model directory ``path`` (config key ``key``), or a clear error."""
     p = Path(path)

@@ -37,7 +37,7 @@ from services.trainer.components import (
     select_trainable,
     teacher_source,
 )
-from services.trainer.inputs import check_inputs, tokenizer_dir
+from services.trainer.inputs import check_inputs, load_tokenizer, tokenizer_dir
 from services.trainer.objective import DistillObjective, teacher_request
 from services.trainer.peers import PeerWatch, start_peer_watch
 from services.trainer.prefetch import Prefetcher, to_device
@@ -189,8 +189,6 @@ def serve_metrics(cfg: Config, rank: int, metrics: TrainerMetrics) -> MetricsSer
 
 def start(cfg: Config) -> TrainingRun:
     """Build the components, resume from the latest complete checkpoint, join the teacher."""
-    from transformers import AutoTokenizer
-
     from shared.data_loader import MixedBatches, TrainBatches
 
     clock = StartupClock()
@@ -219,7 +217,7 @@ def start(cfg: Config) -> TrainingRun:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.data.seed)
     # an export names its own modeling code (auto_map): never run it, never ask on stdin
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)), trust_remote_code=False)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
     student = build_student(cfg, place.device)
     trainable = select_trainable(student, cfg)
     clock.mark("student")
