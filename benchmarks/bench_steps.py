@@ -177,6 +177,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], type=parse_variant,
                         help="NAME='--section.key value ...': our tree again with these config "
                         "overrides, as tree ours:NAME (repeatable)")
+    parser.add_argument("--variant-arms", nargs="+", default=None,
+                        choices=["trainer", "plain", "teacher"],
+                        help="the variants' arms (default: --arms)")
     parser.add_argument("--workdir", default=None, type=Path,
                         help="teacher checkpoints and logs (default: a new temporary dir)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per arm group")
@@ -196,7 +199,8 @@ def main() -> None:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     trees = [("ours", ROOT, overrides, args.arms)]
-    trees += [(f"ours:{name}", ROOT, overrides + extra, args.arms) for name, extra in args.variant]
+    trees += [(f"ours:{name}", ROOT, overrides + extra, args.variant_arms or args.arms)
+              for name, extra in args.variant]
     if args.baseline_tree is not None:
         trees.insert(0, ("baseline", args.baseline_tree.resolve(), [],
                          args.baseline_arms or args.arms))

@@ -124,7 +124,7 @@ from shared.data_loader import TrainBatches"
                  # logs archive, which came back over the transfer limit with them on 2026-12-02
                  work=${BENCH_STEPS_WORK:-/root/bench-steps}; rm -rf "$work/logs"
                  timeout "$limit" $py -m benchmarks.bench_steps "${args[@]}" \
-                   --workdir "$work" --json "$out/bench_steps.json"; rc=$?
+                   --workdir "$work" --json "$out/$(basename "$work").json"; rc=$?
                  cp -r "$work/logs" "$logs/bench-steps-logs"; exit $rc) ;;
     quality) (set -e; work=${WORK:-/root/quality}; mkdir -p "$work/corpus"
               end=$(( $(date +%s) + limit ))  # one limit for the import and the arms together

@@ -148,6 +148,7 @@ def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict
     """The JSON file's ZeRO settings, completed with the values our config owns."""
     ds = check_deepspeed_json(cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    autocast = bool(ds.get("torch_autocast", {}).get("enabled"))
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -164,10 +165,31 @@ def deepspeed_config(cfg: Config, device: torch.device, world_size: int) -> dict
         # layer shapes (BENCHMARKS.md, student MFU).
         "torch_adam": not offload, **({"fused": True} if device.type == "cuda" and not offload
                                        else {})}})
-    # bf16 runs on GPUs; the JSON's other bf16 options stay (zero1/zero2.json turn
-    # check_grad_overflow off: train.deepspeed_config's doc says why).
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": device.type == "cuda"}
+    if autocast:
+        # fp32 weights, bf16 autocast on GPUs (fp32 on CPUs, as everywhere else)
+        ds["torch_autocast"] = {**ds["torch_autocast"], "enabled": device.type == "cuda"}
+    # bf16 weights on GPUs unless the JSON autocasts; the JSON's other bf16 options stay
+    # (zero1/zero2.json turn check_grad_overflow off: train.deepspeed_config's doc says why).
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": device.type == "cuda" and not autocast}
+    if loop_clips(ds):
+        ds["gradient_clipping"] = 0.0   # train_step clips (clipped_parameters says why)
     return ds
+
+
+def loop_clips(ds: dict) -> bool:
+    """Whether train_step clips the gradients itself: on a stage-0 engine without bf16 (fp32
+    weights: configs/deepspeed/zero0.json) DeepSpeed clips with a Python loop of per-tensor
+    norms and multiplies, and returns no norm; torch's foreach clipping is a handful of kernels
+    and gives the norm the trainer reports."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    return stage == 0 and not ds.get("bf16", {}).get("enabled")
+
+
+def clipped_parameters(engine) -> list[torch.nn.Parameter] | None:
+    """The parameters train_step clips (``loop_clips``), or None where DeepSpeed does."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return None
+    return [p for p in engine.module.parameters() if p.requires_grad]
 
 
 def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
@@ -182,6 +204,10 @@ def init_engine(objective: torch.nn.Module, cfg: Config, place: Place):
     groups = param_groups(objective, cfg.train.weight_decay, cfg.train.time_decay_lr_scale)
     engine, _, _, _ = deepspeed.initialize(args=args, model=objective, model_parameters=groups,
                                            config=copy.deepcopy(ds))
+    if loop_clips(ds) and place.world_size == 1:
+        # stage 0 averages gradients over one rank by flattening them, an all-reduce and a
+        # copy back per tensor: host work and kernels for an identity
+        engine.enable_backward_allreduce = False
     return engine
 
 

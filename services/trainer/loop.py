@@ -31,6 +31,7 @@ from services.trainer import checkpoint
 from services.trainer.components import (
     Place,
     build_student,
+    clipped_parameters,
     in_process_teacher_flops,
     init_distributed,
     init_engine,
@@ -50,14 +51,11 @@ from services.trainer.stats import (
     StatLoggers,
     StepsFileLogger,
     StepStats,
-    ValidationStats,
-    ValidationSums,
     grad_norm_value,
 )
+from services.trainer.validation import validate
 from shared.config import Config
 from shared.flops import StepFlops, attention_span, peak_flops, student_step_flops
-from shared.link import RequestSpec
-from shared.losses import IGNORE, kd_ce_full
 from shared.metrics import MetricsServer, TrainerMetrics
 from shared.profiling import StepProfiler
 
@@ -74,43 +72,6 @@ class StopFlag:
 
     def _set(self, *_: object) -> None:
         self.requested = True
-
-
-@torch.no_grad()
-def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
-    """Mean student (and teacher) loss and KL per real token over the held-out batches."""
-    from shared.data_card import read_card
-    from shared.data_loader import validation_batches
-
-    val_dir = cfg.data.val_dir or cfg.data.train_dir
-    # a held-out directory made with --split validation holds a "validation" split; one made
-    # from a training corpus holds "train" only
-    split = "validation" if "validation" in read_card(val_dir)["splits"] else "train"
-    student = engine.module.student
-    student.eval()
-    sums = ValidationSums()
-    spec = RequestSpec(logits="fp32" if cfg.link.logits == "fp32" else "bf16")
-    for i, batch in enumerate(validation_batches(val_dir, cfg.data.micro_batch_size,
-                                                 place.world_size, place.rank, split=split)):
-        if i >= cfg.train.val_batches:
-            break
-        labels = batch["labels"].masked_fill(batch["sample_mask"][:, None] == 0, IGNORE)
-        n = int((labels != IGNORE).sum())
-        if n == 0:
-            continue
-        b = to_device(batch, place.device)
-        labels = labels.to(place.device)
-        logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         position_ids=b.get("position_ids"), use_cache=False).logits
-        if teacher is None:
-            sums.add(n, float(kd_ce_full(logits, None, labels)[2]))
-            continue
-        t_logits = teacher.request(batch["input_ids"], batch["lengths"], spec,
-                                   batch.get("position_ids")).result()["logits"]
-        _, kl, student_nll = kd_ce_full(logits, t_logits, labels)
-        sums.add(n, float(student_nll), float(kd_ce_full(t_logits, None, labels)[2]), float(kl))
-    student.train()
-    return ValidationStats.from_sums(sums.over_ranks(place.device), teacher is not None)
 
 
 def export(engine, cfg: Config, tokenizer, place) -> Path:
@@ -162,6 +123,10 @@ class TrainingRun:
     train_started: float | None = None   # time.monotonic() when this process began to train
     time_spent: float = 0.0         # share of train.time_limit_seconds spent (ranks' mean)
     startup: StartupClock = field(default_factory=StartupClock)   # phases to the first step
+    clipped: list | None = None     # what train_step clips itself (components.clipped_parameters)
+
+    def __post_init__(self) -> None:
+        self.clipped = clipped_parameters(self.engine)
 
     def close(self, linger: float = 0.0) -> None:
         """Release everything; the metrics server last, after ``linger`` seconds (so
@@ -283,6 +248,7 @@ def train_step(run: TrainingRun) -> StepStats:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     t_step, t_wall = time.perf_counter(), time.time()
     wait, tokens, flops, teacher_flops = 0.0, 0, 0.0, 0.0
+    norm = None
     names: list[str] = []
     pending: list[torch.Tensor] = []   # per micro step: its loss, then the loss parts
     forwards = []
@@ -295,6 +261,9 @@ def train_step(run: TrainingRun) -> StepStats:
         loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
                              b.get("position_ids"))
         engine.backward(loss)
+        if run.clipped is not None and engine.is_gradient_accumulation_boundary():
+            norm = torch.nn.utils.clip_grad_norm_(run.clipped, cfg.train.grad_clip or math.inf,
+                                                  foreach=True)
         engine.step()
         n = int(batch["lengths"].sum())   # the CPU copy of the batch: no device sync
         span = attention_span(batch["lengths"], batch.get("position_ids"))
@@ -306,15 +275,18 @@ def train_step(run: TrainingRun) -> StepStats:
         names = ["total", *parts]
         # float64 holds a float32 loss exactly: the values are those float(v) gave
         pending += [t.detach().to(torch.float64).reshape(()) for t in (loss, *parts.values())]
-    norm = engine.get_global_grad_norm()   # a device tensor (ZeRO 1-3), a float, or None
+    if run.clipped is None:   # a device tensor (ZeRO 1-3, and ours above), a float, or None
+        norm = engine.get_global_grad_norm()
     if torch.is_tensor(norm):
         pending.append(norm.detach().to(pending[0].device, torch.float64).reshape(()))
     values = torch.stack(pending).tolist()   # the step's one device-to-host copy
     seconds = time.perf_counter() - t_step
     grad_norm = values.pop() if torch.is_tensor(norm) else grad_norm_value(norm)
-    if norm is not None and engine.bfloat16_enabled() and not math.isfinite(grad_norm):
-        # bf16 ZeRO skips its per-tensor overflow check (configs/deepspeed/zero1.json): the
-        # step was applied, so stop before the run trains on from broken weights
+    if norm is not None and (engine.bfloat16_enabled() or run.clipped is not None) \
+            and not math.isfinite(grad_norm):
+        # bf16 ZeRO skips its per-tensor overflow check (configs/deepspeed/zero1.json), and
+        # stage 0 checks nothing: the step was applied, so stop before the run trains on from
+        # broken weights
         raise RuntimeError(f"non-finite gradient norm ({grad_norm}) at step {run.step + 1}: "
                            "the weights may be damaged; resume from the last checkpoint with a "
                            "lower train.lr_init, or set bf16.check_grad_overflow: true in the "
