@@ -33,6 +33,10 @@ Arms, each through the product's own commands (``python -m services.data``,
   steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
   the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
   only);
+* ``hflat`` and ``hlayers`` (need ``hybrid``): other kd stages from ``hybrid``'s align export,
+  as many steps as its kd: ``hflat`` at RADLADS' flat 1e-5, ``hlayers`` training only the
+  converted layers (``train.trainable: rwkv_layers``; the teacher's attention layers, MLPs
+  elsewhere and embeddings stay): does moving the teacher's weights less keep the unseen domain?
 * ``long`` (needs ``rwkv7``): RADLADS' step 3 after ``rwkv7``'s kd, as many steps again: rows
   of ``--long-context`` tokens (4,096; the corpus packed again), as many per micro batch as keep
   the recipe's 16 x 1024 tokens per step, lr 7e-6, KL 0.5 + CE 0.5.
@@ -208,6 +212,10 @@ CONTINUES = {
     # RADLADS' step 3: a longer context, lr 7e-6, KL 0.5 + CE 0.5 (rows: long_context_args)
     "long": ("rwkv7", -1, "long", ["--train.lr_init", "7e-6", "--train.lr_final", "7e-6",
                                    "--train.kl_weight", "0.5", "--train.ce_weight", "0.5"]),
+    # the hybrid's kd again from its align export: does a kd stage that moves the teacher's
+    # own weights less keep the unseen domain? RADLADS' flat 1e-5, or only the RWKV layers
+    "hflat": ("hybrid", 0, "train", ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
+    "hlayers": ("hybrid", 0, "train", ["--train.trainable", "rwkv_layers"]),
 }
 
 
@@ -222,13 +230,13 @@ def continue_arm(arm: str, steps: int, teacher: Path, work: Path, extra: list[st
                  parent: Future, data_for: Callable[[str], Path], long_context: int) -> list:
     """One kd stage from another arm's student (CONTINUES), its data made first (the teacher's
     conversations, or the corpus at the long context) while the other arms train."""
-    _, stage, data, changes = CONTINUES[arm]
+    parent_arm, stage, data, changes = CONTINUES[arm]
     data, *mixed = data.split("+")  # "train+wrap": train_dir, then data.mix_dirs
     data_dir = data_for(data)
     mix = ["--data.mix_dirs", ",".join(str(data_for(m)) for m in mixed)] if mixed else []
     start = Path(parent.result()[stage]["student"])
     rows = long_context_args(long_context) if data == "long" else []
-    return [train_stage(f"{arm}-kd", CONFIGS["rwkv7"][1], steps, teacher, data_dir, work, start,
+    return [train_stage(f"{arm}-kd", CONFIGS[parent_arm][1], steps, teacher, data_dir, work, start,
                         [*mix, *changes, *extra, *rows])]
 
 
@@ -279,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
                         help="comma-separated: hybrid, rwkv7, rad, control, and chat, wrap, "
-                             "mixwrap, flat, mix, long (each continues rwkv7's student)")
+                             "mixwrap, flat, mix, long (each continues rwkv7's student), hflat, "
+                             "hlayers (hybrid's)")
     parser.add_argument("--long-context", type=int, default=4096,
                         help="row length of the long arm (RADLADS' step 3: 4096)")
     parser.add_argument("--chat-conversations", type=int, default=4000,

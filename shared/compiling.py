@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from torch import nn
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-"""off: eager. default: inductor's fused kernels. reduce-overhead: also CUDA graphs (static
-shapes only). max-autotune-no-cudagraphs: autotuned matmul and fused kernels."""
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+"""off: eager. default: inductor's fused kernels. max-autotune-no-cudagraphs: autotuned matmul
+and fused kernels. Not reduce-overhead (CUDA graphs): the layers of one kind share one compiled
+graph, and its CUDA graph's output buffer is overwritten by the next layer's call while the
+model still holds the one before (the teacher's forward failed so on an H200, 2026-12-02:
+"accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
 
 
 def compile_decoder_layers(layers: nn.ModuleList, mode: str = "default") -> int:

@@ -60,9 +60,10 @@ class TeacherConfig:
     """GPU index the teacher uses. Every process sees all GPUs (NCCL needs that for P2P)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained (sdpa, flash_attention_2, eager)."""
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
     """torch.compile each decoder layer's forward (shared/compiling.py): fewer, fused kernels
-    per forward; off until measured on the device (benchmarks/bench_steps.py)."""
+    per forward. default: 2.27x the eager forward of the 135M shape at 8 x 1024 on an H200
+    (541k tokens/s, BENCHMARKS.md 2026-12-02 fifth session), ~20 s more start-up."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off: a checkpoint can't run code here."""
     max_tokens_per_request: Count = 65536
@@ -179,12 +180,12 @@ class TrainConfig:
     """KL + CE over the full vocabulary (kd, sft): auto = one Triton kernel for logits on a GPU
     (shared/kd_ce_triton.py), the chunked PyTorch path elsewhere; torch forces that path (the
     kernel's reference)."""
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
     """torch.compile each of the student's decoder layers (shared/compiling.py), forward and
     backward: the RWKV-7 elementwise chains become a few fused kernels. kd on an H200 at the
     135M shape: 1.29x (hybrid) and 1.12x (all-RWKV-7) the eager step, ~30 s more start-up
     (BENCHMARKS.md 2026-12-02); off by default until align and a GPU equality test have run
-    compiled. reduce-overhead adds CUDA graphs (static shapes)."""
+    compiled. No CUDA graphs (reduce-overhead): shared/compiling.py says why."""
     steps: Count = 100
     """Optimizer steps to train."""
     time_limit_seconds: NonNegative = 0.0
@@ -287,6 +288,10 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} fits none of {hint} ({'; '.join(errors)})")
     if origin is Literal:
+        # YAML 1.1 reads a bare off / on (a file's `compile: off`, `--train.compile off`) as
+        # a bool: the word was meant where the choices are words
+        if isinstance(value, bool) and (word := "on" if value else "off") in get_args(hint):
+            value = word
         if value not in get_args(hint):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(hint))}")
         return value

@@ -24,6 +24,15 @@ def test_lists_of_paths_and_numbers_from_the_command_line():
         load_config(None, ["--data.mix_weights", "3,x"])
 
 
+def test_a_bare_off_is_the_word_where_the_choices_are_words(tmp_path):
+    # YAML 1.1 reads off as false: `--train.compile off` was refused with "False is not one of"
+    assert load_config(None, ["--train.compile", "off"]).train.compile == "off"
+    (tmp_path / "c.yaml").write_text("teacher:\n  compile: off\n")
+    assert load_config(tmp_path / "c.yaml", []).teacher.compile == "off"
+    with pytest.raises(ConfigError, match="train.compile: True is not one of"):
+        load_config(None, ["--train.compile", "yes"])   # no "on" among its choices
+
+
 def test_a_one_item_list_may_be_a_number():
     assert load_config(None, ["--student.layers", "5"]).student.layers == [5]
     with pytest.raises(ConfigError, match="student.layers"):
@@ -79,6 +88,24 @@ def test_deepspeed_optimizer_is_fused_on_a_gpu(tmp_path, device, offload, fused)
     cfg = load_config(None, ["--train.deepspeed_config", str(tmp_path / "ds.json")])
     params = deepspeed_config(cfg, torch.device(device), 1)["optimizer"]["params"]
     assert params.get("fused") is fused and params["torch_adam"] is not offload
+
+
+@pytest.mark.parametrize("json_name,device,autocast,bf16,clip", [
+    ("zero0", "cuda", True, False, 0.0), ("zero0", "cpu", False, False, 0.0),
+    ("zero1", "cuda", None, True, 0.5), ("zero1", "cpu", None, False, 0.5)])
+def test_the_engines_precision_and_who_clips(json_name, device, autocast, bf16, clip):
+    """zero0.json: fp32 weights under bf16 autocast on a GPU, fp32 on a CPU, and train_step
+    clips (DeepSpeed's own clipping off); ZeRO-1: bf16 weights on a GPU, DeepSpeed clips."""
+    import torch
+
+    from services.trainer.components import deepspeed_config, loop_clips
+
+    cfg = load_config(None, ["--train.deepspeed_config", f"configs/deepspeed/{json_name}.json",
+                             "--train.grad_clip", "0.5"])
+    ds = deepspeed_config(cfg, torch.device(device), 1)
+    assert ds.get("torch_autocast", {}).get("enabled") is autocast
+    assert ds["bf16"]["enabled"] is bf16 and ds["gradient_clipping"] == clip
+    assert loop_clips(ds) is (json_name == "zero0")
 
 
 @pytest.mark.parametrize("key,value,bound", [

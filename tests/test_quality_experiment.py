@@ -72,6 +72,29 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     assert all(f"{name}: reused" in out for name in stages)
 
 
+def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp_path):
+    args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--arms", "hybrid,hflat,hlayers", "--hybrid-steps", "1,2", "--eval-tokens", "200",
+            "--trainer-args", STAGE_ARGS + " --student.layers 1,3"]  # of the tiny teacher's 4
+    assert quality.main(args) == 0
+    stages = {s["stage"]: s for s in
+              json.loads((tmp_path / "out/quality_stages.json").read_text())}
+    for arm, flag, value in (("hflat", "--train.lr_init", "1e-5"),
+                             ("hlayers", "--train.trainable", "rwkv_layers")):
+        cmd = json.loads((tmp_path / f"work/{arm}-kd/quality_stage.json").read_text())["command"]
+        assert cmd[cmd.index("--config") + 1] == "configs/smollm2_hybrid_kd.yaml"
+        assert cmd[cmd.index("--student.init_from") + 1] == stages["hybrid-align"]["student"]
+        assert cmd[cmd.index(flag) + 1] == value
+        assert cmd[cmd.index("--train.steps") + 1] == "2"  # as many steps as hybrid's kd
+    log = (tmp_path / "work/hlayers-kd.log").read_text()
+    hybrid = (tmp_path / "work/hybrid-kd.log").read_text()
+    trained = [int(line.split("training ")[1].split()[0])
+               for line in (log, hybrid) for line in line.splitlines() if "training " in line
+               and " parameters (" in line][:2]
+    assert trained[0] < trained[1], trained   # hlayers trains the converted layers only
+
+
 def test_the_control_stage_gets_the_time_of_two():
     """The control trains in one stage what the distilled arms train in two: a per-stage time
     limit doubles for it, and nothing else changes."""
