@@ -10,7 +10,8 @@ runs), random token ids. Arms, each group in a fresh process (benchmarks/step_ar
   teacher  the in-process teacher's forward alone.
 Per arm: tokens/s of the median step, p90/p50 step time, MFU, and of one profiled step: its
 self CPU time (host), its summed kernel time, GPU busy (the union of its kernels' intervals over
-its wall time), kernel launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt).
+the median unprofiled step: the profiler's host work stretches the profiled one), kernel
+launches and aten ops (its op table goes to WORKDIR/logs/*.ops.txt).
 ``--baseline-tree DIR`` runs the arms also from an older checkout (PYTHONPATH=DIR),
 ``--variant NAME='--k v'`` ours again with config overrides, interleaved per group, with ratios
 to the first tree (baseline, else ours). A Markdown table last.
@@ -229,7 +230,7 @@ def main() -> None:
             print(f"  kernels of most time: {top}")
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
-          "GPU busy = the union of its kernels' intervals / its wall time\n")
+          "GPU busy = the union of its kernels' intervals / the median unprofiled step\n")
     print(table(results, reference))
 
 

@@ -213,9 +213,13 @@ class TrainConfig:
     """Gradient clipping norm."""
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     """DeepSpeed JSON (ZeRO stage, offload); batch sizes and the optimizer (torch AdamW, fused
-    on a GPU) are filled in here unless the JSON names its own optimizer. zero1/zero2.json set
+    on a GPU) are filled in here unless the JSON names its own optimizer. zero0.json, the
+    one-GPU engine (the smollm2 recipes): stage 0, fp32 weights under bf16 autocast, clipping
+    in the trainer's step; 1.14x (hybrid) and 1.29x (all-RWKV-7) ZeRO-1's compiled step at the
+    135M shape, the same at 1B (BENCHMARKS.md 2026-12-02 fifth session). zero1/zero2.json set
     bf16.check_grad_overflow false: its isfinite per parameter tensor and step was host time
-    (issue 19); a step with non-finite gradients is then applied, not skipped."""
+    (issue 19); a step with non-finite gradients is then applied, not skipped (the trainer
+    stops on a non-finite norm)."""
     output_dir: str = "runs/train"
     """Checkpoints, logs and the exported student go here."""
     checkpoint_every: Count = 50

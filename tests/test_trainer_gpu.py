@@ -64,8 +64,9 @@ def test_the_stage0_autocast_engine_trains_validates_and_exports(tmp_path, tiny_
                                                                  dataset):  # noqa: F811
     """configs/deepspeed/zero0.json on a GPU (fp32 weights under bf16 autocast, the gradients
     clipped in train_step) with compiled layers: a kd stage with validation and an export that
-    generates; its first step's losses and gradient norm near a ZeRO-1 bf16 run's (the same
-    weights and batch; bf16 weights against fp32 ones under autocast: a few per cent)."""
+    generates; its first step's losses and gradient norm near an eager ZeRO-1 bf16 run's (the
+    same weights and batch; bf16 weights against fp32 ones under autocast: a few per cent).
+    The reference runs eager: two compiled stages took over 100 s on the H200."""
     from shared.student import load_student
 
     records = {}
@@ -73,7 +74,8 @@ def test_the_stage0_autocast_engine_trains_validates_and_exports(tmp_path, tiny_
         (tmp_path / ds).mkdir()
         cfg = stack_config(tmp_path / ds, tiny_llama, dataset, tmp_path / "rdv", stage="kd",
                            device="cuda", metrics_port=0, steps=6, val_every=3,
-                           deepspeed_config=f"configs/deepspeed/{ds}.json", compile="default")
+                           deepspeed_config=f"configs/deepspeed/{ds}.json",
+                           compile="default" if ds == "zero0" else "off")
         sections = yaml.safe_load(cfg.read_text())
         sections["link"].update(mode="in_process", trainers_per_group=1)
         sections["student"].update(mixer="rwkv7", mode="block")
