@@ -289,8 +289,8 @@ def train_step(run: TrainingRun) -> StepStats:
         # broken weights
         raise RuntimeError(f"non-finite gradient norm ({grad_norm}) at step {run.step + 1}: "
                            "the weights may be damaged; resume from the last checkpoint with a "
-                           "lower train.lr_init, or set bf16.check_grad_overflow: true in the "
-                           "DeepSpeed JSON to skip such steps")
+                           "lower train.lr_init, or (ZeRO 1-3) set bf16.check_grad_overflow: "
+                           "true in the DeepSpeed JSON to skip such steps")
     rows = [values[i:i + len(names)] for i in range(0, len(values), len(names))]
     run.step += 1
     stats = StepStats(step=run.step, lr=lr, tokens=tokens, teacher_wait=wait,
