@@ -27,14 +27,19 @@ pytestmark = [pytest.mark.gpu,
 
 def probe(tmp_path: Path, config: Path, grad_accum: int) -> dict[str, int]:
     out = tmp_path / f"syncs-{grad_accum}.json"
-    env = {k: v for k, v in service_env().items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "tests/sync_probe.py", str(out), "--config",
                            str(config), "--train.grad_accum", str(grad_accum),
                            "--train.output_dir", str(tmp_path / f"run-{grad_accum}")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=one_process_env(), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def one_process_env() -> dict[str, str]:
+    """The service environment without a launcher's variables: a world of one."""
+    return {k: v for k, v in service_env().items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
 
 
 @pytest.mark.parametrize("stage", ["sft", "kd"])
@@ -80,10 +85,9 @@ def test_the_stage0_autocast_engine_trains_validates_and_exports(tmp_path, tiny_
         sections["link"].update(mode="in_process", trainers_per_group=1)
         sections["student"].update(mixer="rwkv7", mode="block")
         cfg.write_text(yaml.safe_dump(sections))
-        env = {k: v for k, v in service_env().items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         done = subprocess.run([sys.executable, "-m", "services.trainer", "--config", str(cfg)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=ROOT, env=one_process_env(), capture_output=True, text=True,
+                              timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         run = tmp_path / ds / "run"
         records[ds] = [json.loads(line) for line in

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT, free_port, service_env, write_config
-from test_trainer import dataset, stack_config  # noqa: F401 - dataset is a fixture
+from test_trainer import dataset, stack_config, steps  # noqa: F401 - dataset is a fixture
 
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
           "TORCHELASTIC_ERROR_FILE")
@@ -183,10 +183,6 @@ def test_the_stage0_engine_trains_as_zero1_does_and_resumes(tmp_path, tiny_llama
     On the CPU both engines are fp32, so with a clip that binds (grad_clip 0.01) and two micro
     steps per step, every step's losses and gradient norm match ZeRO-1's; the zero0 run is cut
     after 3 steps and resumed from its checkpoint to 5."""
-    def steps_of(run: Path) -> dict[int, dict]:
-        lines = (run / "steps-rank0.jsonl").read_text().splitlines()
-        return {r["step"]: r for r in map(json.loads, lines)}
-
     common = ["--train.grad_clip", "0.01", "--train.grad_accum", "2", "--train.lr_init", "1e-3",
               "--train.lr_final", "1e-3", "--train.warmup_steps", "0",
               "--train.checkpoint_every", "1"]   # a flat lr: the cut run's schedule is the same
@@ -198,7 +194,7 @@ def test_the_stage0_engine_trains_as_zero1_does_and_resumes(tmp_path, tiny_llama
             done = trainer(cfg, *common, "--train.steps", str(n),
                            "--train.deepspeed_config", f"configs/deepspeed/{ds}.json")
             assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        runs[name] = steps_of(tmp_path / name / "run")
+        runs[name] = steps(tmp_path / name / "run")
     assert "at step 3" in done.stdout + done.stderr   # the second zero0 run resumed
     assert sorted(runs["zero0"]) == sorted(runs["zero1"]) == [1, 2, 3, 4, 5]
     for s in range(1, 6):

@@ -187,7 +187,7 @@ def loop_clips(ds: dict) -> bool:
 
 def clipped_parameters(engine) -> list[torch.nn.Parameter] | None:
     """The parameters train_step clips (``loop_clips``), or None where DeepSpeed does."""
-    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+    if not loop_clips(engine.config):   # the completed JSON deepspeed_config gave it
         return None
     return [p for p in engine.module.parameters() if p.requires_grad]
 
