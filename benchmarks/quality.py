@@ -37,6 +37,9 @@ Arms, each through the product's own commands (``python -m services.data``,
   as many steps as its kd: ``hflat`` at RADLADS' flat 1e-5, ``hlayers`` training only the
   converted layers (``train.trainable: rwkv_layers``; the teacher's attention layers, MLPs
   elsewhere and embeddings stay): does moving the teacher's weights less keep the unseen domain?
+* ``rwkv7wrap``: the all-RWKV-7 recipe with the conversations in kd from the start: rwkv7's
+  align, then its kd on ``mixwrap``'s data (documents half plain, half wrapped), one lineage
+  alone on the GPU (no rwkv7 kd stage beside it), for the long runs the stage-0 engine buys;
 * ``long`` (needs ``rwkv7``): RADLADS' step 3 after ``rwkv7``'s kd, as many steps again: rows
   of ``--long-context`` tokens (4,096; the corpus packed again), as many per micro batch as keep
   the recipe's 16 x 1024 tokens per step, lr 7e-6, KL 0.5 + CE 0.5.
@@ -58,8 +61,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,10 +75,20 @@ CONFIGS = {
     "hybrid": ("configs/smollm2_hybrid_align.yaml", "configs/smollm2_hybrid_kd.yaml"),
     "rwkv7": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
     "rad": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
+    "rwkv7wrap": ("configs/smollm2_rwkv7_align.yaml", "configs/smollm2_rwkv7_kd.yaml"),
 }
+# what an arm's own kd stage trains on when not the plain corpus ("train+wrap": data.train_dir
+# the corpus, data.mix_dirs its wrapped conversations) and what it changes in the kd recipe
+KD_DATA = {"rwkv7wrap": ("train+wrap", ["--data.mix_weights", "1,1"])}
 # what an arm changes in the conversion (its align stage; kd starts from that export)
 CONVERSION = {"rad": ["--student.rwkv7_variant", "rad", "--student.untie_embeddings", "true"]}
 PROMPTS = ROOT / "benchmarks" / "quality_prompts.txt"
+
+
+# Set on SIGTERM (a device call's time limit, sent to the whole process group): every stage
+# running gets it too, checkpoints and exits; this process waits for them, then stops, so the
+# call does not end while a checkpoint is half written and the same command resumes the stage.
+STOPPING = threading.Event()
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -82,6 +97,9 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, check=False)
+    if STOPPING.is_set():
+        raise SystemExit(f"stopped by SIGTERM after {' '.join(cmd[:3])} exited "
+                         f"{done.returncode} (its log: {log}); the same command resumes")
     if done.returncode:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n" + "\n".join(tail))
@@ -231,13 +249,19 @@ def continue_arm(arm: str, steps: int, teacher: Path, work: Path, extra: list[st
     """One kd stage from another arm's student (CONTINUES), its data made first (the teacher's
     conversations, or the corpus at the long context) while the other arms train."""
     parent_arm, stage, data, changes = CONTINUES[arm]
-    data, *mixed = data.split("+")  # "train+wrap": train_dir, then data.mix_dirs
-    data_dir = data_for(data)
-    mix = ["--data.mix_dirs", ",".join(str(data_for(m)) for m in mixed)] if mixed else []
+    data_dir, mix = data_args(data, data_for)
     start = Path(parent.result()[stage]["student"])
     rows = long_context_args(long_context) if data == "long" else []
     return [train_stage(f"{arm}-kd", CONFIGS[parent_arm][1], steps, teacher, data_dir, work, start,
                         [*mix, *changes, *extra, *rows])]
+
+
+def data_args(data: str, data_for: Callable[[str], Path]) -> tuple[Path, list[str]]:
+    """A stage's data.train_dir and its data.mix_dirs arguments: "train+wrap" is the corpus,
+    then its wrapped conversations mixed in."""
+    first, *mixed = data.split("+")
+    mix = ["--data.mix_dirs", ",".join(str(data_for(m)) for m in mixed)] if mixed else []
+    return data_for(first), mix
 
 
 def stage_time_limit(extra: list[str], stages: int) -> list[str]:
@@ -252,7 +276,7 @@ def stage_time_limit(extra: list[str], stages: int) -> list[str]:
 
 
 def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: Path,
-            extra: list[str]) -> list:
+            extra: list[str], data_for: Callable[[str], Path]) -> list:
     if arm == "control":
         start = random_student(teacher, work / "control-init")
         total = steps[0] + steps[1]
@@ -263,8 +287,10 @@ def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: P
     align, kd = CONFIGS[arm]
     first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None,
                         [*CONVERSION.get(arm, []), *extra])
-    second = train_stage(f"{arm}-kd", kd, steps[1], teacher, data, work,
-                         Path(first["student"]), extra)
+    kd_data, changes = KD_DATA.get(arm, ("train", []))
+    kd_dir, mix = data_args(kd_data, data_for)
+    second = train_stage(f"{arm}-kd", kd, steps[1], teacher, kd_dir, work,
+                         Path(first["student"]), [*mix, *changes, *extra])
     return [first, second]
 
 
@@ -286,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="tables and JSON go here")
     parser.add_argument("--arms", default="hybrid,rwkv7,control",
-                        help="comma-separated: hybrid, rwkv7, rad, control, and chat, wrap, "
-                             "mixwrap, flat, mix, long (each continues rwkv7's student), hflat, "
-                             "hlayers (hybrid's)")
+                        help="comma-separated: hybrid, rwkv7, rad, rwkv7wrap, control, and "
+                             "chat, wrap, mixwrap, flat, mix, long (each continues rwkv7's "
+                             "student), hflat, hlayers (hybrid's)")
     parser.add_argument("--long-context", type=int, default=4096,
                         help="row length of the long arm (RADLADS' step 3: 4096)")
     parser.add_argument("--chat-conversations", type=int, default=4000,
@@ -311,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
     steps = {"hybrid": tuple(map(int, args.hybrid_steps.split(","))),
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
-    steps["control"] = steps["rad"] = steps["rwkv7"]
+    steps["control"] = steps["rad"] = steps["rwkv7wrap"] = steps["rwkv7"]
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(steps) - set(CONTINUES))
     if unknown:
@@ -328,20 +354,29 @@ def main(argv: list[str] | None = None) -> int:
         # 2026-12-02. Three conversions at once on 2 cores: 16.7 s each with 2 threads, 4.6-6.8 s
         # with 1 (2.7 s for one alone): oversubscription costs more than the cores it shares.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(arms))))
+    # parallel arms that want the same data make it once (the teacher's conversations take
+    # minutes: one lock per kind, so the other kinds do not wait for them)
+    making = {kind: threading.Lock() for kind in ("chat", "wrap", "long", "train")}
+
+    def data_for(kind: str) -> Path:
+        with making[kind]:
+            return make_data(kind)
+
+    def make_data(kind: str) -> Path:
+        if kind == "chat":
+            return chat_data(args.teacher, args.work, args.chat_conversations)
+        if kind == "wrap":
+            return wrapped_data(args.corpus, args.teacher, args.work)
+        if kind == "long":
+            return prepare_data(args.corpus, args.teacher, args.work, args.long_context)
+        return data
+
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
         extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
-                                    extra) for arm in arms if arm not in CONTINUES}
+                                    extra, data_for) for arm in arms if arm not in CONTINUES}
 
-        def data_for(kind: str) -> Path:
-            if kind == "chat":
-                return chat_data(args.teacher, args.work, args.chat_conversations)
-            if kind == "wrap":
-                return wrapped_data(args.corpus, args.teacher, args.work)
-            if kind == "long":
-                return prepare_data(args.corpus, args.teacher, args.work, args.long_context)
-            return data
 
         for arm in (a for a in arms if a in CONTINUES):
             parent = CONTINUES[arm][0]
@@ -373,4 +408,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: STOPPING.set())
     sys.exit(main())

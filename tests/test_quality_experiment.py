@@ -5,10 +5,15 @@ experiment spans device calls, where an error costs GPU time we do not get back)
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from benchmarks import quality
+from tests.conftest import wait_for
 
 STAGE_ARGS = "--data.micro_batch_size 1 --data.max_len 64"
 
@@ -95,6 +100,28 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
     assert trained("hlayers-kd") < trained("hybrid-kd")   # the converted layers only
 
 
+def test_rwkv7wrap_mixes_the_conversations_into_its_own_kd_stage(tiny_llama, tmp_path):
+    """rwkv7wrap is one lineage of its own: rwkv7's align recipe, then kd from that export on
+    the documents mixed 1:1 with their wrapped conversations, with no rwkv7 stage beside it."""
+    args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--arms", "rwkv7wrap", "--rwkv7-steps", "1,2", "--eval-tokens", "200",
+            "--trainer-args", STAGE_ARGS]
+    assert quality.main(args) == 0
+    stages = [s["stage"] for s in json.loads((tmp_path / "out/quality_stages.json").read_text())]
+    assert stages == ["rwkv7wrap-align", "rwkv7wrap-kd"]
+    cmd = json.loads((tmp_path / "work/rwkv7wrap-kd/quality_stage.json").read_text())["command"]
+    assert cmd[cmd.index("--config") + 1] == "configs/smollm2_rwkv7_kd.yaml"
+    start = cmd[cmd.index("--student.init_from") + 1]
+    assert start == str(tmp_path / "work/rwkv7wrap-align/student")
+    assert cmd[cmd.index("--data.train_dir") + 1] == str(tmp_path / "work/data/train")
+    assert cmd[cmd.index("--data.mix_dirs") + 1] == str(tmp_path / "work/data/wrap")
+    assert cmd[cmd.index("--train.steps") + 1] == "2"
+    assert "data: 2 datasets mixed, shares 0.50, 0.50" in \
+        (tmp_path / "work/rwkv7wrap-kd.log").read_text()
+    assert not (tmp_path / "work/rwkv7-kd").exists()
+
+
 def test_the_control_stage_gets_the_time_of_two():
     """The control trains in one stage what the distilled arms train in two: a per-stage time
     limit doubles for it, and nothing else changes."""
@@ -103,3 +130,37 @@ def test_the_control_stage_gets_the_time_of_two():
                                                   "--train.time_limit_seconds", "370.0"]
     assert quality.stage_time_limit(["--data.max_len", "64"], 2) == ["--data.max_len", "64"]
     assert extra[-1] == "185"
+
+
+def test_a_sigterm_waits_for_the_stage_to_checkpoint(tiny_llama, tmp_path):
+    """A device call's time limit sends SIGTERM to the experiment's process group: the script
+    exits only after the running stage has checkpointed (so the call does not end on a half
+    written checkpoint) and says the same command resumes; the rerun resumes that stage."""
+    args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--arms", "rwkv7", "--rwkv7-steps", "1,100000", "--eval-tokens", "200",
+            "--trainer-args", STAGE_ARGS]
+    def stopped_run(ready, what: str) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.quality", *args],
+                                cwd=quality.ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            wait_for(ready, 240, what)
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode != 0, out
+        assert "stopped by SIGTERM" in out and "the same command resumes" in out, out[-2000:]
+        return out
+
+    steps, log = tmp_path / "work/rwkv7-kd/steps-rank0.jsonl", tmp_path / "work/rwkv7-kd.log"
+    stopped_run(lambda: steps.is_file() and len(steps.read_text().splitlines()) >= 2,
+                "the kd stage's second step")
+    assert "stop requested: checkpointed at step" in log.read_text()  # before the script ended
+    assert (tmp_path / "work/rwkv7-kd/checkpoints").is_dir()
+
+    out = stopped_run(lambda: log.is_file() and "resumed from" in log.read_text(),
+                      "the rerun's kd stage to resume")
+    assert "rwkv7-align: reused" in out
