@@ -19,8 +19,9 @@ to the first tree (baseline, else ours). A Markdown table last.
     python -m benchmarks.bench_steps --shapes 135m --layers hybrid all --micro-batches 8 32 \
         --workdir $OUT/bench-steps --json $OUT/bench_steps.json
     python -m benchmarks.bench_steps --shape tiny --device cpu --steps 2      # a CPU check
-``--docs-per-row N`` packs N documents of random lengths into each row (position_ids restart),
-and ``--variant seg='--student.packed_layout segments'`` measures the one-pass layout against it.
+``--docs-per-row N`` packs N documents of random lengths into each row (position_ids
+restart; ``--vary-packing``: new lengths every step, as real packed data has), and
+``--variant seg='--student.packed_layout segments'`` measures the one-pass layout against it.
 Extra ``--section.key value`` arguments are config overrides for our tree's arms only.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def specs_for(args: argparse.Namespace, shape: str, work: Path) -> list[dict]:
     common = {"shape": shape, "seq": args.seq or seq,
               "micro_batches": args.micro_batches or batches, "steps": args.steps,
               "warmup": args.warmup, "profile": not args.no_profile, "device": args.device,
-              "docs_per_row": args.docs_per_row,
+              "docs_per_row": args.docs_per_row, "vary_packing": args.vary_packing,
               "model_dir": str(work / f"teacher-{shape}"), "log_dir": str(work / "logs")}
     specs, teacher_done = [], False
     for layers in args.layers:
@@ -166,6 +167,9 @@ def main() -> None:
                         help="tokens per row (default per shape: 135m 1024, 1b 2048)")
     parser.add_argument("--docs-per-row", type=int, default=1,
                         help="packed rows: this many documents of random lengths in each row")
+    parser.add_argument("--vary-packing", action="store_true",
+                        help="with --docs-per-row: new random document lengths every step of "
+                             "the trainer arm (real packed data; a fixed layout never recompiles)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step")

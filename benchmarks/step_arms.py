@@ -56,12 +56,15 @@ def ensure_teacher(model_dir: Path, shape: str, device: str) -> Path:
 
 
 def packed_positions(micro_batch: int, seq_len: int, docs_per_row: int,
-                     g: torch.Generator) -> torch.Tensor:
+                     g: torch.Generator, vary_count: bool = False) -> torch.Tensor:
     """``position_ids`` of rows packed with ``docs_per_row`` documents of random lengths each
-    (restarting at every document, as the data command's ``--pack`` rows do)."""
+    (restarting at every document, as the data command's ``--pack`` rows do); ``vary_count``:
+    each row 1 to 2 * docs_per_row - 1 documents instead (the same mean)."""
     rows = []
     for _ in range(micro_batch):
-        cuts = torch.randperm(seq_len - 1, generator=g)[:docs_per_row - 1] + 1
+        docs = int(torch.randint(1, 2 * docs_per_row, (), generator=g)) if vary_count \
+            else docs_per_row
+        cuts = torch.randperm(seq_len - 1, generator=g)[:docs - 1] + 1
         bounds = [0, *sorted(cuts.tolist()), seq_len]
         pairs = zip(bounds[:-1], bounds[1:], strict=True)
         rows.append(torch.cat([torch.arange(end - begin) for begin, end in pairs]))
@@ -73,10 +76,15 @@ class RandomBatches:
     each one document or ``docs_per_row`` packed ones."""
 
     def __init__(self, micro_batch: int, seq_len: int, vocab: int, seed: int = 0,
-                 docs_per_row: int = 1) -> None:
+                 docs_per_row: int = 1, vary_packing: bool = False) -> None:
         from shared.labels import IGNORE
 
         g = torch.Generator().manual_seed(seed)
+        # vary_packing: every batch its own document lengths and counts, as real packed data
+        # has (each step a new number of documents per micro batch: what a compiled varlen
+        # path meets)
+        self.vary = (micro_batch, seq_len, docs_per_row, g, True) \
+            if vary_packing and docs_per_row > 1 else None
         ids = torch.randint(3, vocab, (micro_batch, seq_len), generator=g)
         labels = torch.cat([ids[:, 1:], torch.full((micro_batch, 1), IGNORE)], dim=1)
         self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
@@ -87,6 +95,8 @@ class RandomBatches:
 
     def forever(self):
         while True:
+            if self.vary is not None:
+                self.batch["position_ids"] = packed_positions(*self.vary)
             yield dict(self.batch)
 
     def state_dict(self) -> dict:
@@ -94,7 +104,8 @@ class RandomBatches:
 
 
 def batches_for(spec: dict, micro_batch: int, vocab: int) -> RandomBatches:
-    return RandomBatches(micro_batch, spec["seq"], vocab, docs_per_row=spec.get("docs_per_row", 1))
+    return RandomBatches(micro_batch, spec["seq"], vocab, docs_per_row=spec.get("docs_per_row", 1),
+                         vary_packing=spec.get("vary_packing", False))
 
 
 def make_config(spec: dict, model_dir: Path, out: Path):

@@ -237,6 +237,9 @@ class TrainConfig:
     profile_steps: str = ""
     """Optimizer steps to profile with torch.profiler, e.g. "6-7" (empty = none); the trace and
     a top-kernels table go to output_dir."""
+    slow_step_seconds: NonNegative = 0.0
+    """After the first step, a step that runs longer than this dumps every thread's Python stack
+    to the log (faulthandler): what a stall waits on (a compile, a lock, the data); 0 = off."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer ranks run; auto = cuda when available. The teacher has its own
     (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""

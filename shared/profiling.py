@@ -63,3 +63,74 @@ class StepProfiler:
         table = prof.key_averages().table(sort_by=sort, row_limit=25)
         (self.out_dir / f"{self.name}.kernels.txt").write_text(table)
         log.info("profile of steps %d-%d written to %s.gz", *self.window, trace)
+
+
+class StallWatch:
+    """Logs the Python stack of every thread once a step has run ``seconds`` (0 = off): what a
+    stalled step waits on (a compile, the data, the teacher, a lock), while it stalls.
+
+    A watcher thread reads ``sys._current_frames()`` under the GIL (faulthandler's watchdog
+    reads other threads' frames without it, and crashed a trainer so: SIGSEGV, 2026-12-03).
+
+        watch = StallWatch(10.0, "trainer-rank0")
+        watch.begin(step); ...; watch.end()
+        watch.close()
+    """
+
+    def __init__(self, seconds: float, name: str) -> None:
+        import threading
+
+        self.seconds, self.name = seconds, name
+        self._lock = threading.Lock()
+        self._step: int | None = None
+        self._started = 0.0
+        self._done = threading.Event()
+        self.dumps = 0
+        self._thread = None
+        if seconds > 0:
+            self._thread = threading.Thread(target=self._watch, name=f"{name}-stall-watch",
+                                            daemon=True)
+            self._thread.start()
+
+    def begin(self, step: int) -> None:
+        import time
+
+        with self._lock:
+            self._step, self._started = step, time.monotonic()
+
+    def end(self) -> None:
+        with self._lock:
+            self._step = None
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        import time
+
+        dumped = None
+        while not self._done.wait(min(max(self.seconds / 4, 0.005), 1.0)):
+            with self._lock:
+                step, started = self._step, self._started
+            if step is None or step == dumped or time.monotonic() - started < self.seconds:
+                continue
+            dumped = step
+            self.dumps += 1
+            log.warning("%s: step %d has run %.1f s (over %g s): the stacks it is in\n%s",
+                        self.name, step, time.monotonic() - started, self.seconds,
+                        thread_stacks())
+
+
+def thread_stacks() -> str:
+    """Every Python thread's stack but the caller's, innermost call last."""
+    import sys
+    import threading
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    return "\n".join(f"--- thread {names.get(ident, ident)} ---\n"
+                     + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items() if ident != me)

@@ -109,8 +109,10 @@ def teacher(tmp_path, tiny_llama):
         p.wait(30)
 
 
-def run_to_end(proc: subprocess.Popen, timeout: float = 400) -> str:
+def run_to_end(proc: subprocess.Popen, timeout: float = 400, log: Path | None = None) -> str:
+    """The job's output (from ``log`` where it went to a file), once it ended well."""
     out, _ = proc.communicate(timeout=timeout)
+    out = log.read_text(errors="replace") if log else out
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -144,10 +146,12 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     data = request.getfixturevalue("packed_dataset" if packed else "dataset")
     cfg = stack_config(tmp_path, tiny_llama, data, tmp_path / "rdv", stage=stage,
                        deepspeed_config=f"configs/deepspeed/{zero}.json",
-                       kl_weight=1.0, ce_weight=0.0, val_every=15 if packed else 0)
+                       kl_weight=1.0, ce_weight=0.0, val_every=15 if packed else 0,
+                       slow_step_seconds=0.01 if stage == "sft" else 0)   # every step is slow
     if stage != "sft":
         teacher(cfg)
-    proc = torchrun(cfg)
+    log = tmp_path / "trainer.log"   # a file: a pipe read only at the end fills with stacks
+    proc = torchrun(cfg, log=log)
     port = __import__("yaml").safe_load(cfg.read_text())["train"]["metrics_port"]
     scraped = []
 
@@ -162,9 +166,12 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
         return scraped[-1] >= 10 or proc.poll() is not None
 
     wait_for(scrape, 300, "trainer metrics over HTTP")
-    run_to_end(proc)
+    out = run_to_end(proc, log=log)
     records = steps(tmp_path / "run")
     assert sorted(records) == list(range(1, 31))
+    # train.slow_step_seconds: a step past it printed the stacks it was in (not the first step)
+    dumped = "the stacks it is in" in out and "in train_step" in out
+    assert dumped == (stage == "sft"), out[-3000:]
     key = {"align": "align", "kd": "kl", "sft": "ce"}[stage]
     first = sum(records[s][key] for s in range(1, 6)) / 5
     last = sum(records[s][key] for s in range(26, 31)) / 5

@@ -57,7 +57,7 @@ from services.trainer.validation import validate
 from shared.config import Config
 from shared.flops import StepFlops, attention_span, peak_flops, student_step_flops
 from shared.metrics import MetricsServer, TrainerMetrics
-from shared.profiling import StepProfiler
+from shared.profiling import StallWatch, StepProfiler
 
 log = logging.getLogger("trainer")
 
@@ -346,6 +346,7 @@ def train(cfg: Config) -> dict:
     run = start(cfg)
     t = cfg.train
     profiler = StepProfiler(t.profile_steps, run.out_dir, f"trainer-rank{run.place.rank}")
+    stalls = StallWatch(t.slow_step_seconds, f"trainer-rank{run.place.rank}")
     finished, stats = False, None
     run.train_started = time.monotonic()
     if t.time_limit_seconds:  # a resumed run's budget is what its checkpoint had left
@@ -354,7 +355,10 @@ def train(cfg: Config) -> dict:
     try:
         while run.step < t.steps:
             profiler.begin(run.step + 1)
+            if "first step" in run.startup.phases:  # the first step compiles: no stall
+                stalls.begin(run.step + 1)
             stats = train_step(run)
+            stalls.end()
             profiler.end(run.step)
             if "first step" not in run.startup.phases:
                 run.startup.mark("first step")   # kernel compilation and autotuning included
@@ -384,4 +388,5 @@ def train(cfg: Config) -> dict:
             run.peers.finish()  # after this rank's last collective: its silence is no loss
         return summary
     finally:
+        stalls.close()
         run.close(linger=t.metrics_linger_seconds if finished else 0.0)
