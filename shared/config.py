@@ -238,8 +238,8 @@ class TrainConfig:
     """Optimizer steps to profile with torch.profiler, e.g. "6-7" (empty = none); the trace and
     a top-kernels table go to output_dir."""
     slow_step_seconds: NonNegative = 0.0
-    """After the first step, a step that runs longer than this dumps every thread's Python stack
-    to the log (faulthandler): what a stall waits on (a compile, a lock, the data); 0 = off."""
+    """After the first step, a step that runs longer than this logs every thread's Python stack
+    (shared/profiling.py): what a stall waits on (a compile, the data, a lock); 0 = off."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer ranks run; auto = cuda when available. The teacher has its own
     (teacher.device); link.mode=in_process puts the teacher on the trainer's device."""
