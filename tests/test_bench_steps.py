@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.step_arms import annotation, busy_seconds, profile, top_kernels
+from benchmarks.step_arms import RandomBatches, annotation, busy_seconds, profile, top_kernels
 
 
 def test_the_profiled_step_records_the_ops_of_that_step_only() -> None:
@@ -46,3 +46,19 @@ def test_the_profilers_own_step_range_is_no_kernel() -> None:
             torch.ones(4).sum()
     flags = {e.name: annotation(e) for e in prof.events()}
     assert flags["a range"] and not flags["aten::sum"]   # torch marks its user ranges
+
+
+def test_vary_packing_draws_new_documents_every_batch() -> None:
+    def documents(batch: dict) -> list[int]:   # per row: how many times the positions restart
+        return (batch["position_ids"] == 0).sum(dim=1).tolist()
+
+    fixed = RandomBatches(4, 64, 97, docs_per_row=4).forever()
+    first = next(fixed)
+    assert documents(first) == [4] * 4
+    assert torch.equal(next(fixed)["position_ids"], first["position_ids"])
+    varying = RandomBatches(4, 64, 97, docs_per_row=4, vary_packing=True).forever()
+    batches = [next(varying) for _ in range(8)]
+    counts = [n for b in batches for n in documents(b)]
+    assert all(1 <= n <= 7 for n in counts) and len(set(counts)) > 1, counts
+    assert not torch.equal(batches[0]["position_ids"], batches[1]["position_ids"])
+    assert all(b["position_ids"].shape == (4, 64) for b in batches)
