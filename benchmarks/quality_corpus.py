@@ -2,6 +2,7 @@
 
     apt-get install linux-doc-6.1 python3.11-doc debian-handbook
     python -m benchmarks.quality_corpus --output bench/quality        # three .jsonl files
+    # --broad: eight more documentation sets in train.jsonl (BROAD_PACKAGES, ~2x the text)
 
 * ``train.jsonl``: the training domain, technical documentation: the Linux kernel's
   (``linux-doc-6.1``: Documentation/**/*.rst.gz and *.txt.gz) and Python's
@@ -10,6 +11,15 @@
   the path, so the split never changes), never trained on;
 * ``heldout_handbook.jsonl``: a domain the training never sees: the Debian Administrator's
   Handbook (``debian-handbook``, English HTML, tags stripped), system administration prose.
+
+``--broad`` adds to ``train.jsonl`` the documentation of Perl (``perl-doc``'s pods), PostgreSQL
+(``postgresql-doc-15``), SQLite (``sqlite3-doc``), Git (``git-doc``), Node.js (``nodejs-doc``),
+LLVM (``llvm-14-doc``) and CMake (``cmake-doc``): 8.8M tokens of training text become ~18M, so
+50M distillation tokens repeat it fewer times (why: at 36.5M tokens the narrow corpus had been
+seen four times and the unseen domain lagged the training one, docs/quality.md). Their own 1 in 50
+held-out files go to ``heldout_broad.jsonl``; ``heldout_docs.jsonl`` and the handbook stay
+exactly the files they were, so figures compare across runs. No Debian administration text is
+added: the handbook stays a domain the training never saw.
 
 Each record is ``{"text": ..., "source": path}``, the ``text`` corpus format of
 ``python -m services.data text``.
@@ -33,6 +43,16 @@ HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 PACKAGES = {KERNEL_DOCS: "linux-doc-6.1", PYTHON_DOCS: "python3.11-doc",
             HANDBOOK: "debian-handbook"}
 HELD_OUT_ONE_IN = 50
+# --broad's sources: (root, glob, package); HTML pages have their tags stripped.
+BROAD = [
+    (Path("/usr/share/perl/5.36/pod"), "*.pod", "perl-doc"),
+    (Path("/usr/share/doc/postgresql-doc-15/html"), "*.html", "postgresql-doc-15"),
+    (Path("/usr/share/doc/sqlite3"), "*.html", "sqlite3-doc"),
+    (Path("/usr/share/doc/git-doc"), "*.txt", "git-doc"),
+    (Path("/usr/share/doc/nodejs/api"), "*.md.gz", "nodejs-doc"),
+    (Path("/usr/share/doc/llvm-14-doc/html/_sources"), "**/*.rst.txt", "llvm-14-doc"),
+    (Path("/usr/share/doc/cmake-data/html/_sources"), "**/*.rst.txt", "cmake-doc"),
+]
 
 
 def held_out(path: Path) -> bool:
@@ -86,6 +106,17 @@ def documentation_files() -> Iterator[Path]:
     yield from sorted(PYTHON_DOCS.rglob("*.rst.txt"))
 
 
+def broad_files() -> Iterator[Path]:
+    """--broad's extra training files, in a fixed order."""
+    for root, pattern, _ in BROAD:
+        yield from sorted(root.glob(pattern))
+
+
+def _record(path: Path) -> dict:
+    text = _read(path)
+    return {"text": html_text(text) if path.suffix == ".html" else text, "source": str(path)}
+
+
 def write_jsonl(path: Path, records: Iterator[dict]) -> tuple[int, int]:
     count = chars = 0
     with path.open("w") as out:
@@ -105,20 +136,26 @@ WRAP_ASK_MORE = 'Continue the documentation page "{title}" (part {part}).'
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="directory for the .jsonl")
+    parser.add_argument("--broad", action="store_true",
+                        help="add BROAD's documentation sets to train.jsonl (~2x the text)")
     args = parser.parse_args(argv)
-    missing = [pkg for root, pkg in PACKAGES.items() if not root.is_dir()]
+    needed = dict(PACKAGES) | ({root: pkg for root, _, pkg in BROAD} if args.broad else {})
+    missing = [pkg for root, pkg in needed.items() if not root.is_dir()]
     if missing:
         print(f"error: {', '.join(missing)} not installed: apt-get install {' '.join(missing)}",
               file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     docs = list(documentation_files())
+    extra = list(broad_files()) if args.broad else []
     sets = {
-        "train": ({"text": _read(p), "source": str(p)} for p in docs if not held_out(p)),
-        "heldout_docs": ({"text": _read(p), "source": str(p)} for p in docs if held_out(p)),
+        "train": (_record(p) for p in docs + extra if not held_out(p)),
+        "heldout_docs": (_record(p) for p in docs if held_out(p)),
         "heldout_handbook": ({"text": html_text(_read(p)), "source": str(p)}
                              for p in sorted(HANDBOOK.glob("*.html"))),
     }
+    if extra:
+        sets["heldout_broad"] = (_record(p) for p in extra if held_out(p))
     for name, records in sets.items():
         count, chars = write_jsonl(args.output / f"{name}.jsonl", records)
         print(f"{name}: {count} documents, {chars / 1e6:.1f}M characters")

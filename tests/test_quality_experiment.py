@@ -164,3 +164,48 @@ def test_a_sigterm_waits_for_the_stage_to_checkpoint(tiny_llama, tmp_path):
     out = stopped_run(lambda: log.is_file() and "resumed from" in log.read_text(),
                       "the rerun's kd stage to resume")
     assert "rwkv7-align: reused" in out
+
+
+def test_broad_corpus_adds_training_text_only(tmp_path, monkeypatch):
+    """--broad puts more documentation sets in train.jsonl (HTML as its text), their own
+    held-out files apart, and leaves both held-out sets of earlier runs exactly as they were."""
+    from benchmarks import quality_corpus as qc
+
+    licences = [p for p in sorted(Path("/usr/share/common-licenses").iterdir()) if p.is_file()]
+    kernel, python, handbook, pods, pages = (tmp_path / d for d in
+                                             ("kernel", "python", "hb", "pods", "pages"))
+    for d in (kernel, python, handbook, pods, pages):
+        d.mkdir()
+    for i, lic in enumerate(licences[:4]):
+        (python / f"{i}.rst.txt").write_text(lic.read_text(errors="ignore")[:3000])
+        (pods / f"{i}.pod").write_text("=head1 POD\n\n" + lic.read_text(errors="ignore")[:3000])
+    (handbook / "a.html").write_text("<p>" + "handbook prose " * 40 + "</p>")
+    (pages / "b.html").write_text("<html><head><style>x{}</style></head><body><p>"
+                                  + "sql page text " * 40 + "</p></body></html>")
+    monkeypatch.setattr(qc, "KERNEL_DOCS", kernel)
+    monkeypatch.setattr(qc, "PYTHON_DOCS", python)
+    monkeypatch.setattr(qc, "HANDBOOK", handbook)
+    monkeypatch.setattr(qc, "PACKAGES", {kernel: "k", python: "p", handbook: "h"})
+    monkeypatch.setattr(qc, "BROAD", [(pods, "*.pod", "perl-doc"), (pages, "*.html", "sql")])
+    # the real split hashes the path, and tmp_path changes from run to run: file 0 of each set
+    monkeypatch.setattr(qc, "held_out", lambda path: path.name.startswith("0."))
+    assert qc.main(["--output", str(tmp_path / "narrow")]) == 0
+    assert qc.main(["--output", str(tmp_path / "broad"), "--broad"]) == 0
+
+    def sources(d: str, name: str) -> list[str]:
+        path = tmp_path / d / f"{name}.jsonl"
+        return [json.loads(line)["source"] for line in path.read_text().splitlines()]
+
+    for name in ("heldout_docs", "heldout_handbook"):
+        assert (tmp_path / "narrow" / f"{name}.jsonl").read_bytes() == \
+            (tmp_path / "broad" / f"{name}.jsonl").read_bytes()
+    added = set(sources("broad", "train")) - set(sources("narrow", "train"))
+    broad_out = sources("broad", "heldout_broad")
+    assert added and broad_out and not added & set(broad_out)
+    assert {str(p) for p in pods.iterdir()} | {str(pages / "b.html")} == added | set(broad_out)
+    page = [json.loads(x) for x in (tmp_path / "broad/train.jsonl").read_text().splitlines()
+            if json.loads(x)["source"].endswith("b.html")]
+    assert page and "sql page text" in page[0]["text"] and "<p>" not in page[0]["text"]
+    assert "x{}" not in page[0]["text"]
+    monkeypatch.setattr(qc, "BROAD", [(tmp_path / "absent", "*.pod", "perl-doc")])
+    assert qc.main(["--output", str(tmp_path / "x"), "--broad"]) == 2  # names the package
