@@ -137,6 +137,33 @@ def test_text_packing_keeps_document_boundaries_and_trains_eos(packed_dir, token
     assert card["stats"]["documents_out"] == len(DOCS)
 
 
+def test_pack_fill_fills_every_row_and_keeps_the_token_stream(tok_dir, tmp_path):
+    write_jsonl(tmp_path / "c" / "a.jsonl", [{"text": t} for t in DOCS])
+    rows = {}
+    for mode, flags in (("whole", ["--pack"]), ("fill", ["--pack", "--pack_fill"])):
+        card = prep("text", "--paths", tmp_path / "c" / "a.jsonl", "--tokenizer", tok_dir,
+                    "--output_dir", tmp_path / mode, "--max_len", 32, "--long_docs", "split",
+                    *flags)
+        assert card["pack_fill"] == (mode == "fill")
+        rows[mode] = list(datasets.load_from_disk(str(tmp_path / mode))["train"])
+    whole, fill = rows["whole"], rows["fill"]
+    assert all(r["length"] == 32 for r in fill[:-1]) and 0 < fill[-1]["length"] <= 32
+    assert sum(r["length"] < 32 for r in whole) > 1  # whole documents leave rows short
+    for key in ("input_ids", "labels"):  # the same tokens and targets, in the same order
+        assert sum((r[key] for r in fill), []) == sum((r[key] for r in whole), [])
+    assert len(fill) < len(whole)
+    # the stream is shifted across the cuts too: a piece's last label is the token that
+    # starts the next piece, in the same row or (cut at a row's end) the next one, where it
+    # starts at position 0 (a new segment)
+    ids, labels = sum((r["input_ids"] for r in fill), []), sum((r["labels"] for r in fill), [])
+    assert all(labels[t] in (-100, ids[t + 1]) for t in range(len(ids) - 1))
+    cut = [i for i, r in enumerate(fill[:-1]) if r["labels"][-1] != -100]
+    assert cut and all(fill[i + 1]["position_ids"][0] == 0 for i in cut)
+    with pytest.raises(DataError, match="--pack_fill fills packed rows: add --pack"):
+        prep("text", "--paths", tmp_path / "c" / "a.jsonl", "--tokenizer", tok_dir,
+             "--output_dir", tmp_path / "bad", "--max_len", 32, "--pack_fill")
+
+
 def test_text_unpacked_labels_and_long_docs(tok_dir, tokenizer, tmp_path):
     long_doc = "alpha beta gamma delta " * 30
     write_jsonl(tmp_path / "c" / "a.jsonl", [{"text": "short text"}, {"text": long_doc}])

@@ -192,6 +192,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", action="store_true",
                         help="pack several samples per sequence (position_ids restart per "
                              "document)")
+    parser.add_argument("--pack_fill", action="store_true",
+                        help="with --pack: fill every row to --max_len, cutting the document "
+                             "that does not fit (its rest starts the next row as a new "
+                             "segment) instead of leaving the row short")
     parser.add_argument("--validation_fraction", type=float, default=0.0)
     parser.add_argument("--validation_size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -277,7 +281,10 @@ def run(argv: list[str]) -> dict[str, Any]:
         chunks, total, inputs = text_chunks(args)
     if args.max_samples is not None:
         total = min(total, args.max_samples) if total is not None else args.max_samples
+    if args.pack_fill and not args.pack:
+        raise DataError("--pack_fill fills packed rows: add --pack")
     options = BuildOptions(output_dir=args.output_dir, max_len=args.max_len, pack=args.pack,
+                           pack_fill=args.pack_fill,
                            bucket_width=args.buckets, validation_fraction=args.validation_fraction,
                            validation_size=args.validation_size, seed=args.seed,
                            num_proc=args.num_proc, overwrite=args.overwrite,
@@ -292,6 +299,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "tokenizer": tok_info,
         "max_len": args.max_len,
         "packed": args.pack,
+        "pack_fill": args.pack_fill,
         "columns": ["input_ids", "labels", "length"] + (["position_ids"] if args.pack else []),
         "labels": LABEL_CONVENTION,
         "bucket_width": args.buckets,

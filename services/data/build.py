@@ -34,6 +34,7 @@ class BuildOptions:
     output_dir: Path
     max_len: int
     pack: bool = False
+    pack_fill: bool = False  # with pack: rows filled to max_len, documents cut at row ends
     bucket_width: int | None = None
     validation_fraction: float = 0.0
     validation_size: int = 0
@@ -56,15 +57,37 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
 
 class Packer:
-    """Greedy in-order packing of whole documents into sequences of at most ``max_len``."""
+    """Greedy in-order packing of documents into sequences of at most ``max_len``.
 
-    def __init__(self, max_len: int) -> None:
+    Whole documents by default: a document that does not fit starts the next row, so rows end
+    short (91 % full on average for 1024-token rows of the quality corpus). ``fill``: every row
+    but the last is exactly ``max_len``; a document that does not fit is cut, its first piece
+    ending this row (its last label the real next token) and the rest starting the next one as
+    a new segment (positions from 0: the student's state resets there, as for a long document
+    split by ``--long_docs split``). Why: padding is compute a packed step spends on nothing.
+    """
+
+    def __init__(self, max_len: int, fill: bool = False) -> None:
         self.max_len = max_len
+        self.fill = fill
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.size = 0
 
     def add(self, ids: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         out = []
+        if self.fill:
+            while self.size + len(ids) > self.max_len:
+                room = self.max_len - self.size  # > 0: a full row is flushed at once below
+                self.parts.append((ids[:room], labels[:room]))
+                self.size += room
+                out.append(self.flush())
+                ids, labels = ids[room:], labels[room:]
+            if len(ids):
+                self.parts.append((ids, labels))
+                self.size += len(ids)
+            if self.size == self.max_len:
+                out.append(self.flush())
+            return out
         if self.parts and self.size + len(ids) > self.max_len:
             out.append(self.flush())
         self.parts.append((ids, labels))
@@ -228,7 +251,8 @@ def build(chunks: Iterable[RawChunk], config: WorkerConfig, options: BuildOption
         stats.update(result)
         for ids, labels in result.samples:
             if options.pack:
-                packer = packers.setdefault(result.split, Packer(options.max_len))
+                packer = packers.setdefault(result.split,
+                                             Packer(options.max_len, options.pack_fill))
                 for packed in packer.add(ids, labels):
                     emit(result.split, packed)
             else:
