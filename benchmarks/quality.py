@@ -8,53 +8,40 @@ Arms, each through the product's own commands (``python -m services.data``,
 (configs/smollm2_*.yaml):
 
 * ``hybrid``: layers 1, 3, ..., 29 as RWKV-7 blocks: align (mixers only, teacher-forced), then
-  kd (all parameters, KL at T = 1);
-* ``rwkv7``: all 30 layers RWKV-7, the same two stages;
+  kd (all parameters, KL at T = 1); ``rwkv7``: all 30 layers RWKV-7, the same two stages;
 * ``rad``: all 30 layers RAD-RWKV7 (``student.rwkv7_variant: rad``: no token shift, no bonus,
-  the teacher's RoPE on r/k) with an untied lm_head (``student.untie_embeddings``), RADLADS'
-  changes to the architecture, the same two stages and steps as ``rwkv7``;
-* ``chat`` (needs ``rwkv7``): ``rwkv7``'s student after its kd stage, trained on for
-  ``--chat-steps`` more kd steps on chat conversations the teacher wrote itself
-  (``python -m services.data generate``, self-instruct, ``--chat-conversations`` of them,
-  generated while the other arms train, then ``chat``): does chat-formatted data end the
-  all-RWKV-7 student's chat collapse (empty or looping answers after the assistant header)?
-* ``wrap`` (needs ``rwkv7``): as ``chat``, on the training corpus itself as conversations (a
-  user asks for a page by its title, the assistant's reply is the page:
-  ``python -m services.data wrap``), ready in seconds where the teacher's own take minutes:
-  is it the template around the text or the teacher's own replies that the student lacks?
+  the teacher's RoPE on r/k) with an untied lm_head, the same two stages and steps as ``rwkv7``;
+* ``chat`` / ``wrap`` (need ``rwkv7``): ``--chat-steps`` more kd steps after rwkv7's kd, on
+  conversations the teacher wrote (``services.data generate``, ``--chat-conversations``, made
+  while the other arms train) / on the corpus itself as conversations (``services.data wrap``:
+  a user asks for a page by its title, the reply is the page): does chat-formatted data end the
+  all-RWKV-7 student's chat collapse, and is it the template or the teacher's replies?
 * ``control``: the all-RWKV-7 architecture from a random initialisation, CE only (``sft``), on
-  as many tokens as ``rwkv7``'s two stages together (in one stage, so with twice the per-stage
-  ``--train.time_limit_seconds``);
-* ``mixwrap`` (needs ``rwkv7``): rwkv7's kd stage again from its align export, as many steps,
-  on the training documents half as plain text, half as conversations (``wrap``'s rows, mixed
-  per micro batch by ``data.mix_dirs``): the chat format at equal tokens, which ``wrap`` (a
-  third stage, more tokens) cannot separate;
-* ``flat`` and ``mix`` (need ``rwkv7``): other kd stages from ``rwkv7``'s align export, as many
-  steps as its kd: ``flat`` at RADLADS' flat learning rate of step 2 (1e-5 throughout, against
-  the recipe's 1e-4 -> 1e-5), ``mix`` on RADLADS' step-3 loss (KL 0.5 + CE 0.5, against KL
-  only);
-* ``hflat`` and ``hlayers`` (need ``hybrid``): other kd stages from ``hybrid``'s align export,
-  as many steps as its kd: ``hflat`` at RADLADS' flat 1e-5, ``hlayers`` training only the
-  converted layers (``train.trainable: rwkv_layers``; the teacher's attention layers, MLPs
-  elsewhere and embeddings stay): does moving the teacher's weights less keep the unseen domain?
-* ``rwkv7wrap``: the all-RWKV-7 recipe with the conversations in kd from the start: rwkv7's
-  align, then its kd on ``mixwrap``'s data (documents half plain, half wrapped), one lineage
-  alone on the GPU (no rwkv7 kd stage beside it), for the long runs the stage-0 engine buys;
-* ``long`` (needs ``rwkv7``): RADLADS' step 3 after ``rwkv7``'s kd, as many steps again: rows
-  of ``--long-context`` tokens (4,096; the corpus packed again), as many per micro batch as keep
-  the recipe's 16 x 1024 tokens per step, lr 7e-6, KL 0.5 + CE 0.5.
+  as many tokens as ``rwkv7``'s two stages (one stage, twice the per-stage time limit);
+* ``mixwrap``, ``flat``, ``mix`` (need ``rwkv7``): rwkv7's kd again from its align export, as
+  many steps: on the documents half plain, half wrapped (``data.mix_dirs``) / at RADLADS' flat
+  lr 1e-5 (the recipe decays 1e-4 -> 1e-5) / on RADLADS' step-3 loss (KL 0.5 + CE 0.5);
+* ``hflat``, ``hlayers`` (need ``hybrid``): hybrid's kd again from its align export, as many
+  steps: at the flat 1e-5 / training only the converted layers (``train.trainable:
+  rwkv_layers``): does moving the teacher's weights less keep the unseen domain?
+* ``rwkv7wrap``: rwkv7's align, then its kd on ``mixwrap``'s data, one lineage alone on the GPU
+  (no rwkv7 kd stage beside it), for the long runs;
+* ``long`` (needs ``rwkv7``): RADLADS' step 3 after rwkv7's kd, as many steps again: rows of
+  ``--long-context`` tokens (4,096), as many per micro batch as keep 16 x 1024 tokens per step,
+  lr 7e-6, KL 0.5 + CE 0.5.
 
 A stage that finished in an earlier run with the same command is reused (its
 ``quality_stage.json``), so an experiment longer than one 10-minute device call runs over
 several on a machine kept warm (e.g. ``--arms rwkv7`` first, then ``--arms rwkv7,chat``).
 
-The corpus is what ``python -m benchmarks.quality_corpus`` writes (train.jsonl of the kernel's
-and Python's documentation; held-out files of that domain; the Debian handbook, a domain the
-training never sees). ``--parallel`` runs the arms at once: on one H200 a 135M-parameter
-student leaves most of the GPU idle, but three students at 32 x 1024 tokens per micro batch need
-~50-64 GiB each and do not fit (two arms died of CUDA OOM on 2026-12-01): keep the recipes'
-16 x 1024 when the arms share a GPU. Each stage's tokens, seconds and tokens/s come from its
-summary.json; the evaluation's table from services.evaluate. Last it prints both tables.
+The corpus is what ``python -m benchmarks.quality_corpus [--broad]`` writes (train.jsonl of
+the kernel's and Python's documentation, with ``--broad`` seven more sets; held-out files of
+that domain; the Debian handbook, a domain the training never sees). ``--parallel`` runs the
+arms at once: on one H200 a 135M-parameter student leaves most of the GPU idle, but three
+students at 32 x 1024 tokens per micro batch need ~50-64 GiB each and do not fit (two arms
+died of CUDA OOM on 2026-12-01): keep the recipes' 16 x 1024 when the arms share a GPU. Each
+stage's tokens, seconds and tokens/s come from its summary.json; the evaluation's table from
+services.evaluate. Last it prints both tables.
 """
 from __future__ import annotations
 
