@@ -283,7 +283,8 @@ def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: P
 
 
 def stage_table(stages: list[dict]) -> str:
-    rows = ["| stage | steps | tokens | seconds | tokens/s | MFU |", "|---|---|---|---|---|---|"]
+    rows = ["| stage | steps | tokens | wall s (last process) | tokens/s | MFU |",
+            "|---|---|---|---|---|---|"]
     for s in stages:
         mfu = f"{s['mfu']:.3f}" if s.get("mfu") else "–"
         planned = s.get("steps_planned", s["steps"])
