@@ -2,7 +2,7 @@
 
     apt-get install linux-doc-6.1 python3.11-doc debian-handbook
     python -m benchmarks.quality_corpus --output bench/quality        # three .jsonl files
-    # --broad: eight more documentation sets in train.jsonl (BROAD_PACKAGES, ~2x the text)
+    # --broad: seven more documentation sets in train.jsonl (BROAD, ~2x the text)
 
 * ``train.jsonl``: the training domain, technical documentation: the Linux kernel's
   (``linux-doc-6.1``: Documentation/**/*.rst.gz and *.txt.gz) and Python's
@@ -14,12 +14,13 @@
 
 ``--broad`` adds to ``train.jsonl`` the documentation of Perl (``perl-doc``'s pods), PostgreSQL
 (``postgresql-doc-15``), SQLite (``sqlite3-doc``), Git (``git-doc``), Node.js (``nodejs-doc``),
-LLVM (``llvm-14-doc``) and CMake (``cmake-doc``): 8.8M tokens of training text become ~18M, so
-50M distillation tokens repeat it fewer times (why: at 36.5M tokens the narrow corpus had been
-seen four times and the unseen domain lagged the training one, docs/quality.md). Their own 1 in 50
-held-out files go to ``heldout_broad.jsonl``; ``heldout_docs.jsonl`` and the handbook stay
-exactly the files they were, so figures compare across runs. No Debian administration text is
-added: the handbook stays a domain the training never saw.
+LLVM (``llvm-14-doc``) and CMake (``cmake-doc``): 37.9M characters of training text become
+75.9M (11.9M tokens packed become 23.4M), so 50M distillation tokens repeat it fewer times
+(why: at 36.5M tokens each narrow document had been seen ~3 times, plain or wrapped, and the
+unseen domain lagged the training one, docs/quality.md). Their own 1 in 50 held-out files go
+to ``heldout_broad.jsonl``; ``heldout_docs.jsonl`` and the handbook stay exactly the files they
+were, so figures compare across runs. No Debian administration text is added: the handbook
+stays a domain the training never saw.
 
 Each record is ``{"text": ..., "source": path}``, the ``text`` corpus format of
 ``python -m services.data text``.
