@@ -157,7 +157,7 @@ class DataConfig:
     micro_batch_size: Count = 2
     """Sequences per rank per micro step."""
     max_len: Count = 2048
-    """Longest sequence fed to the model; longer samples are cut."""
+    """Longest sequence fed to the model: longer rows of a dataset are cut to it (logged)."""
     seed: Index = 1234
     """Seed of the sampler's shuffling (and of the run)."""
 

@@ -150,16 +150,19 @@ class BucketBatchSampler:
 
 
 def collate(rows: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], pad_token_id: int,
-            pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+            pad_to_multiple_of: int = 1, max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids with ``pad_token_id``, labels with -100.
 
     ``attention_mask`` (1 real, 0 pad) is built from the ``length`` column, never from token
     values. ``position_ids`` (packed datasets) continue counting into the padding so padding
-    never looks like a new document start.
+    never looks like a new document start. ``max_len`` (the trainer's ``data.max_len``) cuts
+    longer rows to their first ``max_len`` tokens; the last one kept keeps its real next token
+    as its label, as a cut document does in the data (shared/labels.py).
     """
     if not isinstance(rows, Mapping):
         rows = {key: [row[key] for row in rows] for key in rows[0]}
-    lengths = torch.tensor([int(n) for n in rows["length"]], dtype=torch.long)
+    stored = [int(n) for n in rows["length"]]
+    lengths = torch.tensor([min(n, max_len or n) for n in stored], dtype=torch.long)
     width = int(lengths.max())
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch = len(lengths)
@@ -169,12 +172,13 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], pad_toke
     positions = torch.arange(width).repeat(batch, 1) if has_positions else None
     for i in range(batch):
         n = int(lengths[i])
-        if len(rows["input_ids"][i]) != n or len(rows["labels"][i]) != n:
-            raise ValueError(f"row {i}: length column {n} does not match its input_ids/labels")
-        input_ids[i, :n] = torch.as_tensor(rows["input_ids"][i], dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(rows["labels"][i], dtype=torch.long)
+        if len(rows["input_ids"][i]) != stored[i] or len(rows["labels"][i]) != stored[i]:
+            raise ValueError(f"row {i}: length column {stored[i]} does not match its "
+                             "input_ids/labels")
+        input_ids[i, :n] = torch.as_tensor(rows["input_ids"][i][:n], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(rows["labels"][i][:n], dtype=torch.long)
         if positions is not None:
-            pos = torch.as_tensor(rows["position_ids"][i], dtype=torch.long)
+            pos = torch.as_tensor(rows["position_ids"][i][:n], dtype=torch.long)
             positions[i, :n] = pos
             positions[i, n:] = pos[-1] + 1 + torch.arange(width - n)
     out = {"input_ids": input_ids, "labels": labels,
@@ -195,13 +199,14 @@ class TrainBatches:
     def __init__(self, dataset_dir: str | Path, micro_batch_size: int, world_size: int = 1,
                  rank: int = 0, seed: int = 0, split: str = "train", shuffle: bool = True,
                  remainder: str = "drop", pad_to_multiple_of: int = 1,
-                 expected_fingerprint: str | None = None) -> None:
+                 expected_fingerprint: str | None = None, max_len: int | None = None) -> None:
         if expected_fingerprint is not None:
             check_tokenizer_fingerprint(dataset_dir, expected_fingerprint)
         self.data = PreparedSplit(dataset_dir, split)
         self.sampler = BucketBatchSampler(self.data.bucket_sizes, micro_batch_size, world_size,
                                           rank, seed, shuffle, remainder)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_len = max_len  # rows cut to it (collate)
 
     @property
     def epoch(self) -> int:
@@ -213,7 +218,7 @@ class TrainBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for bucket, indices in self.sampler:
             yield collate(self.data.rows(bucket, indices), self.data.pad_token_id,
-                          self.pad_to_multiple_of)
+                          self.pad_to_multiple_of, self.max_len)
 
     def forever(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches across epoch boundaries, for step-based training."""
@@ -298,8 +303,8 @@ class MixedBatches:
 
 
 def validation_batches(dataset_dir: str | Path, micro_batch_size: int, world_size: int = 1,
-                       rank: int = 0, split: str = "validation",
-                       pad_to_multiple_of: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+                       rank: int = 0, split: str = "validation", pad_to_multiple_of: int = 1,
+                       max_len: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Every validation sample once, in order, bucket by bucket, sharded over ranks.
 
     All ranks get the same number of batches: the last global batch of a bucket is filled by
@@ -314,6 +319,6 @@ def validation_batches(dataset_dir: str | Path, micro_batch_size: int, world_siz
             lo = rank * micro_batch_size
             idx, real = idx[lo:lo + micro_batch_size], real[lo:lo + micro_batch_size]
             batch = collate(data.rows(bucket, np.where(real, idx, idx % n)), data.pad_token_id,
-                            pad_to_multiple_of)
+                            pad_to_multiple_of, max_len)
             batch["sample_mask"] = torch.as_tensor(real, dtype=torch.long)
             yield batch

@@ -73,6 +73,23 @@ def test_sampler_resume_gives_exactly_the_next_batches():
         BucketBatchSampler([13, 9, 30], 4, world_size=2, rank=1, seed=11).load_state_dict(state)
 
 
+def test_max_len_cuts_rows_and_their_positions(packed_dir):
+    rows = {"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "labels": [[2, 3, -100, 5, -100], [7, -100]],
+            "length": [5, 2], "position_ids": [[0, 1, 2, 0, 1], [0, 1]]}
+    batch = collate(rows, pad_token_id=0, max_len=4)  # the trainer's data.max_len
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [6, 7, 0, 0]]
+    assert batch["labels"].tolist() == [[2, 3, -100, 5], [7, -100, -100, -100]]  # real next
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert batch["lengths"].tolist() == [4, 2]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    longest = max(b["input_ids"].shape[1] for b in TrainBatches(packed_dir, 2))
+    assert longest > 8
+    for b in TrainBatches(packed_dir, 2, max_len=8):
+        assert b["input_ids"].shape[1] <= 8 and int(b["lengths"].max()) <= 8
+    for b in validation_batches(packed_dir, 2, max_len=8):
+        assert b["input_ids"].shape[1] <= 8
+
+
 def test_train_batches_resume_and_fingerprint(packed_dir, tok_dir):
     fingerprint = tokenizer_fingerprint(tok_dir)
     batches = TrainBatches(packed_dir, micro_batch_size=2, seed=3, expected_fingerprint=fingerprint)

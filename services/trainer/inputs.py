@@ -8,6 +8,7 @@ tokenizer as served, its group size) the link checks when the trainer joins, rig
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from shared.config import Config
 from shared.fingerprint import tokenizer_fingerprint
+
+log = logging.getLogger("trainer")
 
 # DeepSpeed keys whose value the trainer config owns: (JSON path, config key, value).
 OWNED = (
@@ -94,6 +97,9 @@ def check_inputs(cfg: Config) -> Inputs:
                              f"{ {k: v.get('samples') for k, v in card['splits'].items()} }): "
                              "the data command found nothing to keep; check its inputs "
                              f"({card.get('command')}) and its 'samples out' line")
+        if int(card.get("max_len") or 0) > cfg.data.max_len:
+            log.warning("dataset %s holds rows of up to %s tokens: they are cut to "
+                        "data.max_len=%d", data_dir, card["max_len"], cfg.data.max_len)
         if teacher is not None and uses_teacher:
             check_teacher_limits(cfg, card, teacher, student, data_dir)
     check_deepspeed_json(cfg)
@@ -115,7 +121,7 @@ def check_mix(cfg: Config) -> None:
 def check_teacher_limits(cfg: Config, card: dict, teacher: dict, student: dict,
                          data_dir: str) -> None:
     """The data and the student must fit the teacher: positions, request size, vocabulary."""
-    longest = int(card.get("max_len") or 0)
+    longest = min(int(card.get("max_len") or 0), cfg.data.max_len)  # longer rows are cut
     positions = int(teacher.get("max_position_embeddings") or 0)
     if positions and longest > positions:
         raise ValueError(f"dataset {data_dir} holds sequences of up to {longest} "

@@ -193,7 +193,7 @@ def start(cfg: Config) -> TrainingRun:
     engine = init_engine(objective, cfg, place)
     clock.mark("DeepSpeed engine")
     batches = [TrainBatches(d, cfg.data.micro_batch_size, place.world_size, place.rank,
-                            seed=cfg.data.seed, remainder="wrap")
+                            seed=cfg.data.seed, remainder="wrap", max_len=cfg.data.max_len)
                for d in (cfg.data.train_dir, *cfg.data.mix_dirs)]
     if len(batches) > 1:
         batches = MixedBatches(batches, cfg.data.mix_weights, cfg.data.seed)

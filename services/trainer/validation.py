@@ -27,7 +27,8 @@ def validate(engine, cfg: Config, place, teacher) -> ValidationStats:
     sums = ValidationSums()
     spec = RequestSpec(logits="fp32" if cfg.link.logits == "fp32" else "bf16")
     for i, batch in enumerate(validation_batches(val_dir, cfg.data.micro_batch_size,
-                                                 place.world_size, place.rank, split=split)):
+                                                 place.world_size, place.rank, split=split,
+                                                 max_len=cfg.data.max_len)):
         if i >= cfg.train.val_batches:
             break
         labels = batch["labels"].masked_fill(batch["sample_mask"][:, None] == 0, IGNORE)
