@@ -18,11 +18,11 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.quality import ROOT, run
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
 
@@ -51,12 +51,7 @@ def stage_steps(name: str, data: Path, teacher: Path, args: argparse.Namespace) 
            "--teacher.model_path", str(teacher), "--data.train_dir", str(data),
            "--train.output_dir", str(out), "--train.steps", str(args.steps),
            "--train.save_at_end", "false", *args.trainer_args.split()]
-    log = args.work / f"{name}.log"
-    with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"{name}: the trainer exited {done.returncode}:\n" + "\n".join(tail))
+    run(cmd, args.work / f"{name}.log")  # raises with the log's tail on failure
     return [json.loads(line) for line in (out / "steps-rank0.jsonl").read_text().splitlines()]
 
 

@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = {
         "train": (_record(p) for p in docs + extra if not held_out(p)),
         "heldout_docs": (_record(p) for p in docs if held_out(p)),
-        "heldout_handbook": ({"text": html_text(_read(p)), "source": str(p)}
-                             for p in sorted(HANDBOOK.glob("*.html"))),
+        "heldout_handbook": (_record(p) for p in sorted(HANDBOOK.glob("*.html"))),
     }
     if extra:
         sets["heldout_broad"] = (_record(p) for p in extra if held_out(p))
