@@ -232,6 +232,9 @@ def main() -> None:
             top = "; ".join(f"{k} x{n} {ms:.1f} ms" for k, (n, ms) in
                             list(r["top_kernels"].items())[:10])
             print(f"  kernels of most time: {top}")
+        if r.get("kernel_kinds"):
+            kinds = "; ".join(f"{k} x{n} {ms:.1f} ms" for k, (n, ms) in r["kernel_kinds"].items())
+            print(f"  kernel time by kind: {kinds}")
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
           "GPU busy = the union of its kernels' intervals / the median unprofiled step\n")

@@ -21,9 +21,10 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``mixwrap``, ``flat``, ``mix`` (need ``rwkv7``): rwkv7's kd again from its align export, as
   many steps: on the documents half plain, half wrapped (``data.mix_dirs``) / at RADLADS' flat
   lr 1e-5 (the recipe decays 1e-4 -> 1e-5) / on RADLADS' step-3 loss (KL 0.5 + CE 0.5);
-* ``hflat``, ``hlayers`` (need ``hybrid``): hybrid's kd again from its align export, as many
-  steps: at the flat 1e-5 / training only the converted layers (``train.trainable:
-  rwkv_layers``): does moving the teacher's weights less keep the unseen domain?
+* ``hflat``, ``hlayers``, ``hhigh`` (need ``hybrid``): hybrid's kd again from its align
+  export, as many steps: at the flat 1e-5 / training only the converted layers
+  (``train.trainable: rwkv_layers``) / from 3e-4, not 1e-4: what the kd stage's step does to
+  the unseen domain;
 * ``rwkv7wrap``: rwkv7's align, then its kd on ``mixwrap``'s data, one lineage alone on the GPU
   (no rwkv7 kd stage beside it), for the long runs;
 * ``long`` (needs ``rwkv7``): RADLADS' step 3 after rwkv7's kd, as many steps again: rows of
@@ -222,6 +223,8 @@ CONTINUES = {
     # own weights less keep the unseen domain? RADLADS' flat 1e-5, or only the RWKV layers
     "hflat": ("hybrid", 0, "train", ["--train.lr_init", "1e-5", "--train.lr_final", "1e-5"]),
     "hlayers": ("hybrid", 0, "train", ["--train.trainable", "rwkv_layers"]),
+    # a larger step: the flat 1e-5 lost 0.09 on the handbook against 1e-4 -> 1e-5 (2026-12-02)
+    "hhigh": ("hybrid", 0, "train", ["--train.lr_init", "3e-4"]),
 }
 
 
@@ -294,6 +297,13 @@ def stage_table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def arm_args(text: str) -> tuple[str, list[str]]:
+    arm, sep, args = text.partition("=")
+    if not sep or not arm:
+        raise argparse.ArgumentTypeError(f"--arm-args {text!r}: write ARM='--section.key value'")
+    return arm, args.split()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, required=True, help="imported teacher directory")
@@ -318,16 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-args", default=os.environ.get("QUALITY_TRAINER_ARGS", ""),
                         help="more --section.key value pairs for every stage (a CPU smoke run: "
                              "'--data.micro_batch_size 1 --data.max_len 128')")
+    parser.add_argument("--arm-args", action="append", default=[], type=arm_args,
+                        metavar="ARM='--section.key value ...'",
+                        help="more trainer arguments for one arm's stages, after --trainer-args "
+                             "(repeatable), e.g. control='--data.micro_batch_size 32'")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = prepare_data(args.corpus, args.teacher, args.work)
-    print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
     steps = {"hybrid": tuple(map(int, args.hybrid_steps.split(","))),
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
     steps["control"] = steps["rad"] = steps["rwkv7wrap"] = steps["rwkv7"]
     arms = args.arms.split(",")
+    per_arm = {arm: [] for arm in arms}
+    for arm, more in args.arm_args:
+        if arm not in per_arm:
+            parser.error(f"--arm-args {arm}=...: {arm} is not in --arms {args.arms}")
+        per_arm[arm] += more
     unknown = sorted(set(arms) - set(steps) - set(CONTINUES))
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {sorted([*steps, *CONTINUES])}")
@@ -337,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{CONTINUES[arm][0]}")
     # after the arms they continue when run one by one
     arms = [a for a in arms if a not in CONTINUES] + [a for a in arms if a in CONTINUES]
+    t0 = time.perf_counter()
+    data = prepare_data(args.corpus, args.teacher, args.work)
+    print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.parallel:
         # each arm's CPU threads on its share of the cores: three trainers of 16 OpenMP threads
         # on 16 cores took 35 s each to build the student (teacher load + conversion) on
@@ -364,15 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
         extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
-                                    extra, data_for) for arm in arms if arm not in CONTINUES}
-
-
+                                    extra + per_arm[arm], data_for)
+                   for arm in arms if arm not in CONTINUES}
         for arm in (a for a in arms if a in CONTINUES):
             parent = CONTINUES[arm][0]
             futures[arm] = pool.submit(
                 continue_arm, arm,
                 args.chat_steps if arm in ("chat", "wrap") else steps[parent][1],
-                args.teacher, args.work, extra, futures[parent], data_for, args.long_context)
+                args.teacher, args.work, extra + per_arm[arm], futures[parent], data_for,
+                args.long_context)
         for arm, future in futures.items():
             try:
                 results[arm] = future.result()

@@ -189,7 +189,8 @@ def profile(fn, device: torch.device) -> dict:
             "busy_s": busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]),
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
             "top_aten": dict(aten.most_common(15)),
-            "top_kernels": top_kernels((e.name, e.time_range.elapsed_us()) for e in kernels)}
+            "top_kernels": top_kernels((e.name, e.time_range.elapsed_us()) for e in kernels),
+            "kernel_kinds": kernel_kinds((e.name, e.time_range.elapsed_us()) for e in kernels)}
 
 
 def annotation(event) -> bool:
@@ -200,7 +201,7 @@ def annotation(event) -> bool:
         event.name.startswith("ProfilerStep")
 
 
-def top_kernels(timed: Iterable[tuple[str, float]], n: int = 15) -> dict[str, list]:
+def top_kernels(timed: Iterable[tuple[str, float]], n: int = 30) -> dict[str, list]:
     """The ``n`` kernels of most summed time: name (cut at 100 characters) -> [launches, ms].
     In the result JSON itself, because the logs' op tables did not come back from the device on
     2026-12-02 (their archive was over the transfer limit) and the busy GPU's time went unread."""
@@ -211,6 +212,32 @@ def top_kernels(timed: Iterable[tuple[str, float]], n: int = 15) -> dict[str, li
         entry[1] += us / 1e3
     top = sorted(total.items(), key=lambda kv: -kv[1][1])[:n]
     return {name: [count, round(ms, 3)] for name, (count, ms) in top}
+
+
+# first match wins: what each kind of kernel is, by its name (cuBLAS, fla, cuDNN, inductor, ...)
+KERNEL_KINDS = (
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("fla rwkv7", ("chunk_", "dplr", "fused_recurrent", "wy_", "wu_", "prepare_", "l2norm")),
+    ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")),
+    ("our kd loss", ("kd_ce",)),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("inductor fused", ("triton_",)),
+    ("copy / fill", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("elementwise / reduce", ("elementwise", "vectorized", "unrolled", "reduce", "softmax")),
+)
+
+
+def kernel_kinds(timed: Iterable[tuple[str, float]]) -> dict[str, list]:
+    """Kernel time by kind (KERNEL_KINDS, else "other"): kind -> [launches, ms], most first;
+    where a step's GPU time goes at a glance (issue 19: which part to make faster)."""
+    total: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for name, us in timed:
+        low = name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+        total[kind][0] += 1
+        total[kind][1] += us / 1e3
+    top = sorted(total.items(), key=lambda kv: -kv[1][1])
+    return {kind: [count, round(ms, 3)] for kind, (count, ms) in top}
 
 
 def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: dict | None,

@@ -5,7 +5,14 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.step_arms import RandomBatches, annotation, busy_seconds, profile, top_kernels
+from benchmarks.step_arms import (
+    RandomBatches,
+    annotation,
+    busy_seconds,
+    kernel_kinds,
+    profile,
+    top_kernels,
+)
 
 
 def test_the_profiled_step_records_the_ops_of_that_step_only() -> None:
@@ -33,6 +40,21 @@ def test_kernels_of_most_time_sum_their_launches() -> None:
     timed = [("gemm", 300.0), ("elementwise", 10.0), ("gemm", 200.0), ("reduce", 40.0)]
     assert top_kernels(timed, n=2) == {"gemm": [2, 0.5], "reduce": [1, 0.04]}
     assert list(top_kernels([("k" * 300, 1.0)])) == ["k" * 100]
+
+
+def test_kernel_time_is_summed_by_kind_most_first() -> None:
+    # names as the H200's profile shows them (cuBLAS, fla, inductor, ATen, our loss)
+    timed = [("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 900.0),
+             ("chunk_dplr_bwd_kernel_intra_tensorcore", 500.0),
+             ("triton_poi_fused_add_mul_sigmoid_0", 300.0),
+             ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", 200.0),
+             ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", 50.0),
+             ("kd_ce_rows", 100.0), ("nvjet_tst_64x8_64x16_4x1_v_bz_TNN", 100.0),
+             ("mystery", 1.0)]
+    assert kernel_kinds(timed) == {
+        "gemm": [2, 1.0], "fla rwkv7": [1, 0.5], "inductor fused": [1, 0.3],
+        "copy / fill": [1, 0.2], "our kd loss": [1, 0.1], "elementwise / reduce": [1, 0.05],
+        "other": [1, 0.001]}
 
 
 def test_the_profilers_own_step_range_is_no_kernel() -> None:

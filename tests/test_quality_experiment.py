@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import quality
 from tests.conftest import wait_for
 
@@ -81,13 +83,16 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
 def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp_path):
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-            "--arms", "hybrid,hflat,hlayers", "--hybrid-steps", "1,2", "--eval-tokens", "200",
+            "--arms", "hybrid,hflat,hlayers,hhigh", "--hybrid-steps", "1,2",
+            "--eval-tokens", "200", "--arm-args", "hhigh=--train.warmup_steps 1",
             "--trainer-args", STAGE_ARGS + " --student.layers 1,3"]  # of the tiny teacher's 4
     assert quality.main(args) == 0
     stages = {s["stage"]: s for s in
               json.loads((tmp_path / "out/quality_stages.json").read_text())}
     for arm, flag, value in (("hflat", "--train.lr_init", "1e-5"),
-                             ("hlayers", "--train.trainable", "rwkv_layers")):
+                             ("hlayers", "--train.trainable", "rwkv_layers"),
+                             ("hhigh", "--train.lr_init", "3e-4"),
+                             ("hhigh", "--train.warmup_steps", "1")):  # its own --arm-args
         cmd = json.loads((tmp_path / f"work/{arm}-kd/quality_stage.json").read_text())["command"]
         assert cmd[cmd.index("--config") + 1] == "configs/smollm2_hybrid_kd.yaml"
         assert cmd[cmd.index("--student.init_from") + 1] == stages["hybrid-align"]["student"]
@@ -98,6 +103,10 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
         return int(re.search(r"training (\d+) parameters \(", log).group(1))
 
     assert trained("hlayers-kd") < trained("hybrid-kd")   # the converted layers only
+    others = json.loads((tmp_path / "work/hybrid-kd/quality_stage.json").read_text())["command"]
+    assert "--train.warmup_steps" not in others  # one arm's --arm-args are its own
+    with pytest.raises(SystemExit):  # an arm that does not run: refused, not ignored
+        quality.main([*args[:-2], "--arm-args", "control=--data.max_len 32"])
 
 
 def test_rwkv7wrap_mixes_the_conversations_into_its_own_kd_stage(tiny_llama, tmp_path):
