@@ -45,7 +45,8 @@
 #   quality       the quality experiment (issue 18, benchmarks/quality.py): imports the GGUF at
 #                 $GGUF (default bench/smol.gguf) into $WORK/teacher, unpacks the corpus of
 #                 benchmarks/quality_corpus.py from bench/quality/*.xz, runs the arms with
-#                 QUALITY_ARGS; tables to $OUT/quality_*.{md,json}. WORK defaults to /root/quality;
+#                 QUALITY_ARGS (shell words); tables to $OUT/quality_*.{md,json}. WORK
+#                 defaults to /root/quality;
 #                 QUALITY_TOKENIZER=DIR (a copy of the teacher's tokenizer) prepares the data
 #                 while the GGUF imports
 set -uo pipefail
@@ -145,8 +146,9 @@ prepare_data; prepare_data(*map(Path, sys.argv[1:]))" "$work/corpus" "$tok" "$wo
                 wait "$data" || true
                 cmp -s "$tok/tokenizer.json" "$work/teacher/tokenizer.json" || rm -rf "$work/data"
               fi
+              eval "qargs=(${QUALITY_ARGS:-})"  # shell words: --arm-args ARM='--a b'
               timeout $(( end - $(date +%s) )) $py -m benchmarks.quality --teacher "$work/teacher" \
-                --corpus "$work/corpus" --work "$work" --out "$out" ${QUALITY_ARGS:-}) ;;
+                --corpus "$work/corpus" --work "$work" --out "$out" "${qargs[@]}") ;;
     *) echo "unknown step $name"; false ;;
   esac >"$logs/$name.log" 2>&1
   local rc=$?
