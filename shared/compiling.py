@@ -16,24 +16,35 @@ dynamic after a shape changes (torch's default), so varying lengths do not recom
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
-"""off: eager. default: inductor's fused kernels. max-autotune-no-cudagraphs: autotuned matmul
-and fused kernels. Not reduce-overhead (CUDA graphs): the layers of one kind share one compiled
-graph, and its CUDA graph's output buffer is overwritten by the next layer's call while the
-model still holds the one before (the teacher's forward failed so on an H200, 2026-12-02:
+COMPILE_MODES = ("off", "auto", "default", "max-autotune-no-cudagraphs")
+"""off: eager. auto: default on a GPU, off on a CPU (the one-GPU recipes: their measured speed
+on a GPU, no compile time in a CPU run). default: inductor's fused kernels.
+max-autotune-no-cudagraphs: autotuned matmul and fused kernels. Not reduce-overhead (CUDA
+graphs): the layers of one kind share one compiled graph, and its CUDA graph's output buffer is
+overwritten by the next layer's call while the model still holds the one before (the teacher's forward failed so on an H200, 2026-12-02:
 "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
 
 
-def compile_decoder_layers(layers: nn.ModuleList, mode: str = "default") -> int:
-    """Replace each layer's ``forward`` by a compiled one (``mode`` of :data:`COMPILE_MODES`);
-    returns how many layers were compiled (0 for ``off``)."""
-    import torch
-    import torch._dynamo
-
+def resolve_compile_mode(mode: str, device: str | torch.device) -> str:
+    """``mode`` with ``auto`` made ``default`` for a CUDA ``device``, ``off`` for any other."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "auto":
+        return "default" if torch.device(device).type == "cuda" else "off"
+    return mode
+
+
+def compile_decoder_layers(layers: nn.ModuleList, mode: str = "default",
+                           device: str | torch.device = "cpu") -> int:
+    """Replace each layer's ``forward`` by a compiled one (``mode`` of :data:`COMPILE_MODES`;
+    ``auto`` decided by ``device``, where the layers will run); returns how many layers were
+    compiled (0 for ``off``)."""
+    import torch._dynamo
+
+    mode = resolve_compile_mode(mode, device)
     if mode == "off":
         return 0
     config = torch._dynamo.config

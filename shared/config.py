@@ -60,10 +60,11 @@ class TeacherConfig:
     """GPU index the teacher uses. Every process sees all GPUs (NCCL needs that for P2P)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained (sdpa, flash_attention_2, eager)."""
-    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
+    compile: Literal["off", "auto", "default", "max-autotune-no-cudagraphs"] = "off"
     """torch.compile each decoder layer's forward (shared/compiling.py): fewer, fused kernels
-    per forward. default: 2.27x the eager forward of the 135M shape at 8 x 1024 on an H200
-    (541k tokens/s, BENCHMARKS.md 2026-12-02 fifth session), ~20 s more start-up."""
+    per forward; auto = default on a GPU, off on CPU. default: 2.27x the eager forward of the
+    135M shape at 8 x 1024 on an H200 (541k tokens/s, BENCHMARKS.md 2026-12-02 fifth session),
+    ~20 s more start-up."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off: a checkpoint can't run code here."""
     max_tokens_per_request: Count = 65536
@@ -180,12 +181,14 @@ class TrainConfig:
     """KL + CE over the full vocabulary (kd, sft): auto = one Triton kernel for logits on a GPU
     (shared/kd_ce_triton.py), the chunked PyTorch path elsewhere; torch forces that path (the
     kernel's reference)."""
-    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
+    compile: Literal["off", "auto", "default", "max-autotune-no-cudagraphs"] = "off"
     """torch.compile each of the student's decoder layers (shared/compiling.py), forward and
-    backward: the RWKV-7 elementwise chains become a few fused kernels. kd on an H200 at the
-    135M shape: 1.29x (hybrid) and 1.12x (all-RWKV-7) the eager step, ~30 s more start-up
-    (BENCHMARKS.md 2026-12-02); off by default until align and a GPU equality test have run
-    compiled. No CUDA graphs (reduce-overhead): shared/compiling.py says why."""
+    backward: the RWKV-7 elementwise chains become a few fused kernels; auto = default on a
+    GPU, off on CPU (the smollm2 recipes). kd on an H200 at the 135M shape: 1.29x (hybrid) and
+    1.12x (all-RWKV-7) the eager step, ~30 s more start-up (BENCHMARKS.md 2026-12-02); every
+    quality run since 2026-12-02's fifth trained compiled (align and kd) and the compiled
+    layers equal eager ones on the GPU (tests/test_student_gpu.py). No CUDA graphs
+    (reduce-overhead): shared/compiling.py says why."""
     steps: Count = 100
     """Optimizer steps to train."""
     time_limit_seconds: NonNegative = 0.0

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from shared.compiling import compile_decoder_layers
+from shared.compiling import compile_decoder_layers, resolve_compile_mode
 from shared.student import convert_teacher
 from shared.tiny import tiny_teacher
 
@@ -56,9 +56,15 @@ def test_off_leaves_layers_eager_and_a_bad_mode_is_refused() -> None:
     layers = tiny_teacher("llama", layers=2).model.layers
     forwards = [layer.forward for layer in layers]
     assert compile_decoder_layers(layers, "off") == 0
+    assert compile_decoder_layers(layers, "auto", "cpu") == 0  # auto: eager on a CPU
     assert [layer.forward for layer in layers] == forwards
-    with pytest.raises(ValueError, match="choose one of off, default"):
+    with pytest.raises(ValueError, match="choose one of off, auto, default"):
         compile_decoder_layers(layers, "fast")
+    # auto compiles where the layers run on a GPU (decided without one: no CUDA needed)
+    assert resolve_compile_mode("auto", "cuda:1") == "default"
+    assert resolve_compile_mode("auto", torch.device("cpu")) == "off"
+    assert resolve_compile_mode("max-autotune-no-cudagraphs", "cpu") == \
+        "max-autotune-no-cudagraphs"
 
 
 def test_compiled_teacher_answers_as_the_eager_one(tmp_path) -> None:

@@ -103,7 +103,7 @@ def build_student(cfg: Config, device: torch.device):
     teacher's weights converted (``shared.student.convert_teacher``)."""
     from transformers import AutoModelForCausalLM
 
-    from shared.compiling import compile_decoder_layers
+    from shared.compiling import compile_decoder_layers, resolve_compile_mode
     from shared.student import convert_teacher, load_student
     from shared.student.ops import fla_available
 
@@ -126,9 +126,9 @@ def build_student(cfg: Config, device: torch.device):
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing
-    if cfg.train.compile != "off":
+    if resolve_compile_mode(cfg.train.compile, device) != "off":
         fla_available()  # loaded before tracing: compiled layers read it as a constant
-    compile_decoder_layers(student.model.layers, cfg.train.compile)  # off: nothing
+    compile_decoder_layers(student.model.layers, cfg.train.compile, device)  # off: nothing
     return student
 
 
