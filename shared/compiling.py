@@ -24,8 +24,9 @@ COMPILE_MODES = ("off", "auto", "default", "max-autotune-no-cudagraphs")
 on a GPU, no compile time in a CPU run). default: inductor's fused kernels.
 max-autotune-no-cudagraphs: autotuned matmul and fused kernels. Not reduce-overhead (CUDA
 graphs): the layers of one kind share one compiled graph, and its CUDA graph's output buffer is
-overwritten by the next layer's call while the model still holds the one before (the teacher's forward failed so on an H200, 2026-12-02:
-"accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+overwritten by the next layer's call while the model still holds the one before (the
+teacher's forward failed so on an H200, 2026-12-02: "accessing tensor output of CUDAGraphs
+that has been overwritten by a subsequent run")."""
 
 
 def resolve_compile_mode(mode: str, device: str | torch.device) -> str:
