@@ -235,6 +235,11 @@ def main() -> None:
         if r.get("kernel_kinds"):
             kinds = "; ".join(f"{k} x{n} {ms:.1f} ms" for k, (n, ms) in r["kernel_kinds"].items())
             print(f"  kernel time by kind: {kinds}")
+        if r.get("idle") and "by_op" in r["idle"]:
+            where = "; ".join(f"{k} x{n} {ms:.1f} ms" for k, (n, ms) in
+                              list(r["idle"]["by_op"].items())[:8])
+            print(f"  GPU idle {r['idle']['idle_ms']:.1f} ms in {r['idle']['gaps']} gaps, "
+                  f"during: {where}")
     print(f"\nresults and logs in {work}; MFU: shared/flops.py's student step + teacher forward "
           "over the card's datasheet bf16 peak; host s = self CPU time of one profiled step; "
           "GPU busy = the union of its kernels' intervals / the median unprofiled step\n")

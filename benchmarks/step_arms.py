@@ -190,7 +190,23 @@ def profile(fn, device: torch.device) -> dict:
             "kernels": len(kernels), "aten_ops": sum(aten.values()),
             "top_aten": dict(aten.most_common(15)),
             "top_kernels": top_kernels((e.name, e.time_range.elapsed_us()) for e in kernels),
-            "kernel_kinds": kernel_kinds((e.name, e.time_range.elapsed_us()) for e in kernels)}
+            "kernel_kinds": kernel_kinds((e.name, e.time_range.elapsed_us()) for e in kernels),
+            "idle": idle(cpu, kernels) if kernels else None}
+
+
+def idle(cpu: list, kernels: list) -> dict:
+    """The profiled step's idle GPU time by the host op it fell in (benchmarks/gpu_idle.py),
+    within the profiler's step range (else the kernels' own span)."""
+    from benchmarks.gpu_idle import host_ops, idle_by_host_op
+
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    steps = [e for e in cpu if e.name.startswith("ProfilerStep")]
+    start, end = ((steps[-1].time_range.start, steps[-1].time_range.end) if steps else
+                  (min(s for s, _ in spans), max(e for _, e in spans)))
+    try:
+        return idle_by_host_op(spans, host_ops(cpu), start, end)
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the arm's figures
+        return {"error": repr(err)}
 
 
 def annotation(event) -> bool:
