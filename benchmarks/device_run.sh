@@ -135,7 +135,7 @@ from shared.data_loader import TrainBatches"
               done
               tok=${QUALITY_TOKENIZER:-}  # a copy of the teacher's tokenizer: data while it imports
               if [ -n "$tok" ] && [ ! -f "$work/data/train/card.json" ]; then
-                $py -c "import sys; from pathlib import Path; from benchmarks.quality import \
+                $py -c "import sys; from pathlib import Path; from benchmarks.quality_steps import \
 prepare_data; prepare_data(*map(Path, sys.argv[1:]))" "$work/corpus" "$tok" "$work" \
                   >"$logs/quality-data.log" 2>&1 & data=$!  # quality.py's data, its tokenizer
               fi

@@ -80,7 +80,7 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     assert all(f"{name}: reused" in out for name in stages)
 
 
-def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp_path):
+def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp_path, capsys):
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--arms", "hybrid,hflat,hlayers,hhigh", "--hybrid-steps", "1,2",
@@ -107,6 +107,14 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
     assert "--train.warmup_steps" not in others  # one arm's --arm-args are its own
     with pytest.raises(SystemExit):  # an arm that does not run: refused, not ignored
         quality.main([*args[:-2], "--arm-args", "control=--data.max_len 32"])
+    # a finished stage asked again with other arguments: refused, where the trainer would have
+    # resumed its last checkpoint and trained nothing (2026-12-03 on the H200)
+    capsys.readouterr()
+    again = [a.replace("--train.warmup_steps 1", "--train.warmup_steps 2") for a in args]
+    assert quality.main(again) == 1
+    out = capsys.readouterr().out
+    assert "hhigh: FAILED: hhigh-kd finished before" in out and "remove" in out, out[-1500:]
+    assert "hybrid-kd: reused" in out
 
 
 def test_rwkv7wrap_mixes_the_conversations_into_its_own_kd_stage(tiny_llama, tmp_path):
