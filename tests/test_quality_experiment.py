@@ -91,7 +91,7 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
               json.loads((tmp_path / "out/quality_stages.json").read_text())}
     for arm, flag, value in (("hflat", "--train.lr_init", "1e-5"),
                              ("hlayers", "--train.trainable", "rwkv_layers"),
-                             ("hhigh", "--train.lr_init", "3e-4"),
+                             ("hhigh", "--train.lr_init", "6e-4"),
                              ("hhigh", "--train.warmup_steps", "1")):  # its own --arm-args
         cmd = json.loads((tmp_path / f"work/{arm}-kd/quality_stage.json").read_text())["command"]
         assert cmd[cmd.index("--config") + 1] == "configs/smollm2_hybrid_kd.yaml"
