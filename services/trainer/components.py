@@ -126,9 +126,12 @@ def build_student(cfg: Config, device: torch.device):
     # Only the converted layers are recomputed (the documented behaviour): HF's
     # gradient_checkpointing_enable() would also recompute every kept attention layer.
     student.config.rwkv_gradient_checkpointing = cfg.student.grad_checkpointing
-    if resolve_compile_mode(cfg.train.compile, device) != "off":
+    mode = resolve_compile_mode(cfg.train.compile, device)
+    if mode != "off":
         fla_available()  # loaded before tracing: compiled layers read it as a constant
-    compile_decoder_layers(student.model.layers, cfg.train.compile, device)  # off: nothing
+        compiled = compile_decoder_layers(student.model.layers, mode, device)
+        log.info("student: %d decoder layers compiled (train.compile %s: %s)", compiled,
+                 cfg.train.compile, mode)
     return student
 
 

@@ -116,7 +116,9 @@ class TeacherModel:
             str(path), dtype=dtype, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code).to(device)
         log.info("teacher %s loaded on %s as %s", path, device, dtype)
-        compile_decoder_layers(model.get_decoder().layers, cfg.compile, device)  # off: nothing
+        if compiled := compile_decoder_layers(model.get_decoder().layers, cfg.compile, device):
+            log.info("teacher: %d decoder layers compiled (teacher.compile %s)", compiled,
+                     cfg.compile)
         return cls(model, path, cfg.max_batch_tokens)
 
     @torch.inference_mode()
