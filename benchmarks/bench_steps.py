@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import named_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS_SCRIPT = Path(__file__).with_name("step_arms.py")
 DEFAULT_BATCHES = {"135m": ([8, 32], 1024), "1b": ([16], 2048), "tiny": ([2], 64)}
@@ -144,14 +146,6 @@ def table(results: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    name, sep, overrides = text.partition("=")
-    if not sep or not name or not overrides.strip().startswith("--"):
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME='--section.key value "
-                                         "...', e.g. compile='--train.compile default'")
-    return name, overrides.split()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", "--shape", nargs="+", default=["135m"],
@@ -179,7 +173,8 @@ def main() -> None:
     parser.add_argument("--baseline-arms", nargs="+", default=None,
                         choices=["trainer", "plain", "teacher"],
                         help="the baseline tree's arms (default: --arms)")
-    parser.add_argument("--variant", action="append", default=[], type=parse_variant,
+    parser.add_argument("--variant", action="append", default=[],
+                        type=named_overrides("--variant", "compile='--train.compile default'"),
                         help="NAME='--section.key value ...': our tree again with these config "
                         "overrides, as tree ours:NAME (repeatable)")
     parser.add_argument("--variant-arms", nargs="+", default=None,

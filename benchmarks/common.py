@@ -1,11 +1,13 @@
 """What several benchmarks share: the repository's root, the environment their child services
-run in, and the teacher's health wait."""
+run in, the teacher's health wait, and NAME='--section.key value' arguments."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +32,14 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> Non
         except OSError:
             time.sleep(0.5)
     raise RuntimeError("teacher not healthy in time")
+
+
+def named_overrides(flag: str, example: str) -> Callable[[str], tuple[str, list[str]]]:
+    """An argparse type for ``flag``'s NAME='--section.key value ...' values: (NAME, the words)."""
+    def parse(text: str) -> tuple[str, list[str]]:
+        name, sep, overrides = text.partition("=")
+        if not sep or not name or not overrides.strip().startswith("--"):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: write NAME='--section.key value "
+                                             f"...', e.g. {example}")
+        return name, overrides.split()
+    return parse

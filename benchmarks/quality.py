@@ -52,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.common import named_overrides
 from benchmarks.quality_steps import (
     ROOT,
     STOPPING,
@@ -198,13 +199,6 @@ def stage_table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def arm_args(text: str) -> tuple[str, list[str]]:
-    arm, sep, args = text.partition("=")
-    if not sep or not arm:
-        raise argparse.ArgumentTypeError(f"--arm-args {text!r}: write ARM='--section.key value'")
-    return arm, args.split()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, required=True, help="imported teacher directory")
@@ -229,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-args", default=os.environ.get("QUALITY_TRAINER_ARGS", ""),
                         help="more --section.key value pairs for every stage (a CPU smoke run: "
                              "'--data.micro_batch_size 1 --data.max_len 128')")
-    parser.add_argument("--arm-args", action="append", default=[], type=arm_args,
+    parser.add_argument("--arm-args", action="append", default=[],
+                        type=named_overrides("--arm-args", "control='--data.micro_batch_size 32'"),
                         metavar="ARM='--section.key value ...'",
                         help="more trainer arguments for one arm's stages, after --trainer-args "
                              "(repeatable), e.g. control='--data.micro_batch_size 32'")

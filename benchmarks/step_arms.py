@@ -246,14 +246,11 @@ KERNEL_KINDS = (
 def kernel_kinds(timed: Iterable[tuple[str, float]]) -> dict[str, list]:
     """Kernel time by kind (KERNEL_KINDS, else "other"): kind -> [launches, ms], most first;
     where a step's GPU time goes at a glance (issue 19: which part to make faster)."""
-    total: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
-    for name, us in timed:
+    def kind(name: str) -> str:
         low = name.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
-        total[kind][0] += 1
-        total[kind][1] += us / 1e3
-    top = sorted(total.items(), key=lambda kv: -kv[1][1])
-    return {kind: [count, round(ms, 3)] for kind, (count, ms) in top}
+        return next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+
+    return top_kernels(((kind(name), us) for name, us in timed), n=len(KERNEL_KINDS) + 1)
 
 
 def summary(arm: str, spec: dict, micro_batch: int, times: list[float], prof: dict | None,
