@@ -22,7 +22,8 @@ to the first tree (baseline, else ours). A Markdown table last.
 ``--docs-per-row N`` packs N documents of random lengths into each row (position_ids
 restart; ``--vary-packing``: new lengths every step, as real packed data has), and
 ``--variant seg='--student.packed_layout segments'`` measures the one-pass layout against it.
-Extra ``--section.key value`` arguments are config overrides for our tree's arms only.
+Extra ``--section.key value`` arguments are config overrides for every tree's arms (the
+baseline's too: an A/B of the code at one configuration); a variant's come after them.
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ def main() -> None:
     trees += [(f"ours:{name}", ROOT, overrides + extra, args.variant_arms or args.arms)
               for name, extra in args.variant]
     if args.baseline_tree is not None:
-        trees.insert(0, ("baseline", args.baseline_tree.resolve(), [],
+        # the same config overrides: an A/B of the code at one configuration
+        trees.insert(0, ("baseline", args.baseline_tree.resolve(), overrides,
                          args.baseline_arms or args.arms))
     reference = trees[0][0] if len(trees) > 1 else None
     results: list[dict] = []

@@ -31,6 +31,11 @@ Arms, each through the product's own commands (``python -m services.data``,
   ``--long-context`` tokens (4,096), as many per micro batch as keep 16 x 1024 tokens per step,
   lr 7e-6, KL 0.5 + CE 0.5.
 
+``--kd-variant NAME@PARENT='--section.key value ...'`` adds an arm of its own: PARENT's kd
+stage again from PARENT's align export, as many steps, on PARENT's kd data, with these
+arguments (a learning-rate sweep without a new arm here); ``--arm-args ARM.kd='...'`` (or
+``ARM.align``) changes one stage of an arm, ``--arm-args ARM='...'`` both.
+
 A stage that finished in an earlier run with the same command is reused (its
 ``quality_stage.json``; with another command it is refused), so an experiment longer than one
 device call runs over several on a machine kept warm. The corpus: ``python -m
@@ -137,11 +142,13 @@ def long_context_args(context: int) -> list[str]:
     return ["--data.max_len", str(context), "--data.micro_batch_size", str(rows)]
 
 
-def continue_arm(arm: str, steps: int, teacher: Path, work: Path, extra: list[str],
-                 parent: Future, data_for: Callable[[str], Path], long_context: int) -> list:
-    """One kd stage from another arm's student (CONTINUES), its data made first (the teacher's
-    conversations, or the corpus at the long context) while the other arms train."""
-    parent_arm, stage, data, changes = CONTINUES[arm]
+def continue_arm(arm: str, spec: tuple, steps: int, teacher: Path, work: Path,
+                 extra: list[str], parent: Future, data_for: Callable[[str], Path],
+                 long_context: int) -> list:
+    """One kd stage from another arm's student (``spec``: a CONTINUES entry), its data made
+    first (the teacher's conversations, or the corpus at the long context) while the other arms
+    train."""
+    parent_arm, stage, data, changes = spec
     data_dir, mix = data_args(data, data_for)
     start = Path(parent.result()[stage]["student"])
     rows = long_context_args(long_context) if data == "long" else []
@@ -169,21 +176,25 @@ def stage_time_limit(extra: list[str], stages: int) -> list[str]:
 
 
 def run_arm(arm: str, steps: tuple[int, ...], teacher: Path, data: Path, work: Path,
-            extra: list[str], data_for: Callable[[str], Path]) -> list:
+            extra: dict[str, list[str]], data_for: Callable[[str], Path]) -> list:
+    """``extra``: more trainer arguments per stage ("align", "kd"; the control's one stage
+    takes "kd"'s)."""
     if arm == "control":
         start = random_student(teacher, work / "control-init")
         total = steps[0] + steps[1]
         return [train_stage("control-sft", CONFIGS["rwkv7"][1], total, teacher, data, work, start,
                             ["--train.stage", "sft", "--train.ce_weight", "1.0",
                              "--train.lr_init", "1e-3", "--train.lr_final", "1e-5",
-                             *stage_time_limit(extra, 2)])]
+                             *stage_time_limit(extra["kd"], 2)])]
     align, kd = CONFIGS[arm]
-    first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None,
-                        [*CONVERSION.get(arm, []), *extra])
     kd_data, changes = KD_DATA.get(arm, ("train", []))
-    kd_dir, mix = data_args(kd_data, data_for)
+    with ThreadPoolExecutor(max_workers=1) as making:  # kd's data (conversations) during align
+        kd_inputs = making.submit(data_args, kd_data, data_for)
+        first = train_stage(f"{arm}-align", align, steps[0], teacher, data, work, None,
+                            [*CONVERSION.get(arm, []), *extra["align"]])
+        kd_dir, mix = kd_inputs.result()
     second = train_stage(f"{arm}-kd", kd, steps[1], teacher, kd_dir, work,
-                         Path(first["student"]), [*mix, *changes, *extra])
+                         Path(first["student"]), [*mix, *changes, *extra["kd"]])
     return [first, second]
 
 
@@ -225,30 +236,52 @@ def main(argv: list[str] | None = None) -> int:
                              "'--data.micro_batch_size 1 --data.max_len 128')")
     parser.add_argument("--arm-args", action="append", default=[],
                         type=named_overrides("--arm-args", "control='--data.micro_batch_size 32'"),
-                        metavar="ARM='--section.key value ...'",
-                        help="more trainer arguments for one arm's stages, after --trainer-args "
-                             "(repeatable), e.g. control='--data.micro_batch_size 32'")
+                        metavar="ARM[.STAGE]='--section.key value ...'",
+                        help="more trainer arguments for one arm's stages, or only its align or "
+                             "kd stage (ARM.align, ARM.kd), after --trainer-args (repeatable), "
+                             "e.g. control='--data.micro_batch_size 32', "
+                             "rwkv7wrap.kd='--train.lr_init 3e-4'")
+    parser.add_argument("--kd-variant", action="append", default=[],
+                        type=named_overrides("--kd-variant", "h1e3@hybrid='--train.lr_init 1e-3'"),
+                        metavar="NAME@PARENT='--section.key value ...'",
+                        help="an arm NAME: PARENT's kd stage again from PARENT's align export, "
+                             "as many steps, on its data, with these arguments (repeatable; "
+                             "PARENT one of hybrid, rwkv7, rad, rwkv7wrap, in --arms)")
     args = parser.parse_args(argv)
+    continues = dict(CONTINUES)  # and the --kd-variant arms
+    for spec, changes in args.kd_variant:
+        name, _, parent = spec.partition("@")
+        if parent not in CONFIGS or not name or name in CONFIGS or name in continues:
+            parser.error(f"--kd-variant {spec}: write NAME@PARENT with a new NAME and PARENT one "
+                         f"of {', '.join(CONFIGS)}")
+        kd_data, kd_changes = KD_DATA.get(parent, ("train", []))
+        continues[name] = (parent, 0, kd_data, [*kd_changes, *changes])
+        args.arms += f",{name}"
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = {"hybrid": tuple(map(int, args.hybrid_steps.split(","))),
              "rwkv7": tuple(map(int, args.rwkv7_steps.split(",")))}
     steps["control"] = steps["rad"] = steps["rwkv7wrap"] = steps["rwkv7"]
     arms = args.arms.split(",")
-    per_arm = {arm: [] for arm in arms}
-    for arm, more in args.arm_args:
-        if arm not in per_arm:
-            parser.error(f"--arm-args {arm}=...: {arm} is not in --arms {args.arms}")
-        per_arm[arm] += more
-    unknown = sorted(set(arms) - set(steps) - set(CONTINUES))
+    extra = args.trainer_args.split()
+    per_stage = {arm: {"align": list(extra), "kd": list(extra)} for arm in arms}
+    for target, more in args.arm_args:
+        arm, _, stage = target.partition(".")
+        if arm not in per_stage:
+            parser.error(f"--arm-args {target}=...: {arm} is not in --arms {args.arms}")
+        if stage not in ("", "align", "kd"):
+            parser.error(f"--arm-args {target}=...: the stage is align or kd, not {stage}")
+        for name in (stage,) if stage else ("align", "kd"):
+            per_stage[arm][name] += more
+    unknown = sorted(set(arms) - set(steps) - set(continues))
     if unknown:
-        parser.error(f"--arms: unknown {unknown}; choose from {sorted([*steps, *CONTINUES])}")
-    for arm in set(arms) & set(CONTINUES):
-        if CONTINUES[arm][0] not in arms:
-            parser.error(f"--arms: {arm} continues the {CONTINUES[arm][0]} arm's student: add "
-                         f"{CONTINUES[arm][0]}")
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted([*steps, *continues])}")
+    for arm in set(arms) & set(continues):
+        if continues[arm][0] not in arms:
+            parser.error(f"--arms: {arm} continues the {continues[arm][0]} arm's student: add "
+                         f"{continues[arm][0]}")
     # after the arms they continue when run one by one
-    arms = [a for a in arms if a not in CONTINUES] + [a for a in arms if a in CONTINUES]
+    arms = [a for a in arms if a not in continues] + [a for a in arms if a in continues]
     t0 = time.perf_counter()
     data = prepare_data(args.corpus, args.teacher, args.work)
     print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -277,16 +310,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list] = {}
     with ThreadPoolExecutor(max_workers=len(arms) if args.parallel else 1) as pool:
-        extra = args.trainer_args.split()
         futures = {arm: pool.submit(run_arm, arm, steps[arm], args.teacher, data, args.work,
-                                    extra + per_arm[arm], data_for)
-                   for arm in arms if arm not in CONTINUES}
-        for arm in (a for a in arms if a in CONTINUES):
-            parent = CONTINUES[arm][0]
+                                    per_stage[arm], data_for)
+                   for arm in arms if arm not in continues}
+        for arm in (a for a in arms if a in continues):
+            parent = continues[arm][0]
             futures[arm] = pool.submit(
-                continue_arm, arm,
+                continue_arm, arm, continues[arm],
                 args.chat_steps if arm in ("chat", "wrap") else steps[parent][1],
-                args.teacher, args.work, extra + per_arm[arm], futures[parent], data_for,
+                args.teacher, args.work, per_stage[arm]["kd"], futures[parent], data_for,
                 args.long_context)
         for arm, future in futures.items():
             try:

@@ -85,6 +85,8 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--arms", "hybrid,hflat,hlayers,hhigh", "--hybrid-steps", "1,2",
             "--eval-tokens", "200", "--arm-args", "hhigh=--train.warmup_steps 1",
+            "--arm-args", "hybrid.kd=--train.lr_final 2e-5",  # its kd stage only
+            "--kd-variant", "h1e3@hybrid=--train.lr_init 1e-3",
             "--trainer-args", STAGE_ARGS + " --student.layers 1,3"]  # of the tiny teacher's 4
     assert quality.main(args) == 0
     stages = {s["stage"]: s for s in
@@ -92,7 +94,8 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
     for arm, flag, value in (("hflat", "--train.lr_init", "1e-5"),
                              ("hlayers", "--train.trainable", "rwkv_layers"),
                              ("hhigh", "--train.lr_init", "6e-4"),
-                             ("hhigh", "--train.warmup_steps", "1")):  # its own --arm-args
+                             ("hhigh", "--train.warmup_steps", "1"),  # its own --arm-args
+                             ("h1e3", "--train.lr_init", "1e-3")):  # a --kd-variant
         cmd = json.loads((tmp_path / f"work/{arm}-kd/quality_stage.json").read_text())["command"]
         assert cmd[cmd.index("--config") + 1] == "configs/smollm2_hybrid_kd.yaml"
         assert cmd[cmd.index("--student.init_from") + 1] == stages["hybrid-align"]["student"]
@@ -105,6 +108,17 @@ def test_the_hybrids_continuing_arms_start_from_its_align_export(tiny_llama, tmp
     assert trained("hlayers-kd") < trained("hybrid-kd")   # the converted layers only
     others = json.loads((tmp_path / "work/hybrid-kd/quality_stage.json").read_text())["command"]
     assert "--train.warmup_steps" not in others  # one arm's --arm-args are its own
+    assert others[others.index("--train.lr_final") + 1] == "2e-5"  # hybrid.kd's
+    for stage in ("hybrid-align", "hhigh-kd", "h1e3-kd"):  # not the align's, not inherited
+        cmd = json.loads((tmp_path / f"work/{stage}/quality_stage.json").read_text())["command"]
+        assert "--train.lr_final" not in cmd, stage
+    assert "h1e3" in {r["model"] for r in
+                      json.loads((tmp_path / "out/quality_eval.json").read_text())["scores"]}
+    for bad in (["--arm-args", "hybrid.sft=--train.lr_final 2e-5"],   # no such stage
+                ["--kd-variant", "h2@control=--train.lr_init 1e-3"],  # no kd stage to repeat
+                ["--kd-variant", "hhigh@hybrid=--train.lr_init 1e-3"]):  # a name taken
+        with pytest.raises(SystemExit):
+            quality.main([*args, *bad])
     with pytest.raises(SystemExit):  # an arm that does not run: refused, not ignored
         quality.main([*args[:-2], "--arm-args", "control=--data.max_len 32"])
     # a finished stage asked again with other arguments: refused, where the trainer would have
@@ -123,10 +137,16 @@ def test_rwkv7wrap_mixes_the_conversations_into_its_own_kd_stage(tiny_llama, tmp
     args = ["--teacher", str(tiny_llama), "--corpus", str(corpus(tmp_path / "corpus")),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--arms", "rwkv7wrap", "--rwkv7-steps", "1,2", "--eval-tokens", "200",
-            "--trainer-args", STAGE_ARGS]
+            "--kd-variant", "w3@rwkv7wrap=--train.lr_init 3e-4", "--trainer-args", STAGE_ARGS]
     assert quality.main(args) == 0
     stages = [s["stage"] for s in json.loads((tmp_path / "out/quality_stages.json").read_text())]
-    assert stages == ["rwkv7wrap-align", "rwkv7wrap-kd"]
+    assert stages == ["rwkv7wrap-align", "rwkv7wrap-kd", "w3-kd"]
+    variant = json.loads((tmp_path / "work/w3-kd/quality_stage.json").read_text())["command"]
+    assert variant[variant.index("--student.init_from") + 1] == \
+        str(tmp_path / "work/rwkv7wrap-align/student")
+    for flag, value in (("--data.mix_dirs", str(tmp_path / "work/data/wrap")),  # its parent's
+                        ("--data.mix_weights", "1,1"), ("--train.lr_init", "3e-4")):
+        assert variant[variant.index(flag) + 1] == value
     cmd = json.loads((tmp_path / "work/rwkv7wrap-kd/quality_stage.json").read_text())["command"]
     assert cmd[cmd.index("--config") + 1] == "configs/smollm2_rwkv7_kd.yaml"
     start = cmd[cmd.index("--student.init_from") + 1]

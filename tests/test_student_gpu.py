@@ -223,3 +223,46 @@ def test_compiled_layers_equal_eager_ones_on_fla() -> None:
     for n, g in got_grads.items():
         assert rel(g, want_grads[n]) < max(2 * rel(eager_grads[n], want_grads[n]), TOL), n
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_float32_weights_under_autocast_on_fla(compiled: bool) -> None:
+    """The one-GPU trainer's student (zero0.json: float32 weights, bf16 autocast): w, k, v, a, b
+    reach the WKV op as float32 by type promotion and are cast to bf16 for fla inside the layer
+    (in its compiled graph under train.compile); the result is as close to the float32 truth as
+    a bf16 student's, forward and gradients, packed rows and plain ones."""
+    _require_fla()
+    import copy
+
+    from shared.compiling import compile_decoder_layers
+    from shared.student import convert_teacher
+    from shared.tiny import tiny_teacher
+
+    torch._dynamo.reset()
+    teacher = tiny_teacher("llama", layers=4, hidden=576, heads=9, kv_heads=3, vocab=512).to(DEV)
+    torch.manual_seed(0)
+    truth = convert_teacher(teacher, dict(layers=[1, 2, 3], mixer="rwkv7"))  # chunked float32
+    bf16 = copy.deepcopy(truth).to(torch.bfloat16)  # the bf16 student: the error it allows
+    mixed = copy.deepcopy(truth)
+    if compiled:
+        assert compile_decoder_layers(mixed.model.layers, "default") == 4
+    ids = torch.randint(3, 512, (2, 256), device=DEV)
+    positions = torch.stack([torch.cat([torch.arange(n, device=DEV) for n in row])
+                             for row in ([70, 33, 100, 53], [1, 200, 55])])
+    for position_ids in (None, positions):
+        results = []
+        for student, autocast in ((truth, False), (bf16, False), (mixed, True)):
+            student.train().zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = student(ids, position_ids=position_ids, use_cache=False).logits
+            logits.float().pow(2).mean().backward()
+            results.append((logits.detach().float(),
+                            {n: p.grad.float() for n, p in student.named_parameters()
+                             if p.grad is not None}))
+        (want, want_grads), (bf16_out, bf16_grads), (got, got_grads) = results
+        assert all(p.dtype == torch.float32 for p in mixed.parameters())
+        assert rel(got, want) < max(2 * rel(bf16_out, want), TOL)
+        assert got_grads.keys() == want_grads.keys()
+        for n, g in got_grads.items():
+            assert rel(g, want_grads[n]) < max(2 * rel(bf16_grads[n], want_grads[n]), TOL), n
+    torch._dynamo.reset()

@@ -145,6 +145,13 @@ def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (packed documents, ``shared.student.packing.PackedSegments``) every document of the
     ``[B, T]`` rows starts from a zero state and no final state is returned."""
     path = resolve_kernel(kernel, r)
+    if path == "fla":
+        # fla's kernels take one dtype (r's, bf16 under autocast); w, k, v, a, b arrive float32
+        # by type promotion with the float32 weights. Cast here, in the layer's compiled graph,
+        # where inductor fuses each cast into the kernel producing it (and its backward into the
+        # consumer): cast inside rwkv7_fla (never compiled), they were 90 copy kernels, 4.5 ms
+        # of the hybrid's 181 ms kd step at 32 x 1024 on an H200 (BENCHMARKS.md, ninth session).
+        w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
     if segments is not None:
         def one_document(*xs: torch.Tensor) -> torch.Tensor:
             return rwkv7_op(*xs, None, path, chunk_size)[0]
