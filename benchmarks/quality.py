@@ -1,7 +1,7 @@
 """The quality experiment (issue 18): SmolLM2-135M-Instruct distilled on one GPU, its arms.
 
     python -m benchmarks.quality --teacher DIR --corpus bench/quality --work /root/quality \
-        --out $OUT [--hybrid-steps 120,480] [--rwkv7-steps 240,1200] [--parallel]
+        --out $OUT [--hybrid-steps 120,480] [--rwkv7-steps 250,1250] [--parallel]
 
 Arms, each through the product's own commands (``python -m services.data``,
 ``python -m services.trainer``, ``python -m services.evaluate``) and recipes
@@ -28,7 +28,7 @@ Arms, each through the product's own commands (``python -m services.data``,
 * ``rwkv7wrap``: rwkv7's align, then its kd on ``mixwrap``'s data, one lineage alone on the GPU
   (no rwkv7 kd stage beside it), for the long runs;
 * ``long`` (needs ``rwkv7``): RADLADS' step 3 after rwkv7's kd, as many steps again: rows of
-  ``--long-context`` tokens (4,096), as many per micro batch as keep 16 x 1024 tokens per step,
+  ``--long-context`` tokens (4,096), as many per micro batch as keep 32 x 1024 tokens per step,
   lr 7e-6, KL 0.5 + CE 0.5.
 
 ``--kd-variant NAME@PARENT='--section.key value ...'`` adds an arm of its own: PARENT's kd
@@ -41,7 +41,8 @@ A stage that finished in an earlier run with the same command is reused (its
 device call runs over several on a machine kept warm. The corpus: ``python -m
 benchmarks.quality_corpus [--broad]`` (held-out files of its domain; the Debian handbook, a
 domain the training never sees). ``--parallel`` runs the arms at once (three students at 32 x
-1024 a micro batch did not fit one H200: keep 16 x 1024 there, ``--arm-args`` for one arm).
+1024 a micro batch did not fit one H200; one all-RWKV-7 arm at its recipe's 32 x 1024 beside
+three hybrid kd stages at 16 x 1024 did, 2026-12-04).
 Each stage's figures come from its summary.json, the evaluation's from services.evaluate.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def train_stage(name: str, config: str, steps: int, teacher: Path, data: Path, w
     return result
 
 
-RECIPE_TOKENS_PER_STEP = 16 * 1024  # configs/smollm2_rwkv7_kd.yaml: 16 rows of 1024
+RECIPE_TOKENS_PER_STEP = 32 * 1024  # configs/smollm2_rwkv7_kd.yaml: 32 rows of 1024
 # arms that continue another arm's student: (that arm, which of its stages' export, the data
 # this arm's one kd stage trains on, what it changes in the kd recipe)
 CONTINUES = {
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of the chat and wrap arms' third stage (kd on the "
                              "conversations)")
     parser.add_argument("--hybrid-steps", default="120,480", help="align,kd optimizer steps")
-    parser.add_argument("--rwkv7-steps", default="240,1200", help="align,kd (control: the sum)")
+    parser.add_argument("--rwkv7-steps", default="250,1250", help="align,kd (control: the sum)")
     parser.add_argument("--parallel", action="store_true", help="run the arms at once")
     parser.add_argument("--eval-tokens", type=int, default=100_000)
     parser.add_argument("--trainer-args", default=os.environ.get("QUALITY_TRAINER_ARGS", ""),

@@ -56,7 +56,7 @@ def test_arms_run_continue_evaluate_and_resume(tiny_llama, tmp_path, capsys):
     assert long[long.index("--data.train_dir") + 1] == str(tmp_path / "work/data/train128")
     last = {flag: long[len(long) - 1 - long[::-1].index(flag) + 1]  # the last one wins
             for flag in ("--data.max_len", "--data.micro_batch_size")}
-    assert last == {"--data.max_len": "128", "--data.micro_batch_size": str(16 * 1024 // 128)}
+    assert last == {"--data.max_len": "128", "--data.micro_batch_size": str(32 * 1024 // 128)}
     wrap = json.loads((tmp_path / "work/wrap-kd/quality_stage.json").read_text())["command"]
     assert wrap[wrap.index("--student.init_from") + 1] == stages["rwkv7-kd"]["student"]
     assert wrap[wrap.index("--data.train_dir") + 1] == str(tmp_path / "work/data/wrap")
