@@ -45,6 +45,10 @@ class PreparedSplit:
         self.bucket_info = [b for b in self.card["splits"][split]["buckets"] if b["path"]]
         self.buckets = [datasets.load_from_disk(str(self.root / b["path"]))
                         for b in self.bucket_info]
+        # rows read as numpy arrays: a micro batch of 32 x 1024 took 8.9 ms to read and collate
+        # from Python lists (one torch.as_tensor per list) on a 2-core CPU, in the training
+        # step's own thread; 1.5 ms so (BENCHMARKS.md, 2026-12-04)
+        self._arrays = [bucket.with_format("numpy") for bucket in self.buckets]
         self.pad_token_id = int(self.card["tokenizer"]["pad_token_id"])
 
     @property
@@ -54,9 +58,10 @@ class PreparedSplit:
     def __len__(self) -> int:
         return sum(self.bucket_sizes)
 
-    def rows(self, bucket: int, indices: Sequence[int]) -> dict[str, list]:
-        """Columns of the given rows of one bucket, as lists."""
-        return self.buckets[bucket][[int(i) for i in indices]]
+    def rows(self, bucket: int, indices: Sequence[int]) -> dict[str, Sequence]:
+        """Columns of the given rows of one bucket: per column one numpy array per row (a 2-D
+        array where the rows are equally long)."""
+        return self._arrays[bucket][[int(i) for i in indices]]
 
 
 class BucketBatchSampler:
@@ -170,23 +175,41 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], pad_toke
     labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     has_positions = "position_ids" in rows
     positions = torch.arange(width).repeat(batch, 1) if has_positions else None
-    for i in range(batch):
-        n = int(lengths[i])
-        if len(rows["input_ids"][i]) != stored[i] or len(rows["labels"][i]) != stored[i]:
-            raise ValueError(f"row {i}: length column {stored[i]} does not match its "
-                             "input_ids/labels")
-        input_ids[i, :n] = torch.as_tensor(rows["input_ids"][i][:n], dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(rows["labels"][i][:n], dtype=torch.long)
+    if _equal_rows(rows, stored, has_positions):  # a 2-D array per column: no per-row copies
+        n = int(lengths[0])
+        input_ids[:, :n] = torch.from_numpy(rows["input_ids"][:, :n])
+        labels[:, :n] = torch.from_numpy(rows["labels"][:, :n])
         if positions is not None:
-            pos = torch.as_tensor(rows["position_ids"][i][:n], dtype=torch.long)
-            positions[i, :n] = pos
-            positions[i, n:] = pos[-1] + 1 + torch.arange(width - n)
+            pos = torch.from_numpy(rows["position_ids"][:, :n]).long()
+            positions[:, :n] = pos
+            positions[:, n:] = pos[:, -1:] + 1 + torch.arange(width - n)
+    else:
+        for i in range(batch):
+            n = int(lengths[i])
+            if len(rows["input_ids"][i]) != stored[i] or len(rows["labels"][i]) != stored[i]:
+                raise ValueError(f"row {i}: length column {stored[i]} does not match its "
+                                 "input_ids/labels")
+            input_ids[i, :n] = torch.as_tensor(rows["input_ids"][i][:n], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(rows["labels"][i][:n], dtype=torch.long)
+            if positions is not None:
+                pos = torch.as_tensor(rows["position_ids"][i][:n], dtype=torch.long)
+                positions[i, :n] = pos
+                positions[i, n:] = pos[-1] + 1 + torch.arange(width - n)
     out = {"input_ids": input_ids, "labels": labels,
            "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
            "lengths": lengths}
     if positions is not None:
         out["position_ids"] = positions
     return out
+
+
+def _equal_rows(rows: Mapping[str, Sequence], stored: list[int], has_positions: bool) -> bool:
+    """Whether every column is one 2-D array whose rows are all ``length`` long (numpy rows of
+    equally long samples: PreparedSplit.rows), so collate copies each column at once."""
+    columns = ["input_ids", "labels", *(["position_ids"] if has_positions else [])]
+    return all(isinstance(rows[c], np.ndarray) and rows[c].ndim == 2
+               and rows[c].shape == (len(stored), stored[0]) for c in columns) \
+        and all(n == stored[0] for n in stored)
 
 
 class TrainBatches:

@@ -167,3 +167,31 @@ def test_mixed_batches_draw_by_weight_alike_on_every_rank_and_resume_exactly(pac
                      remainder="wrap").load_state_dict(state)
     with pytest.raises(ValueError, match="one positive weight per dataset"):
         mixed(weights=(1, 0))
+
+
+@pytest.mark.parametrize("pad_to_multiple_of, max_len", [(1, None), (8, None), (1, 6)])
+def test_numpy_rows_collate_to_the_batches_lists_give(packed_dir, pad_to_multiple_of, max_len):
+    """PreparedSplit.rows reads numpy arrays (2-D where a micro batch's rows are equally long,
+    one copy per column); collate makes of them exactly what it makes of the same rows as
+    Python lists, for every micro batch of a prepared dataset, ragged and equal rows both."""
+    import numpy as np
+
+    batches = TrainBatches(packed_dir, 2, max_len=max_len, pad_to_multiple_of=pad_to_multiple_of)
+    data, seen_ragged = batches.data, 0
+    for bucket, indices in batches.sampler:
+        arrays = data.rows(bucket, indices)
+        lists = data.buckets[bucket][[int(i) for i in indices]]
+        assert isinstance(arrays["input_ids"], np.ndarray)
+        seen_ragged += arrays["input_ids"].ndim == 1  # an object array of rows
+        got = collate(arrays, data.pad_token_id, pad_to_multiple_of, max_len)
+        want = collate(lists, data.pad_token_id, pad_to_multiple_of, max_len)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert seen_ragged  # the per-row path ran; the 2-D one below
+    rows = {"input_ids": np.array([[1, 2, 3], [4, 5, 6]]), "labels": np.array([[2, 3, -100]] * 2),
+            "length": np.array([3, 3]), "position_ids": np.array([[0, 1, 0], [0, 1, 2]])}
+    batch = collate(rows, pad_token_id=0, pad_to_multiple_of=4)  # equal rows, padded
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 2, 3]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 6, 0]]
+    assert batch["labels"].tolist() == [[2, 3, -100, -100]] * 2
