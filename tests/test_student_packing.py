@@ -168,3 +168,45 @@ def test_auto_layout_takes_segments_only_where_the_wkv_runs_on_fla(teacher) -> N
                                             hidden)
     assert isinstance(layout, PackedSegments)
     assert layout.cu_seqlens_cpu.tolist() == [0, 5, 14, 18, 36]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_copies_find_the_documents_without_reading_the_device(teacher, layout: str) -> None:
+    """The trainer passes the batch's host copies (``host_positions``): the documents are found
+    in them, the device tensors are not read (here they are on the meta device, which cannot be
+    read at all: reading a CUDA tensor would wait for the GPU), and the student's outputs and
+    gradients are those of the device-side detection."""
+    _, batch = packed_batch()
+    pos, mask = batch["position_ids"], batch["attention_mask"]
+    want = packed_documents(pos, mask, 2, layout)
+    got = packed_documents(pos.to("meta"), mask.to("meta"), 2, layout, host=(pos, mask))
+    if layout == "segments":
+        assert got.cu_seqlens_cpu.tolist() == want.cu_seqlens_cpu.tolist() == [0, 5, 14, 18, 36]
+        assert got.cu_seqlens.device.type == got.continues.device.type == "meta"
+        assert got.continues.shape == want.continues.shape
+    else:
+        assert got.shapes == want.shapes
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the device-side detection reads
+        packed_documents(pos.to("meta"), mask.to("meta"), 2, layout)
+    flat = torch.arange(WIDTH).repeat(2, 1)  # no restart in any row: not packed, host or device
+    assert packed_documents(flat.to("meta"), None, 2, layout, host=(flat, None)) is None
+
+    student = convert_teacher(teacher, dict(layers=[1, 3], mixer="rwkv7"))
+    student.model.packed_layout = layout
+    results = []
+    for host in (None, (pos, mask)):
+        student.zero_grad(set_to_none=True)
+        extra = {} if host is None else {"host_positions": host}
+        logits = student(**batch, use_cache=False, **extra).logits
+        states = torch.randn(2, WIDTH, 64, generator=torch.Generator().manual_seed(3))
+        outs = student.align_forward({1: states, 3: states}, mask, pos, host)
+        (logits.square().mean() + sum(o.square().mean() for o in outs.values())).backward()
+        results.append((logits.detach(), {i: o.detach() for i, o in outs.items()},
+                        {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
+    (logits0, outs0, grads0), (logits1, outs1, grads1) = results
+    torch.testing.assert_close(logits1, logits0, rtol=0, atol=0)
+    for i in outs0:
+        torch.testing.assert_close(outs1[i], outs0[i], rtol=0, atol=0)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=0, msg=name)

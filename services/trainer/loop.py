@@ -258,8 +258,11 @@ def train_step(run: TrainingRun) -> StepStats:
         if handle is not None and handle.teacher_forward:
             forwards.append(handle.teacher_forward)
         b = to_device(batch, place.device)
+        # the CPU copies too: the student finds packed documents in them, not on the device
+        host = ((batch["position_ids"], batch["attention_mask"]) if "position_ids" in batch
+                else None)
         loss, parts = engine(b["input_ids"], b["attention_mask"], b["labels"], answer,
-                             b.get("position_ids"))
+                             b.get("position_ids"), host)
         engine.backward(loss)
         if run.clipped is not None and engine.is_gradient_accumulation_boundary():
             norm = torch.nn.utils.clip_grad_norm_(run.clipped, cfg.train.grad_clip or math.inf,

@@ -13,6 +13,7 @@ from shared.config import LinkConfig, TrainConfig
 from shared.link import RequestSpec
 from shared.link.protocol import layer_io_states, layer_output_states
 from shared.losses import align_loss, ce_loss, kd_ce_full, kl_topk
+from shared.student.packing import HostPositions
 
 
 def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
@@ -32,6 +33,12 @@ def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
     return RequestSpec(logits=link.logits, top_k=link.top_k, temperature=train.temperature)
 
 
+def host_kwargs(host_positions: HostPositions | None) -> dict:
+    """The student's forward keyword for the batch's host positions; none without them (a
+    transformers model, the benchmarks' plain student, takes no such keyword)."""
+    return {} if host_positions is None else {"host_positions": host_positions}
+
+
 class DistillObjective(nn.Module):
     """``forward(batch, teacher) -> (loss, {part: value})`` for the configured stage."""
 
@@ -45,14 +52,18 @@ class DistillObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None,
                 position_ids: torch.Tensor | None = None,
+                host_positions: HostPositions | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``position_ids`` (packed datasets) restart at each document: no document sees
-        another, in the student as in the teacher's answer."""
+        another, in the student as in the teacher's answer. ``host_positions``: the batch's
+        ``(position_ids, attention_mask)`` on the host, so the student finds its packed
+        documents without waiting for the GPU (shared.student.packing.packed_documents)."""
         cfg = self.train_cfg
         if cfg.stage == "align":
-            return self._align(input_ids, attention_mask, position_ids, teacher)
+            return self._align(input_ids, attention_mask, position_ids, teacher, host_positions)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, use_cache=False).logits
+                              position_ids=position_ids, use_cache=False,
+                              **host_kwargs(host_positions)).logits
         if cfg.stage == "sft":
             loss, _, ce = kd_ce_full(logits, None, labels, kernel=cfg.loss_kernel)
             return loss, {"ce": ce}
@@ -67,18 +78,18 @@ class DistillObjective(nn.Module):
                                   cfg.kl_weight, cfg.ce_weight, cfg.loss_kernel)
         return loss, {"kl": kl, "ce": ce}
 
-    def _align(self, input_ids, attention_mask, position_ids, teacher):
+    def _align(self, input_ids, attention_mask, position_ids, teacher, host_positions):
         assert teacher is not None and self.request is not None
         states = dict(zip(self.request.hidden_layers, teacher["hidden_states"], strict=True))
         if self.train_cfg.align_mode == "teacher_forced":
             layers = self.student.converted_layers
             outputs = self.student.align_forward({i: states[i] for i in layers}, attention_mask,
-                                                 position_ids)
+                                                 position_ids, host_positions)
             loss = align_loss(outputs, {i: states[i + 1] for i in layers}, attention_mask)
         else:
             out = self.student(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, output_hidden_states=True,
-                               use_cache=False)
+                               use_cache=False, **host_kwargs(host_positions))
             ours = {i: out.hidden_states[i] for i in self.request.hidden_layers}
             loss = align_loss(ours, states, attention_mask)
         return loss, {"align": loss.detach()}

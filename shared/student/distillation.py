@@ -11,6 +11,7 @@ import torch
 from shared.student.configuration import RWKVHybridConfig
 from shared.student.layers import RWKV6TimeMix, RWKV7TimeMix
 from shared.student.ops import KERNELS
+from shared.student.packing import HostPositions
 
 
 class DistillationHelpers:
@@ -24,7 +25,8 @@ class DistillationHelpers:
 
     def align_forward(self, layer_inputs: Mapping[int, torch.Tensor],
                       attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+                      position_ids: torch.Tensor | None = None,
+                      host_positions: HostPositions | None = None) -> dict[int, torch.Tensor]:
         """Teacher-forced per-layer pass: each converted layer ``i`` present in ``layer_inputs``
         runs alone on ``layer_inputs[i]`` (the teacher's state entering layer ``i``); returns
         ``{i: output}`` to compare with the teacher's hidden state ``i + 1``.
@@ -33,7 +35,8 @@ class DistillationHelpers:
         needs ``v_first``; it comes from running the first converted layer on its own teacher input,
         so ``layer_inputs`` must contain the first converted layer (gradients flow through it, as in
         the full model). ``position_ids`` that restart inside a row mark packed documents, each run
-        from a zero state (see ``shared.student.packing``).
+        from a zero state (see ``shared.student.packing``); ``host_positions``, the batch's
+        host copies of ``position_ids`` and ``attention_mask``, find them without a device sync.
         """
         num_layers = self.config.num_hidden_layers
         bad = [i for i in layer_inputs if not 0 <= int(i) < num_layers]
@@ -53,7 +56,7 @@ class DistillationHelpers:
         outputs: dict[int, torch.Tensor] = {}
         v_first = None
         documents = self.model.packed_documents(position_ids, attention_mask,
-                                                layer_inputs[todo[0]])
+                                                layer_inputs[todo[0]], host_positions)
         for idx in todo:
             hidden = layer_inputs[idx]
             if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:

@@ -39,7 +39,12 @@ from shared.student.layers import (
     RWKV7TimeMix,
 )
 from shared.student.ops import resolve_kernel
-from shared.student.packing import DocumentBatch, PackedSegments, packed_documents
+from shared.student.packing import (
+    DocumentBatch,
+    HostPositions,
+    PackedSegments,
+    packed_documents,
+)
 
 _NOT_FOR_BASE_LAYERS = ("return_dict", "output_attentions", "output_hidden_states")
 
@@ -188,6 +193,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
 
     def packed_documents(self, position_ids: torch.Tensor | None,
                          attention_mask: torch.Tensor | None, hidden: torch.Tensor,
+                         host: HostPositions | None = None,
                          ) -> DocumentBatch | PackedSegments | None:
         """The batch's packed documents in the layout ``packed_layout`` names, or None.
 
@@ -198,7 +204,7 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         layout = self.packed_layout
         if layout == "auto":
             layout = "segments" if self._wkv_path(hidden) == "fla" else "per_document"
-        return packed_documents(position_ids, attention_mask, hidden.shape[0], layout)
+        return packed_documents(position_ids, attention_mask, hidden.shape[0], layout, host)
 
     def _wkv_path(self, hidden: torch.Tensor) -> str:
         """The WKV path the RWKV layers take for this batch: what ``student.kernel`` resolves to
@@ -267,8 +273,10 @@ class RWKVHybridModel(RWKVHybridPreTrainedModel):
         cache = self._checked_cache(past_key_values, use_cache)
         seq_len = inputs_embeds.shape[1]
         # Packed documents only come with the caller's position_ids; detecting them costs a
-        # device sync, so derived positions skip it.
-        documents = self.packed_documents(position_ids, attention_mask, inputs_embeds)
+        # device sync, so derived positions skip it, and so does a caller that passes the
+        # batch's host copies (host_positions: shared.student.packing.packed_documents).
+        host = kwargs.pop("host_positions", None)
+        documents = self.packed_documents(position_ids, attention_mask, inputs_embeds, host)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len,

@@ -82,7 +82,9 @@ class DocumentBatch:
     """The documents of a packed ``[B, T]`` batch, grouped by length, with the index maps that
     move ``[B, T, *]`` tensors to per-document batches and back (see the module docstring)."""
 
-    def __init__(self, starts: torch.Tensor) -> None:
+    def __init__(self, starts: torch.Tensor, device: torch.device | None = None) -> None:
+        """``starts`` on the host (``device``: where the layers run) finds the groups without a
+        device sync; the index maps then move to ``device`` once."""
         batch, seq = starts.shape
         self.batch, self.seq = batch, seq
         begin = starts.flatten().nonzero().squeeze(1)                     # flat index of each start
@@ -107,6 +109,11 @@ class DocumentBatch:
             dest.append(index[valid])
         self.kept = kept
         self.restore = torch.argsort(torch.cat(dest))  # concatenated real outputs -> token order
+        if device is not None:
+            device = torch.device(device)
+            self.gather = [_to_device(t, device) for t in self.gather]
+            self.kept = [_to_device(t, device) for t in self.kept]
+            self.restore = _to_device(self.restore, device)
 
     def split(self, x: torch.Tensor | None) -> list[torch.Tensor | None]:
         """``[B, T, *]`` -> one ``[n, L, *]`` tensor per length group (right-padded documents)."""
@@ -133,32 +140,60 @@ class PackedSegments:
     (``[B, T, 1]``, False where a token starts a document: its token shift must read zeros).
 
     Built once per forward and shared by every layer, so fla's chunk-index preparation (cached
-    on the ``cu_seqlens`` tensor) runs once; building it costs one device-to-host copy.
+    on the ``cu_seqlens`` tensor) runs once; building it from device ``starts`` costs one
+    device-to-host copy, from the batch's host copy (``device`` then names where the layers run)
+    none.
     """
 
-    def __init__(self, starts: torch.Tensor) -> None:
+    def __init__(self, starts: torch.Tensor, device: torch.device | None = None) -> None:
         if starts.dim() != 2:
             raise ValueError(f"starts must be [batch, seq], got shape {tuple(starts.shape)}")
+        device = starts.device if device is None else torch.device(device)
         self.batch, self.seq = starts.shape
         host = starts.cpu().flatten()
         begin = host.nonzero().squeeze(1)
         self.cu_seqlens_cpu = torch.cat([begin, begin.new_tensor([host.numel()])])
-        self.cu_seqlens = self.cu_seqlens_cpu.to(starts.device, non_blocking=True)
-        self.continues = ~starts.unsqueeze(-1)
+        self.cu_seqlens = _to_device(self.cu_seqlens_cpu, device)
+        self.continues = ~_to_device(starts, device).unsqueeze(-1)
         self.num_documents = int(begin.numel())
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without waiting for the GPU: a host tensor goes through pinned
+    memory (a copy from pageable memory may wait for the stream)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 PACKED_LAYOUTS = ("per_document", "segments")
 
 
+HostPositions = tuple[torch.Tensor, torch.Tensor | None]
+"""A batch's ``(position_ids, attention_mask)`` on the host (the data loader's CPU copies)."""
+
+
 def packed_documents(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      batch_size: int, layout: str = "per_document",
+                     host: HostPositions | None = None,
                      ) -> DocumentBatch | PackedSegments | None:
     """The packed documents of a batch in ``layout`` (one of ``PACKED_LAYOUTS``), or None when no
-    row holds more than one document."""
+    row holds more than one document.
+
+    ``host``: the same ``position_ids`` and ``attention_mask`` on the host. Finding the documents
+    from device tensors waits for the GPU (whether any row restarts, whether the padding is on
+    the right, the offsets fla's varlen kernels take on the host): at the start of the student's
+    forward, after the teacher's, so the host stops queueing work until the teacher's forward
+    has run. From the host copies it waits for nothing."""
     if layout not in PACKED_LAYOUTS:
         raise ValueError(f"packed layout {layout!r}: choose one of {', '.join(PACKED_LAYOUTS)}")
+    device = None if position_ids is None else position_ids.device
+    if host is not None:
+        position_ids, attention_mask = host
     starts = packed_document_starts(position_ids, attention_mask, batch_size)
     if starts is None:
         return None
-    return PackedSegments(starts) if layout == "segments" else DocumentBatch(starts)
+    return (PackedSegments(starts, device) if layout == "segments"
+            else DocumentBatch(starts, device))
