@@ -238,8 +238,9 @@ def train_step(run: TrainingRun) -> StepStats:
     The micro steps only queue device work: their losses stay tensors until the step is done
     and come back in one copy (``seconds`` is taken after it). Syncs left, not ours: the
     in-process teacher's answer (shared/link/in_process.py times its forward), the mask
-    gathers of the top-k and align losses and the split of packed rows (shared/losses.py,
-    shared/student/packing.py: shapes from the data), DeepSpeed's at the optimizer step;
+    gathers of the top-k and align losses (shared/losses.py: shapes from the data), DeepSpeed's
+    at the optimizer step (packed rows' documents are found in the batch's host copies, without
+    one: shared/student/packing.py);
     after it, the all-reduce of the step's numbers (StepStats.reduce).
     tests/test_trainer_gpu.py lists every site on a GPU."""
     cfg, engine, place = run.cfg, run.engine, run.place
