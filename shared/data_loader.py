@@ -45,9 +45,10 @@ class PreparedSplit:
         self.bucket_info = [b for b in self.card["splits"][split]["buckets"] if b["path"]]
         self.buckets = [datasets.load_from_disk(str(self.root / b["path"]))
                         for b in self.bucket_info]
-        # rows read as numpy arrays: a micro batch of 32 x 1024 took 8.9 ms to read and collate
-        # from Python lists (one torch.as_tensor per list) on a 2-core CPU, in the training
-        # step's own thread; 1.5 ms so (BENCHMARKS.md, 2026-12-04)
+        # rows read as numpy arrays: a micro batch of 32 x 1024 filled rows took 11.9 ms to read
+        # and collate from Python lists (one torch.as_tensor per list) on a 2-core CPU, in the
+        # training step's own thread; 1.8 ms so (benchmarks/bench_loader.py, BENCHMARKS.md
+        # 2026-12-04)
         self._arrays = [bucket.with_format("numpy") for bucket in self.buckets]
         self.pad_token_id = int(self.card["tokenizer"]["pad_token_id"])
 

@@ -162,7 +162,7 @@ def rwkv6_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     (packed documents, ``shared.student.packing.PackedSegments``) every document of the
     ``[B, T]`` rows starts from a zero state and no final state is returned."""
     path = resolve_kernel(kernel, r)
-    if path == "fla":  # cast in the compiled graph, fused into the producers (rwkv7_op: why)
+    if path == "fla":  # cast in the layer's compiled graph, not eagerly (rwkv7_op says why)
         k, v, w, u = (x.to(r.dtype) for x in (k, v, w, u))
     if segments is not None:
         def one_document(r_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor,

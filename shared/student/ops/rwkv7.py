@@ -147,10 +147,11 @@ def rwkv7_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     path = resolve_kernel(kernel, r)
     if path == "fla":
         # fla's kernels take one dtype (r's, bf16 under autocast); w, k, v, a, b arrive float32
-        # by type promotion with the float32 weights. Cast here, in the layer's compiled graph,
-        # where inductor fuses each cast into the kernel producing it (and its backward into the
-        # consumer): cast inside rwkv7_fla (never compiled), they were 90 copy kernels, 4.5 ms
-        # of the hybrid's 181 ms kd step at 32 x 1024 on an H200 (BENCHMARKS.md, ninth session).
+        # by type promotion with the float32 weights. Cast here, in the layer's compiled graph
+        # under train.compile, not inside rwkv7_fla (never compiled), where they were eager
+        # copies and their autograd nodes: on an H200 the hybrid's kd step at 32 x 1024 ran
+        # 1.19x (copies -6.3 ms, inductor's kernels +4.2 ms, host work less; BENCHMARKS.md,
+        # 2026-12-04).
         w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
     if segments is not None:
         def one_document(*xs: torch.Tensor) -> torch.Tensor:
