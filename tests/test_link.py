@@ -315,3 +315,37 @@ def test_trainers_outlive_a_killed_trainer_a_killed_teacher_and_a_hung_teacher(t
                 p.kill()
         if teacher.poll() is None:
             teacher.kill()
+
+
+def test_waiting_for_trainers_never_waits_on_the_stop_event():
+    """The teacher's SIGTERM handler sets the stop event in the main thread; a main thread
+    inside ``stop.wait()`` holds the event's lock for an instant, and a signal landing there
+    hung the teacher for good (CI, 2026-12-04). The wait for trainers polls ``is_set`` and
+    sleeps instead."""
+    from shared.link.server import wait_until
+
+    class NoWait(threading.Event):
+        def wait(self, timeout=None):
+            raise AssertionError("the main thread waited on the stop event")
+
+    stop = NoWait()
+    answers = iter([False, False, True])
+    assert wait_until(lambda: next(answers), stop, poll=0.001) is True
+    stop.set()
+    assert wait_until(lambda: False, stop, poll=0.001) is False
+
+
+def test_sigterm_while_waiting_for_trainers_stops_the_teacher(tmp_path, tiny_llama):
+    """SIGTERM to a teacher that no trainer has joined: it says so, stops and exits 0."""
+    cfg, port = make_config(tmp_path, tiny_llama, trainers=2)
+    log = tmp_path / "teacher.log"
+    proc = start_teacher(cfg, 0, log)
+    try:
+        wait_healthy(port, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "signal 15: finishing the batch in flight, then exiting" in text and "stopped" in text

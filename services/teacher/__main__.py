@@ -52,13 +52,24 @@ def main(argv: list[str] | None = None) -> int:
 def serve(cfg: Config, group: int) -> int:
     """Metrics, the model, the link: until SIGTERM/SIGINT."""
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: finishing the batch in flight, then exiting", signum)
+        # Only the flag: the handler runs in the main thread wherever it was, and a lock it
+        # holds there (logging's, an Event's) would be taken again here. Nothing in the main
+        # thread waits on ``stop`` (shared.link.server.wait_until says why).
+        received.append(signum)
         stop.set()
+
+    def say_when_stopping() -> None:
+        stop.wait()
+        log.info("signal %s: finishing the batch in flight, then exiting",
+                 received[0] if received else "?")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    notice = threading.Thread(target=say_when_stopping, daemon=True, name="stop-notice")
+    notice.start()
 
     metrics = TeacherMetrics(group)
     state = {"server": None}
@@ -89,6 +100,8 @@ def serve(cfg: Config, group: int) -> int:
     finally:
         if http is not None:
             http.close()
+        if stop.is_set():
+            notice.join(5)  # its line before ours
     log.info("stopped")
     return 0
 

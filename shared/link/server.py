@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,10 +159,9 @@ class TeacherServer:
                  self.group, self.generation, rdv.dir, self.trainers)
         links = None
         try:
-            while len(rdv.joined_trainers(self.generation, self.trainers,
-                                          link.timeout_seconds)) < self.trainers:
-                if stop.wait(0.05):
-                    return heartbeat
+            if not wait_until(lambda: len(rdv.joined_trainers(
+                    self.generation, self.trainers, link.timeout_seconds)) >= self.trainers, stop):
+                return heartbeat
             rdv.mark_complete(self.generation)
             connections = self.listener.accept(self.generation, self.trainers,
                                                time.monotonic() + link.timeout_seconds,
@@ -189,6 +189,21 @@ class TeacherServer:
             alive, why = peer_state(gen_dir / f"trainer-{r}.alive", self.link.timeout_seconds)
             if not alive:
                 raise PeerLost(f"trainer {r} of group {self.group} is gone: {why}")
+
+
+def wait_until(ready: Callable[[], bool], stop: threading.Event, poll: float = 0.05) -> bool:
+    """Poll ``ready`` until it holds (True) or ``stop`` is set (False).
+
+    Sleeps between polls, never ``stop.wait(poll)``: the teacher's SIGTERM handler sets ``stop``
+    in the main thread, and Event.wait holds the event's lock for an instant on entry; a signal
+    landing in that instant made the handler's set() wait for a lock its own thread held,
+    forever (a teacher still waiting for trainers hung after SIGTERM in CI on 2026-12-04;
+    py-spy: on_signal > Event.set > Condition.__enter__, called from inside Event.wait)."""
+    while not ready():
+        if stop.is_set():
+            return False
+        time.sleep(poll)
+    return True
 
 
 class _GenerationLoop:
