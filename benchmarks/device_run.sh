@@ -49,6 +49,12 @@
 #                 defaults to /root/quality;
 #                 QUALITY_TOKENIZER=DIR (a copy of the teacher's tokenizer) prepares the data
 #                 while the GGUF imports
+# A step's limit is cut to what is left of the device call: CALL_LIMIT seconds (default 600, the
+# device's per-call limit) from CALL_STARTED (epoch seconds, default this script's start; set it
+# first thing in a call whose command does more before this script, e.g. `export
+# CALL_STARTED=$(date +%s)` ahead of the wheels' install), less CALL_RESERVE (default 45 s: a
+# SIGTERMed trainer's checkpoint and the logs' archive). A call killed at its own limit comes back
+# with nothing and its machine is gone (2026-12-04: a quality:560 step after a 34 s install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-out}
@@ -57,10 +63,19 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
 status=0
+call_end=$(( ${CALL_STARTED:-$(date +%s)} + ${CALL_LIMIT:-600} - ${CALL_RESERVE:-45} ))
 
 run_step() {
   local name=${1%%:*} limit=${1#*:}
   [ "$limit" = "$1" ] && limit=300
+  local left=$(( call_end - $(date +%s) ))
+  if [ "$left" -le 0 ]; then
+    echo "== $name: not run, no time left in the call (CALL_LIMIT, CALL_STARTED, CALL_RESERVE)"
+    status=1; return
+  fi
+  if [ "$left" -lt "$limit" ]; then
+    echo "== $name: limit ${limit}s cut to the ${left}s left in the call"; limit=$left
+  fi
   echo "== $name (limit ${limit}s) $(date +%T)"
   local start=$(date +%s)
   case $name in
