@@ -175,6 +175,12 @@ class TrainConfig:
     """Weight of KL(teacher || student) in kd."""
     ce_weight: NonNegative = 0.0
     """Weight of cross-entropy on the labels in kd."""
+    skip_eos_targets: bool = False
+    """kd/sft: leave out of the loss (KL and CE alike) every position whose target is a text
+    dataset's end-of-document token (its card's ``eos_token_id``: ``services.data --eos``, the
+    tokenizer's EOS by default); chat datasets' turn ends still train. For CE beside a chat
+    teacher whose EOS ends its turns (SmolLM2's im_end): CE on short documents taught
+    the hybrid to end answers at once, 2 of 5 empty (docs/quality.md, eleventh session)."""
     temperature: Positive = 1.0
     """Softmax temperature of the KL (the loss is multiplied by T² as usual)."""
     loss_kernel: Literal["auto", "triton", "torch"] = "auto"

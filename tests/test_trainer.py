@@ -147,7 +147,8 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     cfg = stack_config(tmp_path, tiny_llama, data, tmp_path / "rdv", stage=stage,
                        deepspeed_config=f"configs/deepspeed/{zero}.json",
                        kl_weight=1.0, ce_weight=0.0, val_every=15 if packed else 0,
-                       slow_step_seconds=0.01 if stage == "sft" else 0)   # every step is slow
+                       slow_step_seconds=0.01 if stage == "sft" else 0,   # every step is slow
+                       skip_eos_targets=stage == "sft")   # the text dataset's end token
     if stage != "sft":
         teacher(cfg)
     log = tmp_path / "trainer.log"   # a file: a pipe read only at the end fills with stacks
@@ -172,6 +173,8 @@ def test_stage_loss_falls(stage, zero, packed, tmp_path, tiny_llama, request, te
     # train.slow_step_seconds: a step past it printed the stacks it was in (not the first step)
     dumped = "the stacks it is in" in out and "in train_step" in out
     assert dumped == (stage == "sft"), out[-3000:]
+    skipping = "train.skip_eos_targets: positions predicting token" in out
+    assert skipping == (stage == "sft"), out[-3000:]
     key = {"align": "align", "kd": "kl", "sft": "ce"}[stage]
     first = sum(records[s][key] for s in range(1, 6)) / 5
     last = sum(records[s][key] for s in range(26, 31)) / 5

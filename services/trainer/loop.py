@@ -39,7 +39,7 @@ from services.trainer.components import (
     teacher_source,
 )
 from services.trainer.inputs import check_inputs, load_tokenizer, tokenizer_dir
-from services.trainer.objective import DistillObjective, teacher_request
+from services.trainer.objective import DistillObjective, skipped_targets, teacher_request
 from services.trainer.peers import PeerWatch, start_peer_watch
 from services.trainer.prefetch import Prefetcher, to_device
 from services.trainer.schedule import learning_rate
@@ -189,7 +189,8 @@ def start(cfg: Config) -> TrainingRun:
     request = teacher_request(cfg.train, cfg.link, student.converted_layers,
                               student.config.num_hidden_layers)
     flops = student_step_flops(student, cfg.train.stage, cfg.train.align_mode)  # before ZeRO-3
-    objective = DistillObjective(student, cfg.train, request)
+    skip = skipped_targets(cfg.train, [cfg.data.train_dir, *cfg.data.mix_dirs])
+    objective = DistillObjective(student, cfg.train, request, skip)
     engine = init_engine(objective, cfg, place)
     clock.mark("DeepSpeed engine")
     batches = [TrainBatches(d, cfg.data.micro_batch_size, place.world_size, place.rank,

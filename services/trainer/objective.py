@@ -6,14 +6,19 @@ single layers, not the model's forward).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from shared.config import LinkConfig, TrainConfig
+from shared.labels import IGNORE
 from shared.link import RequestSpec
 from shared.link.protocol import layer_io_states, layer_output_states
 from shared.losses import align_loss, ce_loss, kd_ce_full, kl_topk
 from shared.student.packing import HostPositions
+
+log = logging.getLogger(__name__)
 
 
 def teacher_request(train: TrainConfig, link: LinkConfig, converted: list[int],
@@ -39,15 +44,44 @@ def host_kwargs(host_positions: HostPositions | None) -> dict:
     return {} if host_positions is None else {"host_positions": host_positions}
 
 
-class DistillObjective(nn.Module):
-    """``forward(batch, teacher) -> (loss, {part: value})`` for the configured stage."""
+def skipped_targets(train: TrainConfig, dataset_dirs: list[str]) -> tuple[int, ...]:
+    """Tokens whose positions do not train: with ``train.skip_eos_targets`` in kd / sft, the
+    end-of-document tokens of the text datasets among ``dataset_dirs`` (their cards'
+    ``eos_token_id``; chat datasets have none), else none."""
+    from shared.data_card import read_card
 
-    def __init__(self, student: nn.Module, train: TrainConfig,
-                 request: RequestSpec | None) -> None:
+    if not train.skip_eos_targets or train.stage == "align":
+        return ()
+    found = {int(card["eos_token_id"]) for card in map(read_card, dataset_dirs)
+             if card.get("eos_token_id") is not None}
+    if not found:
+        raise ValueError("train.skip_eos_targets: none of the training datasets is a text "
+                         f"dataset with an eos_token_id in its card ({', '.join(dataset_dirs)}); "
+                         "chat datasets end no documents: turn the option off")
+    log.info("train.skip_eos_targets: positions predicting token %s not trained",
+             ", ".join(map(str, sorted(found))))
+    return tuple(sorted(found))
+
+
+def drop_targets(labels: torch.Tensor, tokens: tuple[int, ...]) -> torch.Tensor:
+    """``labels`` with every position whose target is one of ``tokens`` made ``IGNORE``."""
+    for token in tokens:
+        labels = labels.masked_fill(labels == token, IGNORE)
+    return labels
+
+
+class DistillObjective(nn.Module):
+    """``forward(batch, teacher) -> (loss, {part: value})`` for the configured stage.
+    ``skip_targets``: tokens whose positions never train in kd / sft (``train.skip_eos_targets``,
+    :func:`skipped_targets`)."""
+
+    def __init__(self, student: nn.Module, train: TrainConfig, request: RequestSpec | None,
+                 skip_targets: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.student = student
         self.train_cfg = train
         self.request = request
+        self.skip_targets = skip_targets
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None,
@@ -64,6 +98,7 @@ class DistillObjective(nn.Module):
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=False,
                               **host_kwargs(host_positions)).logits
+        labels = drop_targets(labels, self.skip_targets)
         if cfg.stage == "sft":
             loss, _, ce = kd_ce_full(logits, None, labels, kernel=cfg.loss_kernel)
             return loss, {"ce": ce}
